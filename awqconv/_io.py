@@ -1,0 +1,154 @@
+"""File-system helpers shared by every writer and reader.
+
+Outputs are written to a temporary sibling directory and renamed into place at the end, so a
+failure never leaves a half-written artifact and an existing directory is replaced only with
+``overwrite=True``. Safetensors files are read with errors that name the file and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import CorruptFileError, InputError, OutputExistsError
+
+SHARD_SIZE = "5GB"
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a non-empty output directory unless ``overwrite``; refuse a file in its place."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory; choose another -o path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output directory {out} is not empty; pass --overwrite to replace it or choose another -o"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` in one rename."""
+    out = check_output_dir(out_dir, overwrite).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); re-create it") from None
+
+
+def save_sharded(
+    tensors: dict[str, Tensor],
+    out_dir: Path,
+    metadata: dict[str, str] | None = None,
+    prefix: str = "model",
+    max_shard_size: str | int = SHARD_SIZE,
+) -> list[str]:
+    """Write ``prefix.safetensors`` or ``prefix-0000k-of-0000N.safetensors`` + index; return the files."""
+    from huggingface_hub import save_torch_state_dict
+
+    meta = {"format": "pt", **(metadata or {})}
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_torch_state_dict(
+        contiguous,
+        out_dir,
+        filename_pattern=prefix + "{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+        metadata=meta,
+        safe_serialization=True,
+        force_contiguous=True,
+    )
+    return sorted(p.name for p in out_dir.glob(f"{prefix}*.safetensors"))
+
+
+def safetensors_files(directory: Path, prefix: str = "model") -> list[Path]:
+    """The shard files of a checkpoint, from its index when there is one."""
+    index = directory / f"{prefix}.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map", {})
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CorruptFileError(f"{index} names missing shard(s) {missing}; re-download or re-export")
+        return files
+    single = directory / f"{prefix}.safetensors"
+    if single.exists():
+        return [single]
+    return sorted(directory.glob(f"{prefix}*.safetensors"))
+
+
+def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Load one file, turning truncation and corruption into a clear CorruptFileError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CorruptFileError(
+            f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+            "it may be truncated: re-download or re-export it"
+        ) from None
+
+
+def load_checkpoint(directory: Path, prefix: str = "model") -> dict[str, Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint."""
+    files = safetensors_files(directory, prefix)
+    if not files:
+        raise InputError(f"no {prefix}*.safetensors in {directory}")
+    out: dict[str, Tensor] = {}
+    for f in files:
+        out.update(load_safetensors(f))
+    return out
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CorruptFileError(f"unknown dtype name {name!r} in manifest")
+    return dt

@@ -1,0 +1,71 @@
+"""QuantizedModel: what the quantizer produces and every format writer consumes.
+
+It holds the canonical integers of every quantized linear, keyed by the Hugging Face module name
+(``model.layers.3.mlp.down_proj``), every other tensor (embeddings, norms with AWQ scales already
+folded in, lm_head) by its HF state-dict key, the search results, provenance, and the small files
+(tokenizer, generation config, chat template) copied verbatim from the source model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import QuantConfig
+from .packed import PackedLinear
+
+
+@dataclass
+class ScaleRecord:
+    """One smoothing decision: ``prev_op`` absorbs ``1/scales``; each of ``layers`` takes ``* scales``."""
+
+    prev_op: str
+    layers: tuple[str, ...]
+    scales: Tensor  # fp32 [channels]
+    alpha: float  # the grid point chosen (duo-scaling exponent); -1 when not searched
+    loss_before: float  # loss with s = 1 (plain quantization)
+    loss_after: float  # loss with the chosen s
+
+
+@dataclass
+class SearchResults:
+    scales: list[ScaleRecord] = field(default_factory=list)
+    clips: dict[str, Tensor] = field(default_factory=dict)  # linear name -> max |w| [out, n_groups]
+
+
+@dataclass
+class QuantizedModel:
+    hf_config: dict[str, Any]  # source config.json, without any quantization_config
+    quant_config: QuantConfig
+    linears: dict[str, PackedLinear]
+    dense: dict[str, Tensor]
+    search: SearchResults = field(default_factory=SearchResults)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    assets: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes (tokenizer etc.)
+    # AWQ-prescaled float weights of the quantized linears (scales folded, clips applied, not
+    # rounded to the grid), present when the quantizer ran in this process; writers that
+    # re-quantize onto another grid (GGUF q4_0, K-quants) use them instead of dequantized ints.
+    prescaled: dict[str, Tensor] | None = None
+
+    @property
+    def architecture(self) -> str:
+        archs = self.hf_config.get("architectures") or ["?"]
+        return archs[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the scales (fp16, or bf16 for bf16 models)."""
+        first = next(iter(self.linears.values()))
+        return first.scales.dtype
+
+    def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """A plain HF state dict whose linear weights are the dequantized canonical values."""
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.dense.items()}
+        for name, p in self.linears.items():
+            sd[f"{name}.weight"] = p.dequantize(dtype)
+            if p.bias is not None:
+                sd[f"{name}.bias"] = p.bias.to(dtype)
+        return sd
