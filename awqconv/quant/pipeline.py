@@ -1,0 +1,291 @@
+"""The layer loop: calibrate, search scales, fold them, search clips, quantize — one layer at a time.
+
+Only one decoder layer is resident on the compute device (CUDA when present, else CPU) and it is
+upcast to fp32 there, so the search and its losses cannot overflow in fp16 and bf16 models work.
+The next layer is calibrated on this layer's *float* outputs (as AutoAWQ and llm-awq do).
+Activation statistics (x_mean) use every calibration token; the search losses use the first
+``search_tokens`` tokens (the search subset) to keep CPU runs in minutes.
+The model passed in is consumed: each layer is moved to the meta device once quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import QuantConfig
+from ..errors import InputError
+from ..model import ScaleRecord, SearchResults
+from ..packed import PackedLinear
+from .capture import ActivationRecorder, Chunk, capture_layer_inputs, fit_kwargs, run_module, sample_module_inputs, subsample
+from .grid import Grid, IntGrid
+from .mappings import ArchSpec, LinearSlot, ResolvedMapping, arch_spec, quantizable_slots, resolve_layer
+from .moe import routed_inputs
+from .search import apply_clip, apply_scale, input_scale, search_clip, search_scale
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeOutput:
+    linears: dict[str, PackedLinear]
+    dense: dict[str, Tensor]
+    search: SearchResults
+    prescaled: dict[str, Tensor] | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def scale_dtype_for(cfg: QuantConfig, src: torch.dtype) -> torch.dtype:
+    if cfg.scale_dtype is not None:
+        return getattr(torch, cfg.scale_dtype)
+    return torch.bfloat16 if src == torch.bfloat16 else torch.float16
+
+
+def int_grid_for(cfg: QuantConfig, scale_dtype: torch.dtype) -> IntGrid:
+    return IntGrid(cfg.w_bit, cfg.group_size, cfg.zero_point, scale_dtype)
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise InputError(
+                f"weight {name} contains NaN or inf values; the checkpoint is corrupt or was saved "
+                "after a diverged run — fix the source model before quantizing"
+            )
+
+
+def _get(root: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    hf_config: dict[str, Any],
+    cfg: QuantConfig,
+    blocks: Tensor | None,
+    *,
+    search_grid: Grid | None = None,
+    device: str | torch.device | None = None,
+    chunk_blocks: int = 8,
+    keep_prescaled: bool = True,
+    progress: bool = True,
+) -> QuantizeOutput:
+    """Quantize every decoder-layer linear of ``model``; ``blocks`` are calibration token ids
+    ``[n, seq]`` (unused for RTN). ``search_grid`` defaults to the canonical integer grid."""
+    arch = arch_spec(hf_config)
+    dev = compute_device(device)
+    src_dtype = model_dtype(model)
+    sdtype = scale_dtype_for(cfg, src_dtype)
+    int_grid = int_grid_for(cfg, sdtype)
+    grid: Grid = search_grid or int_grid
+    awq = cfg.method == "awq"
+    layers: nn.ModuleList = _get(model, arch.layers_path)
+
+    chunks: list[Chunk] = []
+    n_search_chunks = 0
+    if awq:
+        if blocks is None or blocks.numel() == 0:
+            raise InputError("AWQ needs calibration blocks; pass calibration data or use --method rtn")
+        chunks = capture_layer_inputs(model, layers, blocks, chunk_blocks, dev)
+        seq = blocks.shape[1]
+        n_search_blocks = blocks.shape[0] if cfg.search_tokens is None else max(1, math.ceil(cfg.search_tokens / seq))
+        n_search_chunks = max(1, math.ceil(min(n_search_blocks, blocks.shape[0]) / chunk_blocks))
+
+    out = QuantizeOutput({}, {}, SearchResults(), {} if keep_prescaled else None)
+    t0 = time.time()
+    bar = tqdm(range(len(layers)), desc=f"{cfg.method.upper()} {cfg.w_bit}-bit", unit="layer", disable=not progress)
+    for i in bar:
+        prefix = f"{arch.layers_path}.{i}."
+        layer = layers[i].to(device=dev, dtype=torch.float32)
+        if awq:
+            chunks, gain = _search_layer(layer, arch, hf_config, cfg, grid, chunks, n_search_chunks, prefix, out.search)
+            bar.set_postfix(loss_ratio=f"{gain:.3f}")
+        _quantize_layer(layer, arch, cfg, int_grid, src_dtype, prefix, out)
+        layers[i].to("meta")  # free it: the quantized copy lives in `out`
+    out.report["seconds_layers"] = round(time.time() - t0, 1)
+
+    for key, t in model.state_dict().items():
+        if key.startswith(arch.layers_path + "."):
+            continue
+        if key == "lm_head.weight" and hf_config.get("tie_word_embeddings", False):
+            continue
+        out.dense[key] = t.detach().to("cpu", src_dtype if t.is_floating_point() else t.dtype).clone()
+    out.report["modules_not_converted"] = sorted(set(arch.not_convert) | set(cfg.modules_to_not_convert))
+    return out
+
+
+def _search_layer(
+    layer: nn.Module,
+    arch: ArchSpec,
+    hf_config: dict[str, Any],
+    cfg: QuantConfig,
+    grid: Grid,
+    chunks: list[Chunk],
+    n_search_chunks: int,
+    prefix: str,
+    results: SearchResults,
+) -> tuple[list[Chunk], float]:
+    """Scale and clip search for one fp32 layer on the device; returns the next layer's inputs."""
+    mappings = resolve_layer(layer, arch, hf_config) if cfg.search_scales else []
+    paths = {m.spec.inspect for m in mappings if m.spec.inspect}
+    paths |= {m.layers[0].name for m in mappings if m.spec.inspect is None and not m.layers[0].index}
+    rec = ActivationRecorder(layer, sorted(paths))
+    next_chunks: list[Chunk] = []
+    try:
+        for ci, c in enumerate(chunks):
+            rec.keep = ci < n_search_chunks
+            y = run_module(layer, c.hidden, fit_kwargs(c.kwargs, c.hidden.shape[0]), as_kw=False)
+            next_chunks.append(Chunk(y, c.kwargs))
+    finally:
+        rec.remove()
+
+    before = after = 0.0
+    input_div: dict[str, Tensor] = {}
+    routed: dict[str, Tensor] | None = None
+    for m in mappings:
+        lead = m.layers[0]
+        if m.spec.inspect:
+            r = rec.records[m.spec.inspect]
+            x_mean, loss = r.x_mean, _block_loss(m.inspect, r.inputs, r.kwargs, r.as_kw)
+        elif not lead.index:
+            r = rec.records[lead.name]
+            x_mean, loss = r.x_mean, _linear_loss(m.layers, _flat(r.inputs))
+        else:  # one fused expert: inputs are rebuilt from the routed tokens
+            if routed is None:
+                moe_path = lead.name.split(".experts.")[0]
+                xr = rec.records.get(moe_path)
+                if xr is None:
+                    continue
+                div = input_div.get(moe_path)
+                x_moe = _flat(xr.inputs)
+                routed = routed_inputs(_get(layer, moe_path), x_moe / div if div is not None else x_moe)
+            x = routed.get(lead.name.split(".", 1)[1])
+            if x is None:
+                log.info("%s%s received no calibration tokens; not smoothed", prefix, lead.name)
+                continue
+            x_mean, loss = x.abs().mean(0), _linear_loss(m.layers, x)
+        choice = search_scale(m, x_mean, loss, grid, cfg.group_size, cfg.n_grid, cfg.duo_scaling)
+        apply_scale(m, choice.scales)
+        if m.spec.inspect:
+            s_in = input_scale(m, choice.scales.to(x_mean.device))
+            input_div[m.spec.inspect] = input_div.get(m.spec.inspect, 1.0) * s_in
+        before += choice.loss_before
+        after += choice.loss_after
+        results.scales.append(
+            ScaleRecord(
+                prefix + m.prev.name,
+                tuple(prefix + s.name for s in m.layers),
+                choice.scales.to(torch.float32),
+                choice.alpha,
+                choice.loss_before,
+                choice.loss_after,
+            )
+        )
+
+    if cfg.apply_clip:
+        _clip_layer(layer, arch, cfg, grid, chunks[:n_search_chunks], prefix, results)
+    return next_chunks, (after / before if before > 0 else 1.0)
+
+
+def _clip_layer(
+    layer: nn.Module, arch: ArchSpec, cfg: QuantConfig, grid: Grid, chunks: list[Chunk], prefix: str, results: SearchResults
+) -> None:
+    slots = [s for s in quantizable_slots(layer, arch, cfg.modules_to_not_convert) if s.name not in arch.no_clip]
+    names = sorted({s.name for s in slots if not s.index} | {s.name.split(".experts.")[0] for s in slots if s.index})
+    inputs = sample_module_inputs(layer, chunks, names)
+    routed_by_block: dict[str, dict[str, Tensor]] = {}
+    for slot in slots:
+        if slot.index:
+            block = slot.name.split(".experts.")[0]
+            if block not in routed_by_block and block in inputs:
+                routed_by_block[block] = routed_inputs(_get(layer, block), inputs[block])
+            x = routed_by_block.get(block, {}).get(slot.name[len(block) + 1 :])
+        else:
+            x = inputs.get(slot.name)
+        if x is None or x.shape[0] == 0:
+            continue
+        x = subsample(x, cfg.clip_n_tokens)
+        max_val = search_clip(
+            slot.weight, x, grid, _clip_group(grid, slot.shape[1]), cfg.clip_n_grid, cfg.clip_max_shrink
+        )
+        apply_clip(slot, max_val)
+        results.clips[prefix + slot.name] = max_val.cpu()
+
+
+def _clip_group(grid: Grid, n_in: int) -> int:
+    if hasattr(grid, "group_for"):
+        return grid.group_for(n_in)  # type: ignore[attr-defined]
+    return int(getattr(grid, "block_size", 32))
+
+
+def _quantize_layer(
+    layer: nn.Module, arch: ArchSpec, cfg: QuantConfig, grid: IntGrid, src_dtype: torch.dtype, prefix: str, out: QuantizeOutput
+) -> None:
+    slots = quantizable_slots(layer, arch, cfg.modules_to_not_convert)
+    taken: set[int] = set()
+    for slot in slots:
+        w = slot.weight.to(torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise InputError(f"{prefix}{slot.name} has NaN/inf weights after scaling; report this as a bug")
+        p = grid.pack(w, slot.bias)
+        out.linears[prefix + slot.name] = p.to("cpu")
+        if out.prescaled is not None:
+            out.prescaled[prefix + slot.name] = w.to("cpu", grid.scale_dtype)
+        taken.add(id(slot.param))
+        if slot.bias is not None:
+            taken.add(id(slot.bias))
+    params = dict(layer.named_parameters())
+    for name, t in layer.state_dict(keep_vars=True).items():
+        if name in params and id(params[name]) in taken:
+            continue
+        out.dense[prefix + name] = t.detach().to("cpu", src_dtype if t.is_floating_point() else t.dtype).clone()
+
+
+def _flat(xs: list[Tensor]) -> Tensor:
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
+def _block_loss(module: nn.Module, xs: list[Tensor], kws: list[dict[str, Any]], as_kw: bool):
+    refs = [run_module(module, x, kw, as_kw) for x, kw in zip(xs, kws)]
+    numel = sum(r.numel() for r in refs)
+
+    def loss() -> float:
+        total = 0.0
+        for x, kw, ref in zip(xs, kws, refs):
+            total += float((run_module(module, x, kw, as_kw) - ref).float().pow(2).sum())
+        return total / numel
+
+    return loss
+
+
+def _linear_loss(slots: list[LinearSlot], x: Tensor):
+    refs = [x @ s.weight.T for s in slots]
+    numel = sum(r.numel() for r in refs)
+
+    def loss() -> float:
+        return sum(float((x @ s.weight.T - r).pow(2).sum()) for s, r in zip(slots, refs)) / numel
+
+    return loss
