@@ -65,15 +65,6 @@ def int_grid_for(cfg: QuantConfig, scale_dtype: torch.dtype) -> IntGrid:
     return IntGrid(cfg.w_bit, cfg.group_size, cfg.zero_point, scale_dtype)
 
 
-def check_finite(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise InputError(
-                f"weight {name} contains NaN or inf values; the checkpoint is corrupt or was saved "
-                "after a diverged run — fix the source model before quantizing"
-            )
-
-
 def _get(root: nn.Module, path: str) -> Any:
     for part in path.split("."):
         root = getattr(root, part)
@@ -150,6 +141,8 @@ def _search_layer(
 ) -> tuple[list[Chunk], float]:
     """Scale and clip search for one fp32 layer on the device; returns the next layer's inputs."""
     mappings = resolve_layer(layer, arch, hf_config) if cfg.search_scales else []
+    if not cfg.smooth_gqa_vo:  # the peers' behaviour: skip v->o unless shapes match (plain MHA)
+        mappings = [m for m in mappings if not (m.spec.vo and _is_gqa(m))]
     paths = {m.spec.inspect for m in mappings if m.spec.inspect}
     paths |= {m.layers[0].name for m in mappings if m.spec.inspect is None and not m.layers[0].index}
     rec = ActivationRecorder(layer, sorted(paths))
@@ -262,6 +255,10 @@ def _quantize_layer(
         if name in params and id(params[name]) in taken:
             continue
         out.dense[prefix + name] = t.detach().to("cpu", src_dtype if t.is_floating_point() else t.dtype).clone()
+
+
+def _is_gqa(m: ResolvedMapping) -> bool:
+    return m.kv_index is not None and not torch.equal(m.kv_index, torch.arange(len(m.kv_index)))
 
 
 def _flat(xs: list[Tensor]) -> Tensor:

@@ -1,0 +1,316 @@
+"""The Python entry points: plan(), convert(), export(), evaluate().
+
+``convert`` runs the whole job: resolve the source, check every format constraint and the
+output directory before any expensive work, calibrate, quantize once, then write every requested
+artifact into ``out_dir/<format>`` through a temporary sibling directory renamed at the end.
+``export`` re-lays an existing artifact out as other formats without re-quantizing.
+The library never prints or exits; the CLI does.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import __version__
+from ._io import atomic_output_dir, check_output_dir
+from .config import QuantConfig
+from .errors import FormatConstraintError, InputError, ShapeError
+from .formats import ExportRequest, Target, detect_format, get_format, parse_targets
+from .model import QuantizedModel
+from .quant.mappings import arch_spec, quantizable_slots
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "builtin:smollm2-135m"
+DEFAULT_TARGETS = ("canonical", "hf-awq")
+
+
+@dataclass
+class Plan:
+    """Everything decided before calibration starts (``--dry-run`` prints it)."""
+
+    source: str
+    path: Path
+    hf_config: dict[str, Any]
+    config: QuantConfig
+    targets: list[Target]
+    out_dir: Path
+    linear_shapes: dict[str, tuple[int, int]]
+    n_params: int
+    scale_dtype: torch.dtype
+    estimated_bytes: int
+
+    def describe(self) -> str:
+        c = self.config
+        n_lin = len(self.linear_shapes)
+        group = "per-channel" if c.group_size == -1 else str(c.group_size)
+        lines = [
+            f"source       {self.source} ({self.path})",
+            f"architecture {self.hf_config.get('architectures', ['?'])[0]}, "
+            f"{self.hf_config.get('num_hidden_layers')} layers, {self.n_params / 1e6:.1f}M parameters",
+            f"quantize     {n_lin} linears, {c.method.upper()} w{c.w_bit} group {group}, "
+            f"{'asymmetric' if c.zero_point else 'symmetric'}, scales {str(self.scale_dtype).removeprefix('torch.')}",
+        ]
+        if c.method == "awq":
+            search = "all tokens" if c.search_tokens is None else f"{c.search_tokens} tokens"
+            lines.append(
+                f"calibration  {c.calib}: {c.calib_samples} blocks x {c.calib_seq_len} tokens; "
+                f"search loss on {search}; duo_scaling={c.duo_scaling}, clip={c.apply_clip}, "
+                f"gqa v->o={c.smooth_gqa_vo}"
+            )
+        lines.append(f"outputs      {', '.join(t.label for t in self.targets)} -> {self.out_dir}/")
+        lines.append(f"disk         ~{self.estimated_bytes / 2**20:.0f} MiB needed")
+        return "\n".join(lines)
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    artifacts: dict[str, Path]  # target label -> directory
+    model: QuantizedModel
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def build_config(config: QuantConfig | None = None, **overrides: Any) -> QuantConfig:
+    return (config or QuantConfig()).with_overrides(**overrides)
+
+
+def _meta_model(hf_config: dict[str, Any], path: Path, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
+def _fitting_groups(shapes: dict[str, tuple[int, int]]) -> list[int]:
+    ins = {i for _, i in shapes.values()}
+    return [g for g in (32, 64, 128, 256) if all(i % g == 0 for i in ins)]
+
+
+def plan(
+    model: str | Path = DEFAULT_MODEL,
+    to: str | Sequence[str] = DEFAULT_TARGETS,
+    out_dir: str | Path = "out",
+    config: QuantConfig | None = None,
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Plan:
+    """Resolve the model and check every constraint; no calibration, nothing written."""
+    from .sources import check_causal_lm, load_hf_config, resolve_model
+
+    cfg = config or QuantConfig()
+    targets = parse_targets(to)
+    out = check_output_dir(out_dir, overwrite)
+    path = resolve_model(str(model), revision=revision)
+    hf_config = load_hf_config(path)
+    hf_config.pop("quantization_config", None)
+    check_causal_lm(hf_config, path)
+    arch = arch_spec(hf_config)  # unsupported architectures fail here, before any work
+
+    meta = _meta_model(hf_config, path, trust_remote_code)
+    layers = meta.get_submodule(arch.layers_path)
+    shapes: dict[str, tuple[int, int]] = {}
+    for i, layer in enumerate(layers):
+        for slot in quantizable_slots(layer, arch, cfg.modules_to_not_convert):
+            shapes[f"{arch.layers_path}.{i}.{slot.name}"] = slot.shape
+    if not shapes:
+        raise InputError(f"{path}: no linear layers to quantize were found in the decoder blocks")
+    if cfg.group_size != -1:
+        bad = [(n, s) for n, s in shapes.items() if s[1] % cfg.group_size]
+        if bad:
+            name, (_, n_in) = bad[0]
+            fits = _fitting_groups(shapes)
+            hint = f"group sizes that fit every layer: {', '.join(map(str, fits))} or -1 (per channel)" if fits else "use --group-size -1 (per channel)"
+            raise ShapeError(
+                f"{name}: in_features={n_in} is not a multiple of group_size={cfg.group_size} "
+                f"({len(bad)} of {len(shapes)} linears); {hint}, e.g. --group-size {fits[-1] if fits else -1}"
+            )
+    n_params = sum(p.numel() for p in meta.parameters())
+    src_dtype = _config_dtype(hf_config)
+    sdtype = getattr(torch, cfg.scale_dtype) if cfg.scale_dtype else (torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float16)
+
+    problems: list[str] = []
+    for t in targets:
+        req = ExportRequest(t, hf_config, cfg.w_bit, cfg.group_size, cfg.zero_point, sdtype, shapes)
+        problems += [f"{t.label}: {p}" for p in get_format(t.name).plan(req)]
+    if problems:
+        raise FormatConstraintError("; ".join(problems))
+
+    lin_params = sum(o * i for o, i in shapes.values())
+    per_target = lin_params * cfg.w_bit / 8 + (n_params - lin_params) * 2 + lin_params / max(cfg.group_size, 32) * 4
+    estimated = int(per_target * len(targets) * 1.1 + sum(2 * lin_params for t in targets if t.name in ("canonical", "peft")))
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < estimated:
+        raise InputError(
+            f"not enough free disk at {parent}: ~{estimated / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; "
+            "free some space or write elsewhere with -o"
+        )
+    return Plan(str(model), path, hf_config, cfg, targets, out, shapes, n_params, sdtype, estimated)
+
+
+def _config_dtype(hf_config: dict[str, Any]) -> torch.dtype:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    dt = getattr(torch, str(name), None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def convert(
+    model: str | Path = DEFAULT_MODEL,
+    to: str | Sequence[str] = DEFAULT_TARGETS,
+    out_dir: str | Path = "out",
+    config: QuantConfig | None = None,
+    *,
+    calib_data: str | Sequence[str] | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> ConvertResult:
+    """Quantize ``model`` once and write every format in ``to`` under ``out_dir``.
+
+    Example::
+
+        res = awqconv.convert("Qwen/Qwen2.5-0.5B", to=["hf-awq", "gguf"], out_dir="out/", group_size=128)
+        res.artifacts["hf-awq"]   # Path('out/hf-awq')
+    """
+    from .quant.calib import build_blocks, load_calibration_texts
+    from .quant.pipeline import quantize_model
+    from .sources import collect_assets, load_causal_lm
+
+    cfg = build_config(config, **overrides)
+    if isinstance(calib_data, str):
+        cfg = cfg.with_overrides(calib=calib_data)
+    p = plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision)
+    t0 = time.time()
+    report: dict[str, Any] = {}
+
+    blocks, calib_hash = None, None
+    hf_model, tokenizer = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
+    if cfg.method == "awq":
+        source = list(calib_data) if calib_data is not None and not isinstance(calib_data, str) else cfg.calib
+        texts = load_calibration_texts(
+            source, split=cfg.calib_split, text_column=cfg.calib_text_column, n_samples=None
+        )
+        blocks, calib_hash = build_blocks(texts, tokenizer, cfg.calib_samples, cfg.calib_seq_len)
+        report["calibration_blocks"] = int(blocks.shape[0])
+    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, device=device, progress=progress)
+    del hf_model
+    report.update(qout.report)
+    report["seconds_quantize"] = round(time.time() - t0, 1)
+
+    provenance = {
+        "awqconv_version": __version__,
+        "source_model": p.source,
+        "source_path": str(p.path),
+        "revision": revision,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "calibration": None if cfg.method == "rtn" else (cfg.calib if isinstance(calib_data, (str, type(None))) else "python-list"),
+        "calibration_hash": calib_hash,
+        "calibration_blocks": report.get("calibration_blocks"),
+        "torch_version": torch.__version__,
+        "modules_not_converted": qout.report["modules_not_converted"],
+    }
+    qm = QuantizedModel(
+        hf_config=p.hf_config,
+        quant_config=cfg,
+        linears=qout.linears,
+        dense=qout.dense,
+        search=qout.search,
+        provenance=provenance,
+        assets=collect_assets(p.path),
+        prescaled=qout.prescaled,
+    )
+    artifacts = write_artifacts(qm, p.targets, p.out_dir, overwrite=overwrite)
+    report["seconds_total"] = round(time.time() - t0, 1)
+    return ConvertResult(p.out_dir, artifacts, qm, report)
+
+
+def write_artifacts(qm: QuantizedModel, targets: list[Target], out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write each target into ``out_dir/<target>``: all or nothing."""
+    out = Path(out_dir)
+    with atomic_output_dir(out, overwrite) as tmp:
+        for t in targets:
+            sub = tmp / t.dirname
+            sub.mkdir()
+            get_format(t.name).write(qm, sub, t.variant)
+    return {t.label: out / t.dirname for t in targets}
+
+
+def load(path: str | Path) -> QuantizedModel:
+    """Read any awqconv artifact (canonical, hf-awq, gguf transplant, exllamav2, peft) as canonical."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p} does not exist; pass an artifact directory such as out/canonical")
+    name = detect_format(p)
+    if name is None:
+        raise InputError(
+            f"{p} is not an awqconv artifact (no canonical manifest, AWQ config, GGUF, ExLlamaV2 or PEFT layout found)"
+        )
+    return get_format(name).read(p)
+
+
+def export(
+    artifact: str | Path,
+    to: str | Sequence[str],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    adapter: str | Path | None = None,
+    adapter_mode: str = "separate",
+) -> dict[str, Path]:
+    """Re-lay an existing artifact out as other formats; never re-quantizes (except an adapter merge)."""
+    targets = parse_targets(to)
+    check_output_dir(out_dir, overwrite)
+    qm = load(artifact)
+    for t in targets:
+        req = ExportRequest(
+            t,
+            qm.hf_config,
+            qm.quant_config.w_bit,
+            qm.quant_config.group_size,
+            qm.quant_config.zero_point,
+            qm.dtype,
+            {n: (p.out_features, p.in_features) for n, p in qm.linears.items()},
+        )
+        problems = get_format(t.name).plan(req)
+        if problems:
+            raise FormatConstraintError(f"{t.label}: {'; '.join(problems)}")
+    if adapter is not None:
+        from .formats.adapter import apply_adapter
+
+        qm, _ = apply_adapter(qm, Path(adapter), mode=adapter_mode)
+    return write_artifacts(qm, targets, out_dir, overwrite=overwrite)
+
+
+def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int | None = None, device: str | None = None) -> float:
+    """Perplexity on ``text`` of an artifact's fake-quant reference model, or of a float HF model dir."""
+    from .evaluate import perplexity
+    from .sources import load_causal_lm, load_hf_config
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").exists() and detect_format(p) is None:
+        model, tok = load_causal_lm(p)
+    else:
+        from .reference import load_tokenizer_from_assets, reference_model
+
+        qm = load(p)
+        model, tok = reference_model(qm), load_tokenizer_from_assets(qm)
+    if device:
+        model.to(device)
+    return perplexity(model, tok, text, seq_len=seq_len, max_windows=max_windows)

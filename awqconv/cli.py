@@ -1,0 +1,227 @@
+"""The ``awqconv`` command line: parse options, call the API, map errors to exit codes.
+
+Options default to None and inherit their defaults from QuantConfig, so the CLI and the Python
+API cannot drift. Errors the user can fix print one ``error:`` line and exit 1; bad usage exits 2
+(click's convention). Only this module prints or exits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .config import QuantConfig
+from .errors import AwqconvError
+
+_DEFAULTS = QuantConfig()
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AwqconvError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _search_tokens(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text.lower() == "all":
+        return "all"
+    try:
+        v = int(text)
+    except ValueError:
+        raise click.BadParameter("use a positive number of tokens or 'all'") from None
+    if v <= 0:
+        raise click.BadParameter("use a positive number of tokens or 'all'")
+    return v
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="awqconv")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Quantize a Hugging Face causal LM with AWQ once; export and verify 4-bit artifacts."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", required=False, default="builtin:smollm2-135m")
+@click.option("--to", "to", default="canonical,hf-awq", show_default=True,
+              help="Comma-separated formats: canonical, hf-awq, gguf[:type], exllamav2, peft.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory; each format goes to a sub-directory.")
+@click.option("--method", type=click.Choice(["awq", "rtn"]), default=None, help=f"[default: {_DEFAULTS.method}]")
+@click.option("--w-bit", type=click.IntRange(2, 8), default=None, help=f"Weight bits [default: {_DEFAULTS.w_bit}].")
+@click.option("-g", "--group-size", type=int, default=None,
+              help=f"Group size along the input dim, or -1 per channel [default: {_DEFAULTS.group_size}].")
+@click.option("--zero-point/--symmetric", default=None, help="Asymmetric (default) or symmetric grid.")
+@click.option("--duo-scaling/--no-duo-scaling", default=None, help="s = x^a / w^(1-a) (default) or x^a.")
+@click.option("--clip/--no-clip", "apply_clip", default=None, help="Clip search (default on).")
+@click.option("--gqa-vo/--no-gqa-vo", "smooth_gqa_vo", default=None, help="Smooth v_proj->o_proj under GQA (default on).")
+@click.option("--n-grid", type=click.IntRange(2, 200), default=None, help=f"Scale-search grid size [default: {_DEFAULTS.n_grid}].")
+@click.option("--calib", default=None,
+              help="builtin (default), pileval, a .txt/.jsonl/.parquet file, or a Hugging Face dataset name.")
+@click.option("--calib-samples", type=click.IntRange(1), default=None, help=f"Calibration blocks [default: {_DEFAULTS.calib_samples}].")
+@click.option("--calib-seq-len", type=click.IntRange(8), default=None, help=f"Tokens per block [default: {_DEFAULTS.calib_seq_len}].")
+@click.option("--text-column", default=None, help="Text column of a jsonl/parquet/dataset source [default: text].")
+@click.option("--split", default=None, help="Dataset split [default: train].")
+@click.option("--search-tokens", default=None,
+              help=f"Tokens for the search loss, or 'all' [default: {_DEFAULTS.search_tokens}].")
+@click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
+              help="Scale dtype [default: bf16 for bf16 models, else fp16].")
+@click.option("--skip", "skip", multiple=True, help="Keep linears whose name contains this in full precision (repeatable).")
+@click.option("--device", default=None, help="Compute device [default: cuda when present, else cpu].")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--dry-run", is_flag=True, help="Resolve mappings, check every constraint and free disk, print the plan; no calibration.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero_point, duo_scaling, apply_clip,
+             smooth_gqa_vo, n_grid, calib, calib_samples, calib_seq_len, text_column, split, search_tokens,
+             scale_dtype, skip, device, trust_remote_code, revision, overwrite, dry_run, quiet) -> None:
+    """Quantize MODEL (a local directory, a hub id, or builtin:smollm2-135m) and write formats."""
+    from . import api
+
+    st = _search_tokens(search_tokens)
+    cfg = QuantConfig().with_overrides(
+        method=method, w_bit=w_bit, group_size=group_size, zero_point=zero_point, duo_scaling=duo_scaling,
+        apply_clip=apply_clip, smooth_gqa_vo=smooth_gqa_vo, n_grid=n_grid, calib=calib,
+        calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_text_column=text_column,
+        calib_split=split, scale_dtype=scale_dtype, search_tokens=None if st in (None, "all") else st,
+        modules_to_not_convert=tuple(skip) or None,
+    )
+    if st == "all":
+        from dataclasses import replace
+        cfg = replace(cfg, search_tokens=None)
+    if dry_run:
+        p = api.plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision)
+        click.echo(p.describe())
+        click.echo("dry run: all checks passed; nothing was calibrated or written")
+        return
+    res = api.convert(model, to, out_dir, cfg, overwrite=overwrite, device=device,
+                      trust_remote_code=trust_remote_code, revision=revision, progress=not quiet)
+    ratio = _mean_loss_ratio(res.model)
+    click.echo(f"quantized {len(res.model.linears)} linears in {res.report.get('seconds_quantize')} s"
+               + (f"; search kept {ratio:.1%} of the round-to-nearest loss" if ratio is not None else ""))
+    for label, path in res.artifacts.items():
+        click.echo(f"  {label:<12} {path}")
+
+
+def _mean_loss_ratio(qm) -> float | None:
+    recs = [r for r in qm.search.scales if r.loss_before > 0]
+    if not recs:
+        return None
+    return sum(r.loss_after / r.loss_before for r in recs) / len(recs)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, help="Comma-separated formats to write.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A PEFT LoRA adapter trained on the peft layout.")
+@click.option("--adapter-mode", type=click.Choice(["separate", "merge"]), default="separate", show_default=True,
+              help="Keep the adapter beside each export, or merge it and re-quantize on the same grid (lossy).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@_fail_cleanly
+def export(artifact: Path, to: str, out_dir: Path, adapter, adapter_mode: str, overwrite: bool) -> None:
+    """Re-export ARTIFACT (canonical, hf-awq, peft, ...) as other formats without re-quantizing."""
+    from . import api
+
+    written = api.export(artifact, to, out_dir, overwrite=overwrite, adapter=adapter, adapter_mode=adapter_mode)
+    for label, path in written.items():
+        click.echo(f"  {label:<12} {path}")
+
+
+@main.command(name="eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Held-out text file to measure perplexity on.")
+@click.option("--seq-len", type=click.IntRange(16), default=512, show_default=True)
+@click.option("--max-windows", type=click.IntRange(1), default=None)
+@click.option("--device", default=None)
+@_fail_cleanly
+def eval_cmd(artifact: Path, text_file: Path, seq_len: int, max_windows, device) -> None:
+    """Perplexity of ARTIFACT (or a float model directory) on a text file."""
+    from . import api
+
+    ppl = api.evaluate(artifact, text_file.read_text(encoding="utf-8"), seq_len=seq_len, max_windows=max_windows, device=device)
+    click.echo(f"perplexity {ppl:.4f} ({artifact}, seq_len {seq_len})")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, path_type=Path))
+@click.option("--device", default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write verify.json [default: DIRECTORY/verify.json].")
+@_fail_cleanly
+def verify(directory: Path, device, json_path) -> None:
+    """Load, round-trip, generate with and benchmark every artifact in DIRECTORY."""
+    from .runtime.verify import verify as run_verify
+
+    report = run_verify(directory, device=device)
+    click.echo(report.table())
+    target = json_path or (directory / "verify.json" if directory.is_dir() else directory.with_suffix(".verify.json"))
+    target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    click.echo(f"wrote {target}")
+    if not report.ok:
+        click.echo("error: verification failed (see the table above)", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.option("--batch-size", "batch_sizes", default="1", show_default=True, callback=lambda c, p, v: _int_list(v))
+@click.option("--prefill", "prefill_lens", default="64", show_default=True, callback=lambda c, p, v: _int_list(v))
+@click.option("--decode", "decode_lens", default="64", show_default=True, callback=lambda c, p, v: _int_list(v))
+@click.option("--compare-fp16", is_flag=True, help="Also benchmark the float (dequantized) model.")
+@click.option("--device", default=None)
+@_fail_cleanly
+def bench(artifact: Path, batch_sizes, prefill_lens, decode_lens, compare_fp16: bool, device) -> None:
+    """AutoAWQ-style benchmark table for ARTIFACT on awqconv's runtime."""
+    from .runtime.bench import bench as run_bench, format_table
+
+    rows = run_bench(artifact, batch_sizes=batch_sizes, prefill_lens=prefill_lens, decode_lens=decode_lens,
+                     compare_fp16=compare_fp16, device=device)
+    click.echo(format_table(rows))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.option("--device", default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@_fail_cleanly
+def chat(artifact: Path, device, max_new_tokens: int) -> None:
+    """Interactive streaming chat with ARTIFACT using its chat template."""
+    from .runtime.chat import chat as run_chat
+
+    run_chat(artifact, device=device, max_new_tokens=max_new_tokens)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
