@@ -8,6 +8,7 @@ folded in, lm_head) by its HF state-dict key, the search results, provenance, an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,11 +62,38 @@ class QuantizedModel:
         first = next(iter(self.linears.values()))
         return first.scales.dtype
 
-    def dequantized_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """A plain HF state dict whose linear weights are the dequantized canonical values."""
+    def dequantized_state_dict(self, dtype: torch.dtype = torch.float32, fuse_experts: bool = True) -> dict[str, Tensor]:
+        """A plain HF state dict whose linear weights are the dequantized canonical values.
+
+        With ``fuse_experts`` per-expert linears (``...experts.3.gate_proj``) are stacked back into
+        the 3-D ``experts.gate_up_proj`` / ``experts.down_proj`` parameters of transformers 5 modules.
+        """
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.dense.items()}
         for name, p in self.linears.items():
             sd[f"{name}.weight"] = p.dequantize(dtype)
             if p.bias is not None:
                 sd[f"{name}.bias"] = p.bias.to(dtype)
-        return sd
+        return fuse_expert_weights(sd) if fuse_experts else sd
+
+
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_expert_weights(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Stack ``P.experts.{e}.{gate,up,down}_proj.weight`` into ``P.experts.gate_up_proj`` [E, 2I, H]
+    (gate rows first, as transformers' fused experts chunk them) and ``P.experts.down_proj`` [E, H, I]."""
+    groups: dict[str, dict[str, dict[int, Tensor]]] = {}
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        m = _EXPERT_KEY.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = v
+    for prefix, parts in groups.items():
+        n = len(parts["down_proj"])
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in range(n)]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
+    return out
