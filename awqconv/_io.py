@@ -41,6 +41,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     out = check_output_dir(out_dir, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact should get normal permissions
     try:
         yield tmp
     except BaseException:

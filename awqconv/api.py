@@ -10,6 +10,7 @@ The library never prints or exits; the CLI does.
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__
-from ._io import atomic_output_dir, check_output_dir
+from ._io import atomic_output_dir, check_output_dir, safetensors_metadata
 from .config import QuantConfig
 from .errors import FormatConstraintError, InputError, ShapeError
 from .formats import ExportRequest, Target, detect_format, get_format, parse_targets
@@ -201,7 +202,15 @@ def convert(
     report: dict[str, Any] = {}
 
     blocks, calib_hash = None, None
-    hf_model, tokenizer = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
+    for shard in sorted(p.path.glob("*.safetensors")):
+        safetensors_metadata(shard)  # a truncated or corrupt shard fails here with its name
+    try:
+        hf_model, tokenizer = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{p.path}: the pickled checkpoint holds more than plain tensors and was not unpickled "
+            f"({str(e).splitlines()[0][:120]}); convert it to safetensors from a trusted environment"
+        ) from None
     if cfg.method == "awq":
         source = list(calib_data) if calib_data is not None and not isinstance(calib_data, str) else cfg.calib
         texts = load_calibration_texts(
@@ -291,11 +300,17 @@ def export(
         problems = get_format(t.name).plan(req)
         if problems:
             raise FormatConstraintError(f"{t.label}: {'; '.join(problems)}")
-    if adapter is not None:
-        from .formats.adapter import apply_adapter
+    if adapter is None:
+        return write_artifacts(qm, targets, out_dir, overwrite=overwrite)
+    from .formats.adapter import apply_adapter, copy_adapter
 
-        qm, _ = apply_adapter(qm, Path(adapter), mode=adapter_mode)
-    return write_artifacts(qm, targets, out_dir, overwrite=overwrite)
+    qm, report = apply_adapter(qm, Path(adapter), mode=adapter_mode)
+    log.warning("%s", report.summary())
+    written = write_artifacts(qm, targets, out_dir, overwrite=overwrite)
+    if adapter_mode == "separate":  # runtimes that apply LoRA themselves get the adapter beside each export
+        for path in written.values():
+            copy_adapter(Path(adapter), path)
+    return written
 
 
 def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int | None = None, device: str | None = None) -> float:
