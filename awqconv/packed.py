@@ -41,7 +41,7 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
         if pad:
             q = torch.cat([q, q.new_zeros(*lead, pad)], dim=-1)
         shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
-        words = (q.reshape(*lead, -1, per).to(torch.int32) << shifts).sum(-1)
+        words = (q.reshape(*lead, q.shape[-1] // per, per).to(torch.int32) << shifts).sum(-1)
         return words.to(torch.uint8)
     # values straddle bytes: go through single bits
     bit_idx = torch.arange(bits, dtype=torch.uint8, device=q.device)
@@ -50,7 +50,7 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
     if pad:
         stream = torch.cat([stream, stream.new_zeros(*lead, pad)], dim=-1)
     weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32, device=q.device)
-    return (stream.reshape(*lead, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    return (stream.reshape(*lead, stream.shape[-1] // 8, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -72,9 +72,9 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         per = 8 // bits
         shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
         vals = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & mask
-        return vals.reshape(*lead, -1)[..., :n].to(torch.uint8)
+        return vals.reshape(*lead, vals.shape[-2] * per)[..., :n].to(torch.uint8)
     bit_idx = torch.arange(8, dtype=torch.int32, device=packed.device)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, -1)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, 8 * packed.shape[-1])
     stream = stream[..., : n * bits].reshape(*lead, n, bits)
     weights = torch.tensor([1 << k for k in range(bits)], dtype=torch.int32, device=packed.device)
     return (stream * weights).sum(-1).to(torch.uint8)

@@ -1,0 +1,326 @@
+"""ExLlamaV2 checkpoints: the 4-bit GPTQ "v1" layout its GPTQ kernels run (exllama_peft.md §1.7), exact.
+
+Per quantized linear ``{name}.qweight`` int32 ``[in/8, out]``, ``{name}.qzeros`` int32 ``[G, out/8]``
+(zero - 1, nibble-packed), ``{name}.scales`` fp16 ``[G, out]`` (negative = zero-0 group stored
+sign-flipped, see gptq_layout.py), ``{name}.g_idx`` only for the ``g_idx`` variant, ``{name}.bias``
+fp16. Other tensors keep their dtype under their HF keys. config.json = source config + a GPTQ
+``quantization_config`` (``checkpoint_format: gptq``) + explicit ``rope_theta``/``rope_scaling``;
+``awqconv.json`` records what the writer changed so read() returns the canonical model bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._io import load_checkpoint, read_json, safetensors_files, save_sharded, write_json
+from ..config import QuantConfig
+from ..errors import CorruptFileError, FormatConstraintError, InputError, ShapeError
+from ..model import QuantizedModel
+from ..packed import PackedLinear
+from . import ExportRequest
+from .canonical import unshare_storage
+from .gptq_layout import V1_OFFSET, from_gptq, to_gptq
+from .modelcard import awqconv_version, render_model_card
+
+NAME = "exllamav2"
+FORMAT_ID = "awqconv-exllamav2"
+MANIFEST = "awqconv.json"
+VARIANTS = (None, "g_idx")
+STORAGE_DTYPE = torch.float16  # ExLlamaV2 checks scales and bias for fp16 (ext_qmatrix.cpp)
+_OWN_FILES = ("config.json", MANIFEST, "README.md")
+# config keys the writer may set; their source values are kept in the manifest
+_OVERRIDDEN = ("rope_theta", "rope_scaling", "original_max_position_embeddings", "dtype", "torch_dtype",
+               "quantization_config")
+
+log = logging.getLogger(__name__)
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+
+def plan(request: ExportRequest) -> list[str]:
+    """Problems that would make write() fail, found from shapes and settings alone."""
+    problems: list[str] = []
+    variant = request.target.variant
+    if variant not in VARIANTS:
+        problems.append(f"exllamav2 has no variant {variant!r}; use 'exllamav2' or 'exllamav2:g_idx'")
+    if request.bits != 4:
+        problems.append("exllamav2 (GPTQ layout) stores only 4-bit weights; use --w-bit 4")
+    gs = request.group_size
+    if gs != -1 and gs & (gs - 1):
+        problems.append(
+            f"group_size={gs} is not a power of two; ExLlamaV2 infers the group size as the smallest "
+            "power of two covering in_features/groups: use --group-size 32, 64 or 128"
+        )
+    for name, (out, n_in) in request.linear_shapes.items():
+        problems += _shape_problems(name, out, n_in, gs, variant == "g_idx")
+    return problems
+
+
+def _shape_problems(name: str, out: int, n_in: int, group_size: int, g_idx: bool) -> list[str]:
+    problems = []
+    if out % 8 or n_in % 8:
+        problems.append(
+            f"{name}: shape [{out}, {n_in}] is not a multiple of 8 in both dims, which GPTQ packing "
+            "needs; keep this layer in 16-bit (modules_to_not_convert)"
+        )
+    g = n_in if group_size == -1 else group_size
+    if g <= 0 or n_in % g:
+        problems.append(f"{name}: in_features={n_in} is not a multiple of group_size={g}")
+    if g_idx and n_in > 65535:
+        problems.append(f"{name}: in_features={n_in} > 65535, too long for ExLlamaV2's uint16 g_idx perm; "
+                        "use 'exllamav2' without g_idx")
+    return problems
+
+
+# -- write -----------------------------------------------------------------------------------
+
+
+def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None:
+    """Write ``qm`` as an ExLlamaV2-loadable GPTQ checkpoint into the existing empty ``out_dir``."""
+    if variant not in VARIANTS:
+        raise InputError(f"exllamav2 has no variant {variant!r}; use 'exllamav2' or 'exllamav2:g_idx'")
+    out_dir = Path(out_dir)
+    problems: list[str] = []
+    for name, p in qm.linears.items():
+        p.validate(name)
+        if p.group_size & (p.group_size - 1) and p.group_size != p.in_features:
+            problems.append(f"{name}: group_size={p.group_size} is not a power of two")
+        problems += _shape_problems(name, p.out_features, p.in_features, p.group_size, variant == "g_idx")
+    if problems:
+        raise FormatConstraintError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+    tensors: dict[str, Tensor] = {}
+    flipped = 0
+    for name, p in qm.linears.items():
+        t = to_gptq(p, with_g_idx=variant == "g_idx", name=name)
+        flipped += t.flipped_groups
+        tensors[f"{name}.qweight"] = t.qweight
+        tensors[f"{name}.qzeros"] = t.qzeros
+        tensors[f"{name}.scales"] = exact_fp16(t.scales, f"{name}.scales")
+        if t.g_idx is not None:
+            tensors[f"{name}.g_idx"] = t.g_idx
+        if t.bias is not None:
+            tensors[f"{name}.bias"] = exact_fp16(t.bias, f"{name}.bias")
+    for key, t in qm.dense.items():
+        if key in tensors:
+            raise ShapeError(f"dense tensor {key} collides with a quantized linear's tensor")
+        tensors[key] = t.detach().cpu()
+    if flipped:
+        log.info("exllamav2: %d zero-point-0 groups stored sign-flipped (exact)", flipped)
+    save_sharded(unshare_storage(tensors), out_dir, prefix="model")
+
+    for fname, data in qm.assets.items():
+        if fname in _OWN_FILES or fname.endswith((".safetensors", ".safetensors.index.json")):
+            continue
+        target = out_dir / fname
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    config, overridden = hf_config_for(qm)
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / MANIFEST, {
+        "format": FORMAT_ID,
+        "format_version": 1,
+        "awqconv_version": awqconv_version(),
+        "quant_config": qm.quant_config.to_dict(),
+        "scale_dtype": str(qm.dtype).removeprefix("torch.") if qm.linears else "float16",
+        "flipped_groups": flipped,
+        "config_overrides": overridden,
+        "provenance": json.loads(json.dumps(qm.provenance, default=str)),
+    })
+    (out_dir / "README.md").write_text(_model_card(qm, flipped))
+
+
+def quantization_config_for(qm: QuantizedModel) -> dict[str, Any]:
+    """A GPTQ block: ExLlamaV2 reads only ``checkpoint_format``; other loaders read the rest."""
+    return {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": qm.quant_config.group_size,
+        "desc_act": False,
+        "sym": not qm.quant_config.zero_point,
+        "true_sequential": True,
+        "checkpoint_format": "gptq",
+    }
+
+
+def hf_config_for(qm: QuantizedModel) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, {key: source value or None}) with explicit RoPE keys for ExLlamaV2 (§1.7 item 6)."""
+    src = qm.hf_config
+    cfg = {k: v for k, v in src.items() if k != "quantization_config"}
+    rope = src.get("rope_parameters")
+    if isinstance(rope, dict):
+        if src.get("rope_theta") is None and rope.get("rope_theta") is not None:
+            cfg["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if src.get("rope_scaling") is None and kind != "default":
+            # ExLlamaV2 asserts that only one of "type" / "rope_type" is present
+            extra = {k: v for k, v in rope.items() if k not in ("rope_theta", "type", "rope_type")}
+            cfg["rope_scaling"] = {**extra, "rope_type": kind}
+            omp = "original_max_position_embeddings"  # longrope reads it at the top level
+            if kind in ("longrope", "su") and src.get(omp) is None and rope.get(omp) is not None:
+                cfg[omp] = rope[omp]
+    cfg["dtype"] = "float16"
+    cfg["torch_dtype"] = "float16"
+    cfg["quantization_config"] = quantization_config_for(qm)
+    overridden = {k: src.get(k) for k in _OVERRIDDEN if cfg.get(k) != src.get(k) or (k in cfg) != (k in src)}
+    absent = [k for k in overridden if k not in src]
+    return cfg, {"values": {k: v for k, v in overridden.items() if k in src}, "absent": absent}
+
+
+def exact_fp16(t: Tensor, label: str) -> Tensor:
+    """``t`` in fp16, refusing values fp16 cannot hold exactly (tiny bf16 scales, say)."""
+    t = t.detach().cpu()
+    h = t.to(STORAGE_DTYPE)
+    if t.dtype != STORAGE_DTYPE and not torch.equal(h.to(t.dtype), t):
+        n = int((h.to(t.dtype) != t).sum())
+        raise FormatConstraintError(
+            f"{label}: {n} value(s) are not exactly representable in fp16, which ExLlamaV2 requires; "
+            "quantize with --scale-dtype float16 or use the canonical format"
+        )
+    return h
+
+
+def _model_card(qm: QuantizedModel, flipped: int) -> str:
+    usage = """\
+```python
+from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache
+
+config = ExLlamaV2Config("path/to/this/dir")
+model = ExLlamaV2(config)
+cache = ExLlamaV2Cache(model, lazy=True)
+model.load_autosplit(cache)
+```
+
+Without flash-attn, set `EXLLAMA_NO_SDPA=1`: ExLlamaV2 0.3.2's SDPA path drops the causal mask
+for multi-token forward passes."""
+    notes = [("Layout: GPTQ v1 (`qweight` int32 [in/8, out] packed along the input, `qzeros` int32 "
+              "[groups, out/8] holding zero - 1, `scales` fp16 [groups, out]); other tensors unchanged.")]
+    if flipped:
+        notes.append(f"{flipped} (column, group) pairs have zero point 0, which GPTQ v1 cannot store; "
+                     "they are stored exactly as scale -s, zero 15, q' = 15 - q (same weights). "
+                     "Loaders that clamp or reject negative scales will mis-read those groups.")
+    if qm.linears and qm.dtype != STORAGE_DTYPE:
+        notes.append(f"Quantized with {str(qm.dtype).removeprefix('torch.')} scales; every scale is "
+                     "exactly representable in fp16 (checked at export).")
+    return render_model_card(qm, "ExLlamaV2 (GPTQ v1 layout)", usage, notes)
+
+
+# -- read ------------------------------------------------------------------------------------
+
+
+def detect(path: Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+        return isinstance(q, dict) and str(q.get("quant_method", "")).lower() == "gptq"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read(path: Path) -> QuantizedModel:
+    """Read a GPTQ directory (ours bit-exactly, or any 4-bit non-act-order GPTQ checkpoint)."""
+    path = Path(path)
+    config = read_json(path / "config.json")
+    qcfg = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qcfg, dict) or str(qcfg.get("quant_method", "")).lower() != "gptq":
+        raise InputError(f"{path}/config.json has no GPTQ quantization_config (quant_method 'gptq')")
+    if int(qcfg.get("bits", 4)) != 4:
+        raise FormatConstraintError(f"{path} declares {qcfg.get('bits')}-bit GPTQ weights; awqconv reads 4-bit")
+    fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq").lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise FormatConstraintError(f"{path}: checkpoint_format {fmt!r} is not GPTQ v1/v2; awqconv cannot read it")
+    offset = V1_OFFSET if fmt == "gptq" else 0
+    manifest = _manifest(path)
+    if not safetensors_files(path, "model"):
+        raise InputError(f"{path} has no model*.safetensors (.bin checkpoints are not read); re-save as safetensors")
+
+    tensors = load_checkpoint(path, "model")
+    scale_dtype = getattr(torch, manifest.get("scale_dtype", ""), None)
+    linears: dict[str, PackedLinear] = {}
+    for key in sorted(k for k in tensors if k.endswith(".qweight")):
+        name = key.removesuffix(".qweight")
+        linears[name] = _read_linear(path, tensors, name, offset, scale_dtype)
+    if not linears:
+        raise CorruptFileError(f"{path} declares GPTQ quantization but holds no *.qweight tensors")
+
+    if "quant_config" in manifest:
+        quant_config = QuantConfig.from_dict(manifest["quant_config"])
+    else:
+        groups = {p.group_size if p.group_size != p.in_features else -1 for p in linears.values()}
+        quant_config = QuantConfig(
+            w_bit=4,
+            group_size=int(qcfg.get("group_size", groups.pop() if len(groups) == 1 else 128)),
+            zero_point=not bool(qcfg.get("sym", False)),
+            scale_dtype="bfloat16" if next(iter(linears.values())).scales.dtype == torch.bfloat16 else "float16",
+        )
+    return QuantizedModel(
+        hf_config=_source_config(config, manifest.get("config_overrides")),
+        quant_config=quant_config,
+        linears=linears,
+        dense=tensors,  # what remains: embeddings, norms, lm_head
+        provenance=manifest.get("provenance") or {"source_format": NAME, "source_path": str(path)},
+        assets=_read_assets(path),
+    )
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    f = path / MANIFEST
+    if not f.is_file():
+        return {}
+    m = read_json(f)
+    return m if isinstance(m, dict) and m.get("format") == FORMAT_ID else {}
+
+
+def _read_linear(
+    path: Path, tensors: dict[str, Tensor], name: str, offset: int, scale_dtype: torch.dtype | None
+) -> PackedLinear:
+    qweight = tensors.pop(f"{name}.qweight")
+    parts = {k: tensors.pop(f"{name}.{k}", None) for k in ("qzeros", "scales", "g_idx", "bias")}
+    for k in ("qzeros", "scales"):
+        if parts[k] is None:
+            raise CorruptFileError(f"{path}: {name}.qweight has no {name}.{k}; the checkpoint is incomplete")
+    scales = parts["scales"]
+    bias = parts["bias"]
+    if isinstance(scale_dtype, torch.dtype) and scale_dtype != scales.dtype:
+        scales = scales.to(scale_dtype)  # written from these values exactly (checked at export)
+        bias = None if bias is None else bias.to(scale_dtype)
+    elif scales.dtype == torch.float32:
+        scales = scales.to(STORAGE_DTYPE)  # what ExLlamaV2 would use
+    if bias is not None:
+        bias = bias.to(scales.dtype)
+    try:
+        return from_gptq(qweight, parts["qzeros"], scales, parts["g_idx"], bias, offset, name=name)
+    except ShapeError as e:
+        raise CorruptFileError(f"{path}: {e}") from None
+
+
+def _source_config(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json minus what the writer added; a foreign file just loses its quantization_config."""
+    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    if not isinstance(overrides, dict):
+        return cfg
+    for k in overrides.get("absent", []):
+        cfg.pop(k, None)
+    cfg.update({k: v for k, v in overrides.get("values", {}).items() if k != "quantization_config"})
+    return cfg
+
+
+def _read_assets(path: Path) -> dict[str, bytes]:
+    """Every other top-level file (tokenizer, generation config, chat template), verbatim."""
+    assets = {}
+    for f in sorted(path.iterdir()):
+        n = f.name
+        if (not f.is_file() or n.startswith(".") or n in _OWN_FILES
+                or n.endswith((".safetensors", ".safetensors.index.json", ".bin"))):
+            continue
+        assets[n] = f.read_bytes()
+    return assets
