@@ -27,6 +27,7 @@ from . import ExportRequest
 from .canonical import unshare_storage
 from .gptq_layout import V1_OFFSET, from_gptq, to_gptq
 from .modelcard import awqconv_version, render_model_card
+from ._hfdir import quant_method, read_assets
 
 NAME = "exllamav2"
 FORMAT_ID = "awqconv-exllamav2"
@@ -216,14 +217,7 @@ for multi-token forward passes."""
 
 
 def detect(path: Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-        return isinstance(q, dict) and str(q.get("quant_method", "")).lower() == "gptq"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return quant_method(path) == "gptq"
 
 
 def read(path: Path) -> QuantizedModel:
@@ -315,12 +309,4 @@ def _source_config(config: dict[str, Any], overrides: dict[str, Any] | None) -> 
 
 
 def _read_assets(path: Path) -> dict[str, bytes]:
-    """Every other top-level file (tokenizer, generation config, chat template), verbatim."""
-    assets = {}
-    for f in sorted(path.iterdir()):
-        n = f.name
-        if (not f.is_file() or n.startswith(".") or n in _OWN_FILES
-                or n.endswith((".safetensors", ".safetensors.index.json", ".bin"))):
-            continue
-        assets[n] = f.read_bytes()
-    return assets
+    return read_assets(path, _OWN_FILES)

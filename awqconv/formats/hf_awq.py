@@ -9,7 +9,6 @@ modules_to_not_convert}``; shards + index with ``{"format": "pt"}`` metadata (aw
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from . import ExportRequest
 from .awq_layout import from_gemm, to_gemm
 from .canonical import unshare_storage
 from .modelcard import render_model_card
+from ._hfdir import quant_method, read_assets
 
 NAME = "hf-awq"
 VARIANTS = (None, "gemm")
@@ -219,14 +219,7 @@ or `awq`). compressed-tensors' `AutoAWQConverter` converts it losslessly to `pac
 
 
 def detect(path: Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-        return isinstance(q, dict) and q.get("quant_method") == "awq"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return quant_method(path) == "awq"
 
 
 def read(path: Path) -> QuantizedModel:
@@ -310,12 +303,4 @@ def _read_linear(
 
 
 def _read_assets(path: Path) -> dict[str, bytes]:
-    """Every other top-level file (tokenizer, generation config, chat template), verbatim."""
-    assets = {}
-    for f in sorted(path.iterdir()):
-        n = f.name
-        if (not f.is_file() or n.startswith(".") or n in _OWN_FILES
-                or n.endswith((".safetensors", ".safetensors.index.json", ".bin"))):
-            continue
-        assets[n] = f.read_bytes()
-    return assets
+    return read_assets(path, _OWN_FILES)

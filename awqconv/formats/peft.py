@@ -27,6 +27,7 @@ from ..packed import PackedLinear
 from . import ExportRequest
 from .canonical import unshare_storage
 from .modelcard import awqconv_version, render_model_card
+from ._hfdir import read_assets
 
 NAME = "peft"
 FORMAT_ID = "awqconv-peft"
@@ -268,11 +269,4 @@ def _read_linear(
 
 
 def _read_assets(path: Path) -> dict[str, bytes]:
-    assets = {}
-    for f in sorted(path.iterdir()):
-        n = f.name
-        if (not f.is_file() or n.startswith(".") or n in _OWN_FILES
-                or n.endswith((".safetensors", ".safetensors.index.json", ".bin"))):
-            continue
-        assets[n] = f.read_bytes()
-    return assets
+    return read_assets(path, _OWN_FILES)
