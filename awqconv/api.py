@@ -26,7 +26,7 @@ from .config import QuantConfig
 from .errors import FormatConstraintError, InputError, ShapeError
 from .formats import ExportRequest, Target, detect_format, get_format, parse_targets
 from .model import QuantizedModel
-from .quant.mappings import arch_spec, quantizable_slots
+from .quant.mappings import arch_spec, quantizable_slots, resolve_layer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Plan:
     n_params: int
     scale_dtype: torch.dtype
     estimated_bytes: int
+    mappings: list[str] = field(default_factory=list)  # resolved smoothing mappings of layer 0
 
     def describe(self) -> str:
         c = self.config
@@ -67,6 +68,8 @@ class Plan:
                 f"search loss on {search}; duo_scaling={c.duo_scaling}, clip={c.apply_clip}, "
                 f"gqa v->o={c.smooth_gqa_vo}"
             )
+        if c.method == "awq" and self.mappings:
+            lines.append(f"mappings     {len(self.mappings)} per layer: {'; '.join(self.mappings)}")
         lines.append(f"outputs      {', '.join(t.label for t in self.targets)} -> {self.out_dir}/")
         lines.append(f"disk         ~{self.estimated_bytes / 2**20:.0f} MiB needed")
         return "\n".join(lines)
@@ -125,6 +128,10 @@ def plan(
     for i, layer in enumerate(layers):
         for slot in quantizable_slots(layer, arch, cfg.modules_to_not_convert):
             shapes[f"{arch.layers_path}.{i}.{slot.name}"] = slot.shape
+    mapping_names = [
+        f"{m.prev.name} -> {','.join(s.name.rsplit('.', 1)[-1] for s in m.layers[:3])}{' (per kv channel)' if m.spec.vo else ''}"
+        for m in resolve_layer(layers[0], arch, hf_config)
+    ]
     if not shapes:
         raise InputError(f"{path}: no linear layers to quantize were found in the decoder blocks")
     if cfg.group_size != -1:
@@ -160,7 +167,7 @@ def plan(
             f"not enough free disk at {parent}: ~{estimated / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; "
             "free some space or write elsewhere with -o"
         )
-    return Plan(str(model), path, hf_config, cfg, targets, out, shapes, n_params, sdtype, estimated)
+    return Plan(str(model), path, hf_config, cfg, targets, out, shapes, n_params, sdtype, estimated, mapping_names)
 
 
 def _config_dtype(hf_config: dict[str, Any]) -> torch.dtype:
