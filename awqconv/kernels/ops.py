@@ -1,0 +1,151 @@
+"""Launchers for the Triton INT4 kernels: config choice per M bucket, split-K workspace, dispatch.
+
+``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the CUDA-core GEMV (M = 1), the split-K
+tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
+``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig`` may be passed to force a variant (the
+benchmarks sweep them). The split-K workspace and tile counters are per device and self-cleaning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+from torch import Tensor
+
+from ..errors import ShapeError
+from .layout import KernelWeight
+from .triton_w4 import w4_dequant_kernel, w4_gemm_kernel, w4_gemv_kernel
+
+DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kind: str  # "gemv" | "gemm" | "dequant"
+    block_m: int = 1
+    block_n: int = 128
+    kc: int = 128  # K rows per chunk; divides the group size
+    split_k: int = 1  # requested; 0 or -p = choose to reach ~p programs per SM (0: 4)
+    num_warps: int = 4
+    num_stages: int = 2
+    expand: bool = True  # gemm: load each packed word once and expand in registers
+    late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
+
+
+def _pow2_divisor(g: int, cap: int) -> int:
+    kc = 1
+    while kc * 2 <= cap and g % (kc * 2) == 0:
+        kc *= 2
+    return kc
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def default_config(m: int, kw: KernelWeight, device: torch.device) -> KernelConfig:
+    """Heuristic per M bucket, from the H100 sweep in notes/gpu_notes.md.
+
+    M = 1: CUDA-core GEMV, 128 columns a program, split-K to ~8 programs per SM. 2 <= M <= 16:
+    tensor-core tile kernel (BLOCK_M 16), split-K to ~4-8 programs per SM. 16 < M < DEQUANT_MIN_M:
+    the tile kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise
+    once + cuBLAS, which beat the in-loop-dequant tile kernel at M >= 256 there.
+    """
+    g = kw.group_size
+    kc = _pow2_divisor(g, 128)
+    if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
+        wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
+        return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
+                            block_n=128 if wide else 64, kc=kc, split_k=-8, num_warps=4 if wide else 2,
+                            num_stages=2)
+    if m <= 16:
+        return KernelConfig("gemm", block_m=16, block_n=128, kc=kc, split_k=-8 if m <= 4 else -4,
+                            num_warps=4, num_stages=3)
+    if m < DEQUANT_MIN_M:
+        return KernelConfig("gemm", block_m=64, block_n=128, kc=kc, split_k=-2, num_warps=4, num_stages=3)
+    return KernelConfig("dequant")
+
+
+class _Workspace:
+    """fp32 split-K partials [split, M, N] and int32 tile tickets (zero between calls; the kernels re-arm them)."""
+
+    def __init__(self) -> None:
+        self.ws: dict[torch.device, Tensor] = {}
+        self.cnt: dict[torch.device, Tensor] = {}
+
+    def get(self, device: torch.device, n_ws: int, n_cnt: int) -> tuple[Tensor, Tensor]:
+        ws, cnt = self.ws.get(device), self.cnt.get(device)
+        if ws is None or ws.numel() < n_ws:
+            ws = self.ws[device] = torch.empty(max(n_ws, 1 << 16), dtype=torch.float32, device=device)
+        if cnt is None or cnt.numel() < n_cnt:
+            cnt = self.cnt[device] = torch.zeros(max(n_cnt, 4096), dtype=torch.int32, device=device)
+        return ws, cnt
+
+
+_WS = _Workspace()
+
+
+def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """Dense ``W [K, N]`` in ``dtype`` (bit-equal to ``PackedLinear.dequantize(dtype).t()``)."""
+    K, N = kw.in_features, kw.out_features
+    if out is None:
+        out = torch.empty(K, N, dtype=dtype, device=kw.qw.device)
+    bk, bn = 32, 128
+    grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
+    w4_dequant_kernel[grid](kw.qw, kw.scales, kw.zeros, out, N, K, kw.group_size, BLOCK_K=bk, BLOCK_N=bn)
+    return out
+
+
+def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:
+    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16), W the INT4 weight in kernel layout."""
+    if x.dim() != 2 or x.shape[1] != kw.in_features:
+        raise ShapeError(f"w4_matmul: x must be [M, {kw.in_features}], got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    N = kw.out_features
+    cfg = config or default_config(M, kw, x.device)
+    if cfg.kind == "dequant":
+        w = dequantize(kw, x.dtype)
+        y = torch.matmul(x, w)
+        return y if kw.bias is None else y.add_(kw.bias)
+    g = kw.group_size
+    kc = cfg.kc
+    if g % kc or kc % 8 or (cfg.kind == "gemm" and kc < 16):
+        raise ShapeError(f"chunk kc={kc} must divide group_size={g} (and be >= 16 for gemm)")
+    bm = cfg.block_m
+    n_tiles_n = triton.cdiv(N, cfg.block_n)
+    n_tiles_m = triton.cdiv(M, bm)
+    n_chunks = K // kc
+    split = cfg.split_k
+    if split <= 0:  # fill the GPU: about -split_k (default 4) programs per SM
+        per_sm = -split or 4
+        split = max(1, min(n_chunks, triton.cdiv(per_sm * _n_sm(x.device), n_tiles_n * n_tiles_m)))
+    k_split = triton.cdiv(n_chunks, split) * kc
+    split = triton.cdiv(K, k_split)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    ws, cnt = _WS.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
+    kernel = w4_gemv_kernel if cfg.kind == "gemv" else w4_gemm_kernel
+    if cfg.kind == "gemm":
+        extra = {"EXPAND": cfg.expand}
+    else:
+        extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
+    if _INTERPRET and cfg.kind == "gemm":
+        extra["DOT_F32"] = True
+    bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
+    grid = (n_tiles_n, n_tiles_m, split)
+    kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt,
+                 M, N, K, g, k_split, split, x.stride(0), y.stride(0),
+                 BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, USE_SPLIT=split > 1, HAS_BIAS=kw.bias is not None,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+    return y
+
+
+def with_split(cfg: KernelConfig, split_k: int) -> KernelConfig:
+    return replace(cfg, split_k=split_k)

@@ -1,0 +1,200 @@
+"""Batched prefill + greedy/sampled decoding with streaming over a Decoder's static KV cache.
+
+Prompts are left-padded into one [B, T] prefill; decode steps then write slot T, T+1, ... for all
+rows. On a GPU the decode step (embedding to logits) is captured once per batch size in a CUDA graph
+and replayed with static token/position/slot buffers; on the CPU it runs eagerly over the filled
+part of the cache only. ``stream(row, token)`` is called as tokens are produced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from .model import Decoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per row (stopped at and including EOS)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
+    """``logits [B, V]`` -> token ids [B] (greedy when temperature == 0)."""
+    if p.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        srt, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > p.top_p
+        srt = srt.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class Generator:
+    """Owns the cache size and the per-batch-size CUDA graphs of one Decoder."""
+
+    def __init__(self, model: Decoder, max_batch: int = 1, max_len: int = 2048, cuda_graph: bool = True):
+        self.model = model
+        self.max_batch, self.max_len = max_batch, max_len
+        model.allocate_cache(max_batch, max_len)
+        self.use_graph = cuda_graph and model.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None
+
+    # --- decode step -------------------------------------------------------------------------
+    def kv_bucket(self, slot: int) -> int:
+        """Cache length a step at ``slot`` attends over: a power of two >= slot + 1 (graphs per bucket)."""
+        if not self.use_graph:
+            return slot + 1
+        b = 128
+        while b < slot + 1:
+            b *= 2
+        return min(b, self.max_len)
+
+    def _graph_for(self, B: int, kv_len: int):
+        key = (B, kv_len)
+        if key in self._graphs:
+            return self._graphs[key]
+        dev = self.model.device
+        tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        # capture on the last cache slot, which prefill never uses; restore the validity mask after
+        slot = torch.full((), self.max_len - 1, dtype=torch.long, device=dev)
+        saved = self.model.key_valid[:B].clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                self.model(tok, pos, slot, kv_len)
+        torch.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
+            logits = self.model(tok, pos, slot, kv_len)
+        self.model.key_valid[:B].copy_(saved)
+        self._graphs[key] = (g, tok, pos, slot, logits)
+        return self._graphs[key]
+
+    def capture(self, B: int, first_slot: int, last_slot: int) -> None:
+        """Capture the graphs a decode from ``first_slot`` to ``last_slot`` will replay."""
+        if self.use_graph:
+            for kv in sorted({self.kv_bucket(sl) for sl in range(first_slot, last_slot + 1)}):
+                self._graph_for(B, kv)
+
+    @torch.no_grad()
+    def step(self, tok: Tensor, pos: Tensor, slot: int) -> Tensor:
+        """Logits [B, V] for one new token per row at cache ``slot``."""
+        B = tok.shape[0]
+        kv_len = self.kv_bucket(slot)
+        if self.use_graph:
+            g, t_buf, p_buf, s_buf, logits = self._graph_for(B, kv_len)
+            t_buf.copy_(tok.view(B, 1))
+            p_buf.copy_(pos.view(B, 1))
+            s_buf.fill_(slot)
+            g.replay()
+            return logits[:, -1]
+        slot_t = torch.tensor(slot, device=self.model.device)
+        return self.model(tok.view(B, 1), pos.view(B, 1), slot_t, kv_len)[:, -1]
+
+    # --- prefill -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor, int]:
+        """Left-padded prefill. Returns (last logits [B, V], next positions [B], first free slot)."""
+        B = len(prompts)
+        if not 1 <= B <= self.max_batch:
+            raise InputError(f"batch of {B} prompts; this generator holds 1..{self.max_batch}")
+        T = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise InputError("empty prompt: give at least one token (a BOS token, say)")
+        dev = self.model.device
+        toks = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            toks[i, T - len(p):] = torch.tensor(p)
+            valid[i, T - len(p):] = True
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        self.model.key_valid[:B].zero_()
+        logits = self.model(toks.to(dev), pos.to(dev), torch.tensor(0, device=dev), T, valid.to(dev))
+        return logits[:, -1], pos[:, -1].to(dev) + 1, T
+
+    # --- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                 stream: Callable[[int, int], None] | None = None) -> GenerationResult:
+        import time
+
+        p = params or SamplingParams()
+        B = len(prompts)
+        T = max(len(x) for x in prompts)
+        if T + p.max_new_tokens > self.max_len:
+            raise InputError(f"prompt ({T}) + max_new_tokens ({p.max_new_tokens}) exceeds the cache "
+                             f"({self.max_len}); raise max_len")
+        gen = None
+        if p.temperature > 0:
+            gen = torch.Generator(device=self.model.device).manual_seed(p.seed)
+        sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
+        self.capture(B, T, T + p.max_new_tokens - 2)  # before timing
+        sync()
+        t0 = time.perf_counter()
+        logits, pos, slot = self.prefill(prompts)
+        tok = _sample(logits, p, gen)
+        sync()
+        t1 = time.perf_counter()
+        out = torch.empty(B, p.max_new_tokens, dtype=torch.long, device=self.model.device)
+        done = torch.zeros(B, dtype=torch.bool)
+        eos = set(p.eos_token_ids)
+        need_host = stream is not None or bool(eos)
+        n = 0
+        for i in range(p.max_new_tokens):
+            out[:, i] = tok
+            n = i + 1
+            if need_host:
+                host = tok.tolist()
+                for r, t in enumerate(host):
+                    if not done[r]:
+                        if stream is not None:
+                            stream(r, t)
+                        if t in eos:
+                            done[r] = True
+                if bool(done.all()):
+                    break
+            if i + 1 == p.max_new_tokens:
+                break
+            logits = self.step(tok, pos, slot + i)
+            pos = pos + 1
+            tok = _sample(logits, p, gen)
+        sync()
+        t2 = time.perf_counter()
+        rows = out[:, :n].tolist()
+        if eos:
+            rows = [r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))] for r in rows]
+        return GenerationResult(rows, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=n - 1)

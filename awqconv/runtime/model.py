@@ -1,0 +1,293 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) over INT4 linears with a static KV cache.
+
+Built from a QuantizedModel only: q/k/v and gate/up are fused into one Int4Linear each; norms,
+embeddings and lm_head come from ``qm.dense`` (HF state-dict keys). Caches are
+``[B, n_kv, max_len, head_dim]``; a forward writes its T tokens at cache slots ``slot .. slot+T-1``
+(``slot`` a 0-d long tensor so the decode step can be captured in a CUDA graph). ``key_valid [B, max_len]``
+marks real (non-padding) slots; RoPE positions are per row (left-padded batches).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedArchitecture
+from ..kernels.linear import Int4Linear
+from ..model import QuantizedModel
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    vocab: int
+    eps: float
+    act: str
+    tie: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> DecoderSpec:
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED:
+            raise UnsupportedArchitecture(
+                f"the built-in runtime does not run {arch}; supported: {', '.join(SUPPORTED)}")
+        h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+        sw = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        return cls(hidden=h, n_layers=cfg["num_hidden_layers"], n_heads=nh,
+                   n_kv=cfg.get("num_key_value_heads") or nh, head_dim=cfg.get("head_dim") or h // nh,
+                   vocab=cfg["vocab_size"], eps=cfg.get("rms_norm_eps", 1e-6),
+                   act=cfg.get("hidden_act", "silu"), tie=bool(cfg.get("tie_word_embeddings", False)),
+                   sliding_window=sw)
+
+
+def rope_inv_freq(cfg: dict[str, Any]) -> tuple[Tensor, float]:
+    """Inverse frequencies and attention scaling, through transformers' RoPE table (all rope types)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kw = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
+    hf = AutoConfig.for_model(cfg.get("model_type", "llama"), **kw)
+    params = getattr(hf, "rope_parameters", None) or {}
+    rtype = params.get("rope_type", "default")
+    if rtype == "default":
+        spec = DecoderSpec.from_hf(cfg)
+        base = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        d = spec.head_dim
+        return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)), 1.0
+    inv, scale = ROPE_INIT_FUNCTIONS[rtype](hf, torch.device("cpu"))
+    return inv.float(), float(scale)
+
+
+def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    x = x + r
+    return x, _rms_norm(x, w, eps)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    return F.silu(g) * u
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, gqa: bool) -> Tensor:
+    """SDPA on a GPU; on the CPU the plain math for single-token decode (SDPA's CPU flash kernel
+    costs milliseconds per call there), grouping query heads per KV head instead of repeating K/V."""
+    if q.device.type != "cpu" or q.shape[2] != 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    B, H, T, D = q.shape
+    hk = k.shape[1]
+    qg = q.reshape(B, hk, H // hk * T, D)
+    sc = (qg @ k.transpose(-1, -2)) * (D ** -0.5)  # [B, hk, H/hk, S]
+    sc = sc.masked_fill(~mask, float("-inf")).softmax(-1)  # mask [B, 1, 1, S] broadcasts
+    return (sc @ v).reshape(B, H, T, D)
+
+
+class _Fused:
+    """The small elementwise pieces of a layer; torch.compile'd into one kernel each on a GPU."""
+
+    def __init__(self, compile_: bool):
+        c = (lambda f: torch.compile(f, dynamic=False)) if compile_ else (lambda f: f)
+        self.norm, self.add_norm, self.rope, self.silu_mul = (
+            c(_rms_norm), c(_add_rms_norm), c(_rope_qk), c(_silu_mul))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, w: Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class Layer(nn.Module):
+    def __init__(self, qkv: Int4Linear, o: Int4Linear, gate_up: Int4Linear, down: Int4Linear,
+                 ln1: RMSNorm, ln2: RMSNorm, spec: DecoderSpec):
+        super().__init__()
+        self.qkv, self.o, self.gate_up, self.down, self.ln1, self.ln2 = qkv, o, gate_up, down, ln1, ln2
+        self.spec = spec
+        self.act = _ACTS[spec.act]
+        self.fused: _Fused | None = None  # set by Decoder
+
+    def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
+                slots: Tensor, mask: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, next layer's ln1 input)."""
+        s, f = self.spec, self.fused
+        B, T, _ = x.shape
+        q, k, v = self.qkv.split(self.qkv(h))
+        q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
+        k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+        v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+        q, k = f.rope(q, k, cos, sin)
+        kc.index_copy_(2, slots, k.to(kc.dtype))
+        vc.index_copy_(2, slots, v.to(vc.dtype))
+        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, s.n_kv != s.n_heads)
+        x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
+                          self.ln2.weight, self.ln2.eps)
+        gate, up = self.gate_up.split(self.gate_up(h))
+        act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
+        return x, self.down(act)
+
+
+class Decoder(nn.Module):
+    """The whole model; owns its KV cache once ``allocate_cache`` is called."""
+
+    def __init__(self, spec: DecoderSpec, embed: Tensor, layers: list[Layer], norm: RMSNorm,
+                 lm_head: Tensor, inv_freq: Tensor, rope_scale: float):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = nn.Parameter(lm_head, requires_grad=False) if lm_head is not embed else None
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_scale = rope_scale
+        compile_ = embed.device.type == "cuda" and os.environ.get("AWQCONV_COMPILE", "1") != "0"
+        self.fused = _Fused(compile_)
+        for layer in self.layers:
+            layer.fused = self.fused
+        self.k_cache: list[Tensor] = []
+        self.v_cache: list[Tensor] = []
+        self.key_valid: Tensor | None = None
+        self.max_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def allocate_cache(self, batch: int, max_len: int) -> None:
+        s = self.spec
+        shape = (batch, s.n_kv, max_len, s.head_dim)
+        if self.k_cache and tuple(self.k_cache[0].shape) == shape:
+            return
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.n_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.n_layers)]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        self.max_len = max_len
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
+
+    def forward(self, tokens: Tensor, positions: Tensor, slot: Tensor, kv_len: int,
+                valid: Tensor | None = None, last_only: bool = True) -> Tensor:
+        """Logits for ``tokens [B, T]`` written at cache slots ``slot..slot+T-1``.
+
+        ``positions [B, T]`` are RoPE positions; ``valid [B, T]`` marks real tokens (default all);
+        attention sees cache slots ``< kv_len`` that are valid and not in the future.
+        """
+        B, T = tokens.shape
+        s = self.spec
+        t_idx = torch.arange(T, device=tokens.device)
+        slots = slot + t_idx
+        kv = self.key_valid[:B]
+        if valid is None:
+            kv.index_fill_(1, slots, True)
+        else:
+            kv.index_copy_(1, slots, valid.to(torch.bool))
+        s_idx = torch.arange(kv_len, device=tokens.device)
+        mask = kv[:, None, None, :kv_len] & (s_idx[None, None, None, :] <= slots[None, None, :, None])
+        if s.sliding_window:
+            mask = mask & (slots[None, None, :, None] - s_idx[None, None, None, :] < s.sliding_window)
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), -1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
+        x = F.embedding(tokens, self.embed)
+        h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps)
+        for i, layer in enumerate(self.layers):
+            x, r = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, mask, kv_len)
+            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            if last_only and nxt is self.norm:
+                x, r = x[:, -1:], r[:, -1:]
+            x, h = self.fused.add_norm(x, r, nxt.weight, nxt.eps)
+        x = h
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head)
+
+
+def build_decoder(qm: QuantizedModel, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                  mode: str = "auto") -> Decoder:
+    """A Decoder on ``device``: fp32 on the CPU, the scales' dtype (fp16/bf16) on a GPU by default.
+
+    ``mode`` picks the linear implementation (``Int4Linear.from_packed``): auto, triton, dense, int4pack, dequant.
+    """
+    device = torch.device(device)
+    spec = DecoderSpec.from_hf(qm.hf_config)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else qm.dtype
+
+    def dense(key: str) -> Tensor:
+        return qm.dense[key].to(device=device, dtype=dtype)
+
+    def lin(names: list[str]) -> Int4Linear:
+        parts = []
+        for n in names:
+            if n in qm.linears:
+                parts.append(qm.linears[n])
+            else:  # a module kept in float (modules_to_not_convert): dense fallback, same interface
+                parts.append(None)
+        if all(p is not None for p in parts):
+            return Int4Linear.from_packed(parts, device=device, dtype=dtype, mode=mode)
+        ws = [qm.dense[f"{n}.weight"].to(dtype) if p is None else p.dequantize(dtype) for n, p in zip(names, parts)]
+        bs = [qm.dense.get(f"{n}.bias") if p is None else p.bias for n, p in zip(names, parts)]
+        b = None
+        if any(x is not None for x in bs):
+            b = torch.cat([x.to(dtype) if x is not None else torch.zeros(w.shape[0], dtype=dtype)
+                           for x, w in zip(bs, ws)]).to(device)
+        return Int4Linear(None, None, tuple(w.shape[0] for w in ws), ws[0].shape[1],
+                          dense=torch.cat(ws).to(device), bias=b)
+
+    layers = []
+    for i in range(spec.n_layers):
+        p = f"model.layers.{i}"
+        layers.append(Layer(
+            lin([f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"]),
+            lin([f"{p}.self_attn.o_proj"]),
+            lin([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
+            lin([f"{p}.mlp.down_proj"]),
+            RMSNorm(dense(f"{p}.input_layernorm.weight"), spec.eps),
+            RMSNorm(dense(f"{p}.post_attention_layernorm.weight"), spec.eps),
+            spec,
+        ))
+    embed = dense("model.embed_tokens.weight")
+    if "lm_head" in qm.linears:
+        head = qm.linears["lm_head"].dequantize(dtype).to(device)
+    elif "lm_head.weight" in qm.dense and not spec.tie:
+        head = dense("lm_head.weight")
+    else:
+        head = embed
+    inv, scale = rope_inv_freq(qm.hf_config)
+    return Decoder(spec, embed, layers, RMSNorm(dense("model.norm.weight"), spec.eps), head,
+                   inv.to(device), scale).eval()

@@ -1,0 +1,229 @@
+"""Kernel-level W4A16 benchmark on one GPU: awqconv's Triton kernels beside fp16 cuBLAS, torch tinygemm
+(``_weight_int4pack_mm``, bf16) and GemLite (A16W4, g128), on Llama-2-7B linear shapes.
+
+Every method is checked against a dense fp32 reference on fresh random inputs before it is timed.
+Timing: one CUDA graph replays the call over R distinct weight sets (>= 400 MB of fp16-equivalent
+weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R (the protocol
+of shared/anchors/gpu_int4_anchors.py). awqconv runs its default config and a small config sweep.
+Usage: python benchmarks/gpu_kernels.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from awqconv.kernels.layout import KernelWeight
+from awqconv.kernels.ops import KernelConfig, default_config, w4_matmul
+from awqconv.packed import PackedLinear
+
+G = 128
+SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
+DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
+
+
+def make_set(K: int, N: int) -> dict:
+    qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV)
+    zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV)
+    scales = (torch.rand(N, K // G, device=DEV) * 0.01 + 0.001).half()
+    p = PackedLinear(qweight, scales, zeros, K, G)
+    return {"p": p, "W": p.dequantize(torch.float16)}  # W [N, K]
+
+
+# ---- methods: build(set) -> state; call(x, state) -> y -------------------------------------------
+def m_cublas():
+    return (lambda st: st["W"]), (lambda x, W: F.linear(x, W))
+
+
+def m_awq(cfg_fn):
+    return (lambda st: KernelWeight.from_packed(st["p"])), (lambda x, kw: w4_matmul(x, kw, cfg_fn(x, kw)))
+
+
+def m_tinygemm():
+    def build(st):
+        p = st["p"]
+        u8 = ((p.qweight << 4) | (p.qweight >> 4)).contiguous()  # tinygemm wants the even k in the high nibble
+        packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+        s, z = p.scales.float().t(), p.zeros.float().t()
+        sz = torch.stack([s, (8 - z) * s], 2).to(torch.bfloat16).contiguous()
+        return packed, sz
+    return build, (lambda x, P: torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), P[0], G, P[1]))
+
+
+def m_gemlite():
+    from gemlite import DType, GemLiteLinear
+
+    def build(st):
+        p = st["p"]
+        K, N = p.in_features, p.out_features
+        lin = GemLiteLinear(4, group_size=G, in_features=K, out_features=N,
+                            input_dtype=DType.FP16, output_dtype=DType.FP16)
+        lin.pack(p.unpack(), p.scales, p.zeros.half(), None)
+        return lin
+    return build, (lambda x, L: L(x))
+
+
+def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
+    """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
+    out = {}
+    if M == 1:
+        for bn, w, pps in [(64, 2, 8), (128, 4, 4), (128, 4, 8), (128, 4, 16), (256, 8, 4)]:
+            out[f"gemv_bn{bn}_w{w}_p{pps}"] = KernelConfig("gemv", 1, bn, 128, -pps, w, 2)
+            out[f"gemv_bn{bn}_w{w}_p{pps}_late"] = KernelConfig("gemv", 1, bn, 128, -pps, w, 2, late_reduce=True)
+        out["gemv_bn64_w2_p16_late"] = KernelConfig("gemv", 1, 64, 128, -16, 2, 2, late_reduce=True)
+        out["gemv_bn32_w1_p16_late"] = KernelConfig("gemv", 1, 32, 128, -16, 1, 2, late_reduce=True)
+    if 2 <= M <= 16:
+        out["gemv4_bn128_w4_p8"] = KernelConfig("gemv", 4, 128, 128, -8, 4, 2)
+        for bn, w, pps, st, ex in [(128, 4, 4, 3, True), (128, 4, 8, 3, True), (128, 4, 16, 3, True),
+                                   (128, 4, 8, 4, True), (256, 8, 8, 3, True)]:
+            out[f"gemm16_bn{bn}_w{w}_p{pps}_s{st}{'' if ex else '_noexp'}"] = KernelConfig(
+                "gemm", 16, bn, 128, -pps, w, st, ex)
+    if 16 < M <= 256:
+        for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
+                                      (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:
+            out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)
+    if M > 256:
+        out["gemm128_bn256_kc64_w8_s3"] = KernelConfig("gemm", 128, 256, 64, 1, 8, 3)
+    out["dequant+cublas"] = KernelConfig("dequant")
+    return out
+
+
+def time_graph(fn, R: int) -> tuple[float, str]:
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        ms = triton.testing.do_bench(g.replay, warmup=20, rep=120, return_mode="median")
+        return ms / R * 1e3, "graph"
+    except Exception:  # noqa: BLE001 - report eager timing for a method that cannot be captured
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fn, warmup=20, rep=120, return_mode="median")
+        return ms / R * 1e3, "eager"
+
+
+def rel_err(y, x, W):
+    ref = x.float() @ W.float().t()
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--no-sweep", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(info, flush=True)
+    Ms = [1, 16, 256, 4096] if a.quick else [1, 4, 16, 64, 256, 1024, 4096]
+    base = {"fp16_cublas": m_cublas(), "awq_default": m_awq(lambda x, kw: default_config(x.shape[0], kw, x.device)),
+            "torch_tinygemm_bf16": m_tinygemm()}
+    try:
+        base["gemlite_a16w4"] = m_gemlite()
+    except Exception as e:  # noqa: BLE001
+        print("gemlite unavailable:", repr(e)[:200], flush=True)
+    rows = []
+    t_start = time.time()
+    for sname, (K, N) in SHAPES.items():
+        R = max(2, math.ceil(400e6 / (K * N * 2)))
+        sets = [make_set(K, N) for _ in range(R)]
+        for mname, (build, call) in base.items():
+            try:
+                built = [build(st) for st in sets]
+            except Exception as e:  # noqa: BLE001
+                print(f"{mname} build failed on {sname}: {e!r}"[:300], flush=True)
+                continue
+            for M in Ms:
+                variants = {"": None}
+                if mname == "awq_default" and not a.no_sweep:
+                    variants.update(sweep_configs(M, built[0]))
+                for vname, cfg in variants.items():
+                    label = mname if not vname else f"awq:{vname}"
+                    if cfg is not None:
+                        fn1 = lambda x, b, cfg=cfg: w4_matmul(x, b, cfg)
+                    else:
+                        fn1 = call
+                    try:
+                        x = torch.randn(M, K, dtype=torch.float16, device=DEV)
+                        y = fn1(x, built[0])
+                        err = rel_err(y, x, sets[0]["W"])
+                        x2 = torch.randn(M, K, dtype=torch.float16, device=DEV)  # fresh input, 2nd set
+                        err2 = rel_err(fn1(x2, built[-1]), x2, sets[-1]["W"])
+                        again = fn1(x, built[0])
+                        stable = bool(torch.equal(again, y)) if cfg is not None or mname == "awq_default" else True
+                        ok = max(err, err2) < 1e-2 and stable
+                        us, how = time_graph(lambda: [fn1(x, b) for b in built], R) if ok else (float("nan"), "-")
+                    except Exception as e:  # noqa: BLE001
+                        print(f"{label} {sname} M={M} failed: {e!r}"[:300], flush=True)
+                        continue
+                    qbytes = K * N / 2 + (K // G) * N * 3
+                    wb = K * N * 2 if mname == "fp16_cublas" else qbytes
+                    row = dict(shape=sname, K=K, N=N, M=M, method=label, us=round(us, 2),
+                               GBps=round((wb + M * (K + N) * 2) / (us * 1e-6) / 1e9) if us == us else None,
+                               TFLOPs=round(2 * M * K * N / (us * 1e-6) / 1e12, 1) if us == us else None,
+                               rel_err=float(f"{max(err, err2):.2e}"), stable=stable, ok=ok, timing=how)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            del built
+            torch.cuda.empty_cache()
+        del sets
+        torch.cuda.empty_cache()
+    info["elapsed_s"] = round(time.time() - t_start)
+    with open(os.path.join(a.out, "gpu_kernels.json"), "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
+    summarize(rows, Ms)
+
+
+def summarize(rows, Ms) -> None:
+    def layer(method, M):
+        t = {r["shape"]: r["us"] for r in rows if r["M"] == M and r["method"] == method and r["ok"]}
+        return sum(t.values()) if len(t) == 4 else None
+
+    def best_awq(M):  # per shape, the best ok awq variant (default included)
+        tot, names = 0.0, []
+        for s in SHAPES:
+            c = [r for r in rows if r["M"] == M and r["shape"] == s and r["ok"]
+                 and (r["method"] == "awq_default" or r["method"].startswith("awq:"))]
+            if not c:
+                return None, []
+            b = min(c, key=lambda r: r["us"])
+            tot += b["us"]
+            names.append(f"{s}={b['method'].removeprefix('awq:')}")
+        return tot, names
+
+    print("\none layer's four linears (qkv+o+gate_up+down), us; x = speedup over fp16 cuBLAS")
+    methods = ["fp16_cublas", "awq_default", "torch_tinygemm_bf16", "gemlite_a16w4"]
+    print("M".ljust(6) + "".join(m[:20].rjust(22) for m in methods) + "awq best-of-sweep".rjust(22))
+    for M in Ms:
+        b = layer("fp16_cublas", M)
+        line = str(M).ljust(6)
+        for m in methods:
+            t = layer(m, M)
+            line += (f"{t:9.1f} ({b / t:4.2f}x)" if t and b else "-").rjust(22)
+        t, names = best_awq(M)
+        line += (f"{t:9.1f} ({b / t:4.2f}x)" if t and b else "-").rjust(22)
+        print(line)
+        if names:
+            print("      best: " + ", ".join(names))
+
+
+if __name__ == "__main__":
+    main()

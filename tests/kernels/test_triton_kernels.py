@@ -1,0 +1,118 @@
+"""Every Triton INT4 kernel, in the interpreter, against a float64 reference of (q - z) * s.
+
+Tolerances (written per test) come from the output dtype: the kernels accumulate in fp32 and round
+once on store, so ||y - ref|| / ||ref|| sits near the unit roundoff of the output (fp16 2^-11,
+bf16 2^-8); we allow 4x fp16 (2e-3) and 4x bf16 (1.6e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from awqconv.kernels.layout import KernelWeight
+from awqconv.kernels.ops import _WS, KernelConfig, dequantize, w4_matmul
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _reference(x, p):
+    y = x.double() @ p.dequantize(torch.float64).t()
+    return y if p.bias is None else y + p.bias.double()
+
+
+def _check(y, ref, dtype):
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e} over {TOL[dtype]:.1e}"
+
+
+def _workspace_clean(device=torch.device("cpu")):
+    """Split-K tile tickets are re-armed to zero by the last program of each tile."""
+    cnt = _WS.cnt.get(device)
+    return cnt is None or not cnt.any()
+
+
+# (N, K, group): N not a multiple of any block, K = one group, per-channel with a non-power-of-two
+# group (576 = 9 * 64), groups of 24 (chunks of 8), and a plain g128 case.
+SHAPES = [(72, 256, 64), (40, 64, 64), (24, 576, 576), (48, 96, 24), (136, 256, 128)]
+
+
+@pytest.mark.parametrize("n,k,g", SHAPES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_kernel(make_packed, n, k, g, m):
+    """CUDA-core GEMV (M <= 4), auto split-K; tolerance TOL (fp16 output)."""
+    p = make_packed(n, k, g, bias=m == 3, seed=n + m)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(m, k).half()
+    kc = min(64, k & -k, g & -g)
+    cfg = KernelConfig("gemv", block_m=1 if m == 1 else 4, block_n=32, kc=kc, split_k=0)
+    _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
+    assert _workspace_clean()
+
+
+@pytest.mark.parametrize("split,late", [(1, False), (2, True), (3, False), (1, True)])
+def test_gemv_split_k_variants_agree(make_packed, split, late):
+    """Each split count and reduction order gives the same function (TOL, fp16), tickets re-armed."""
+    p = make_packed(40, 384, 64, seed=11)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(1, 384).half()
+    y = w4_matmul(x, kw, KernelConfig("gemv", block_n=16, kc=32, split_k=split, late_reduce=late))
+    _check(y, _reference(x, p), torch.float16)
+    assert _workspace_clean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,bm,split,expand", [(5, 16, 0, True), (16, 16, 2, False), (33, 32, 1, True)])
+def test_gemm_kernel(make_packed, dtype, m, bm, split, expand):
+    """Tensor-core tile kernel, split-K and not, both weight-load styles; TOL[dtype]."""
+    p = make_packed(72, 256, 64, dtype=dtype, bias=True, seed=m)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(m, 256).to(dtype)
+    cfg = KernelConfig("gemm", block_m=bm, block_n=32, kc=32, split_k=split, expand=expand)
+    _check(w4_matmul(x, kw, cfg), _reference(x, p), dtype)
+    assert _workspace_clean()
+
+
+def test_gemm_per_channel_odd_group(make_packed):
+    """K = 576 with one group per row (chunks of 64); TOL fp16."""
+    p = make_packed(40, 576, 576, seed=5)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(7, 576).half()
+    y = w4_matmul(x, kw, KernelConfig("gemm", block_m=16, block_n=16, kc=64, split_k=3))
+    _check(y, _reference(x, p), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,g", [(72, 256, 64), (24, 96, 24)])
+def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g):
+    """Dequantise kernel: tolerance zero, equal to PackedLinear.dequantize(dtype) bit for bit."""
+    p = make_packed(n, k, g, dtype=dtype, seed=n)
+    w = dequantize(KernelWeight.from_packed(p), dtype)
+    assert torch.equal(w, p.dequantize(dtype).t())
+
+
+@pytest.mark.parametrize("m", [1, 4, 9, 40, 130])
+def test_default_dispatch(make_packed, m):
+    """The default config of every M bucket (gemv, split-K tile kernel, dequant+matmul); TOL fp16."""
+    from awqconv.kernels import ops
+
+    p = make_packed(48, 128, 32, bias=True, seed=m)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(m, 128).half()
+    cfg = ops.default_config(m, kw, x.device)
+    assert cfg.kind == ("gemv" if m == 1 else "gemm" if m < ops.DEQUANT_MIN_M else "dequant")
+    _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
+
+
+def test_strided_rows_and_repeat_calls(make_packed):
+    """A row-strided input view and two calls in a row give identical results (workspace reuse)."""
+    p = make_packed(40, 128, 32, seed=2)
+    kw = KernelWeight.from_packed(p)
+    big = torch.randn(2, 256).half()
+    x = big[:, :128]
+    cfg = KernelConfig("gemv", block_m=2, block_n=16, kc=32, split_k=2)
+    y1, y2 = w4_matmul(x, kw, cfg), w4_matmul(x, kw, cfg)
+    assert torch.equal(y1, y2)  # split-K partials are summed in a fixed order: deterministic
+    _check(y1, _reference(x, p), torch.float16)
