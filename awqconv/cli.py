@@ -179,12 +179,15 @@ def eval_cmd(artifact: Path, text_file: Path, seq_len: int, max_windows, device)
 @click.option("--device", default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write verify.json [default: DIRECTORY/verify.json].")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for torch (1 is often fastest for batch-1 decode on a busy machine).")
+@click.option("--no-bench", is_flag=True, help="Skip the short benchmark.")
 @_fail_cleanly
-def verify(directory: Path, device, json_path) -> None:
+def verify(directory: Path, device, json_path, threads, no_bench: bool) -> None:
     """Load, round-trip, generate with and benchmark every artifact in DIRECTORY."""
     from .runtime.verify import verify as run_verify
 
-    report = run_verify(directory, device=device)
+    report = run_verify(directory, device=device, threads=threads, bench=not no_bench)
     click.echo(report.table())
     target = json_path or (directory / "verify.json" if directory.is_dir() else directory.with_suffix(".verify.json"))
     target.write_text(json.dumps(report.to_json(), indent=2) + "\n")
