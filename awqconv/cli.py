@@ -80,6 +80,7 @@ def main(verbose: int) -> None:
               help=f"Group size along the input dim, or -1 per channel [default: {_DEFAULTS.group_size}].")
 @click.option("--zero-point/--symmetric", default=None, help="Asymmetric (default) or symmetric grid.")
 @click.option("--duo-scaling/--no-duo-scaling", default=None, help="s = x^a / w^(1-a) (default) or x^a.")
+@click.option("--scale-search/--no-scale-search", "search_scales", default=None, help="Activation-aware scale search (default on).")
 @click.option("--clip/--no-clip", "apply_clip", default=None, help="Clip search (default on).")
 @click.option("--gqa-vo/--no-gqa-vo", "smooth_gqa_vo", default=None, help="Smooth v_proj->o_proj under GQA (default on).")
 @click.option("--n-grid", type=click.IntRange(2, 200), default=None, help=f"Scale-search grid size [default: {_DEFAULTS.n_grid}].")
@@ -101,7 +102,7 @@ def main(verbose: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Resolve mappings, check every constraint and free disk, print the plan; no calibration.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
-def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero_point, duo_scaling, apply_clip,
+def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero_point, duo_scaling, search_scales, apply_clip,
              smooth_gqa_vo, n_grid, calib, calib_samples, calib_seq_len, text_column, split, search_tokens,
              scale_dtype, skip, device, trust_remote_code, revision, overwrite, dry_run, quiet) -> None:
     """Quantize MODEL (a local directory, a hub id, or builtin:smollm2-135m) and write formats."""
@@ -110,7 +111,7 @@ def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero
     st = _search_tokens(search_tokens)
     cfg = QuantConfig().with_overrides(
         method=method, w_bit=w_bit, group_size=group_size, zero_point=zero_point, duo_scaling=duo_scaling,
-        apply_clip=apply_clip, smooth_gqa_vo=smooth_gqa_vo, n_grid=n_grid, calib=calib,
+        search_scales=search_scales, apply_clip=apply_clip, smooth_gqa_vo=smooth_gqa_vo, n_grid=n_grid, calib=calib,
         calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_text_column=text_column,
         calib_split=split, scale_dtype=scale_dtype, search_tokens=None if st in (None, "all") else st,
         modules_to_not_convert=tuple(skip) or None,
