@@ -6,6 +6,12 @@ so tests must not mutate what they receive.
 
 from __future__ import annotations
 
+import os
+
+# Triton kernels run in the interpreter on the CPU. Set before anything imports triton (the runtime
+# and LoRA tests import it too, and collection order is not the kernels folder first).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import functools
 import json
 

@@ -1,0 +1,86 @@
+"""K-quant GGUF variants (q4_k_m, q6_k, ...) through llama.cpp's own quantizer.
+
+gguf-py has no K-quant encoder, so the AWQ-prescaled weights are first written as a float GGUF
+(a temporary sibling file), then ``llama_model_quantize`` from llama-cpp-python turns it into the
+requested type with llama.cpp's usual per-tensor mixture. Embeddings and output stay at Q8_0.
+Rows that are not whole 256-blocks fall back inside llama.cpp (Q4_K -> Q5_0, Q6_K -> Q8_0 ...);
+the fallbacks are read back from the result and reported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gguf import GGMLQuantizationType, GGUFReader
+
+from ..errors import FormatConstraintError
+from .gguf_tensors import Variant, block_size
+
+log = logging.getLogger(__name__)
+T = GGMLQuantizationType
+
+# the GGML type a K-quant file type asks of most linears (llama.cpp:src/llama-quant.cpp)
+_MAIN_TYPE = {
+    "q2_k": T.Q2_K, "q3_k_m": T.Q3_K, "q4_k_s": T.Q4_K, "q4_k_m": T.Q4_K,
+    "q5_k_s": T.Q5_K, "q5_k_m": T.Q5_K, "q6_k": T.Q6_K,
+}
+
+
+def llama_quantize(src: Path, dst: Path, file_type: int, n_threads: int = 0) -> None:
+    """Run llama.cpp's quantizer on ``src`` (a float GGUF) into ``dst``; raise on failure."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise FormatConstraintError(
+            "K-quant GGUF needs llama-cpp-python (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install "
+            "llama-cpp-python); or export gguf:q4_0 / gguf:q5_0 / gguf:q8_0"
+        ) from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type
+    params.nthread = n_threads
+    params.token_embedding_type = int(T.Q8_0)
+    params.output_tensor_type = int(T.Q8_0)
+    # llama.cpp reports through llama-cpp-python's logger; keep its per-tensor chatter off stderr
+    lc_log = logging.getLogger("llama-cpp-python")
+    level = lc_log.level
+    lc_log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        lc_log.setLevel(level)
+    if rc != 0:
+        dst.unlink(missing_ok=True)
+        raise FormatConstraintError(f"llama.cpp failed to quantize {src.name} (code {rc})")
+
+
+def write_kquant(path: Path, v: Variant, write_float: Callable[[Path], Any]) -> Any:
+    """``write_float`` (a float GGUF of the prescaled weights) -> llama.cpp quantizer -> ``path``.
+
+    Returns the float writer's GGUFWriteResult with the final path, types and fallbacks.
+    """
+    from .gguf import report_fallbacks
+
+    tmp = path.with_name(f".{path.name}.float.tmp")
+    try:
+        result = write_float(tmp)
+        llama_quantize(tmp, path, int(v.file_type))
+    finally:
+        tmp.unlink(missing_ok=True)
+    result.path, result.variant = path, v.name
+    counts: dict[str, int] = {}
+    fallbacks = []
+    want = _MAIN_TYPE[v.name]
+    for t in GGUFReader(str(path)).tensors:
+        tt = T(t.tensor_type)
+        counts[tt.name] = counts.get(tt.name, 0) + 1
+        ne0 = int(t.shape[0])
+        if len(t.shape) == 2 and ne0 % block_size(want) and t.name not in ("token_embd.weight", "output.weight"):
+            fallbacks.append(f"{t.name}: K-quant -> {tt.name} (row of {ne0} is not whole 256-blocks)")
+    result.tensor_types = counts
+    result.fallbacks = fallbacks
+    report_fallbacks(v.name, fallbacks)
+    return result
