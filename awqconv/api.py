@@ -188,6 +188,7 @@ def convert(
     trust_remote_code: bool = False,
     revision: str | None = None,
     progress: bool = True,
+    search_grid: str | None = None,
     **overrides: Any,
 ) -> ConvertResult:
     """Quantize ``model`` once and write every format in ``to`` under ``out_dir``.
@@ -196,6 +197,10 @@ def convert(
 
         res = awqconv.convert("Qwen/Qwen2.5-0.5B", to=["hf-awq", "gguf"], out_dir="out/", group_size=128)
         res.artifacts["hf-awq"]   # Path('out/hf-awq')
+
+    ``search_grid="gguf:q4_0"`` makes the scale and clip search target a GGUF block type's own
+    grid (the prescaled weights then suit that GGUF type best); the canonical integers are still
+    taken on the QuantConfig grid.
     """
     from .quant.calib import build_blocks, load_calibration_texts
     from .quant.pipeline import quantize_model
@@ -225,7 +230,8 @@ def convert(
         )
         blocks, calib_hash = build_blocks(texts, tokenizer, cfg.calib_samples, cfg.calib_seq_len)
         report["calibration_blocks"] = int(blocks.shape[0])
-    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, device=device, progress=progress)
+    grid = _search_grid(search_grid)
+    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=device, progress=progress)
     del hf_model
     report.update(qout.report)
     report["seconds_quantize"] = round(time.time() - t0, 1)
@@ -241,6 +247,7 @@ def convert(
         "calibration_blocks": report.get("calibration_blocks"),
         "torch_version": torch.__version__,
         "modules_not_converted": qout.report["modules_not_converted"],
+        "search_grid": search_grid or "canonical integer grid",
     }
     qm = QuantizedModel(
         hf_config=p.hf_config,
@@ -255,6 +262,20 @@ def convert(
     artifacts = write_artifacts(qm, p.targets, p.out_dir, overwrite=overwrite)
     report["seconds_total"] = round(time.time() - t0, 1)
     return ConvertResult(p.out_dir, artifacts, qm, report)
+
+
+def _search_grid(spec: str | None):
+    if spec is None or spec in ("int", "canonical"):
+        return None
+    kind, _, variant = spec.partition(":")
+    if kind != "gguf" or not variant:
+        raise InputError(f"--search-grid {spec!r}: use 'int' or 'gguf:<type>' (e.g. gguf:q4_0)")
+    from .quant.gguf_grid import GGUFGrid
+
+    try:
+        return GGUFGrid(variant)
+    except (KeyError, ValueError) as e:
+        raise InputError(f"--search-grid {spec!r}: {e}") from None
 
 
 def write_artifacts(qm: QuantizedModel, targets: list[Target], out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:

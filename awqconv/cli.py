@@ -94,6 +94,8 @@ def main(verbose: int) -> None:
               help=f"Tokens for the search loss, or 'all' [default: {_DEFAULTS.search_tokens}].")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16"]), default=None,
               help="Scale dtype [default: bf16 for bf16 models, else fp16].")
+@click.option("--search-grid", default=None,
+              help="Grid the search targets: int (the canonical grid, default) or gguf:<type>, e.g. gguf:q4_0.")
 @click.option("--skip", "skip", multiple=True, help="Keep linears whose name contains this in full precision (repeatable).")
 @click.option("--device", default=None, help="Compute device [default: cuda when present, else cpu].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
@@ -104,7 +106,7 @@ def main(verbose: int) -> None:
 @_fail_cleanly
 def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero_point, duo_scaling, search_scales, apply_clip,
              smooth_gqa_vo, n_grid, calib, calib_samples, calib_seq_len, text_column, split, search_tokens,
-             scale_dtype, skip, device, trust_remote_code, revision, overwrite, dry_run, quiet) -> None:
+             scale_dtype, search_grid, skip, device, trust_remote_code, revision, overwrite, dry_run, quiet) -> None:
     """Quantize MODEL (a local directory, a hub id, or builtin:smollm2-135m) and write formats."""
     from . import api
 
@@ -125,7 +127,8 @@ def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero
         click.echo("dry run: all checks passed; nothing was calibrated or written")
         return
     res = api.convert(model, to, out_dir, cfg, overwrite=overwrite, device=device,
-                      trust_remote_code=trust_remote_code, revision=revision, progress=not quiet)
+                      trust_remote_code=trust_remote_code, revision=revision, progress=not quiet,
+                      search_grid=search_grid)
     ratio = _mean_loss_ratio(res.model)
     click.echo(f"quantized {len(res.model.linears)} linears in {res.report.get('seconds_quantize')} s"
                + (f"; search kept {ratio:.1%} of the round-to-nearest loss" if ratio is not None else ""))
