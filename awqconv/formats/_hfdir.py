@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputError
+
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
 
 
@@ -29,3 +31,24 @@ def quant_method(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return str(q.get("quant_method", "")).lower() if isinstance(q, dict) else None
+
+
+def write_assets(out_dir: Path, assets: dict[str, bytes], own_files: frozenset[str] | set[str]) -> None:
+    """Write tokenizer/generation files verbatim, skipping names the format writes itself and weights."""
+    for fname, data in assets.items():
+        if fname in own_files or fname.endswith(_WEIGHT_SUFFIXES[:2]):
+            continue
+        if Path(fname).name != fname or fname in (".", ".."):
+            raise InputError(f"asset name {fname!r} is not a plain file name; refusing to write outside {out_dir}")
+        (Path(out_dir) / fname).write_bytes(data)
+
+
+def manifest_format(path: Path, manifest: str) -> str | None:
+    """The ``format`` field of a JSON manifest in ``path``, or None when absent or unreadable."""
+    f = Path(path) / manifest
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None

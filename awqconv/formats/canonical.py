@@ -32,6 +32,7 @@ from ..errors import CorruptFileError, InputError, ShapeError
 from ..model import QuantizedModel, ScaleRecord, SearchResults
 from ..packed import PackedLinear
 from . import ExportRequest
+from ._hfdir import manifest_format
 
 NAME = "canonical"
 FORMAT_ID = "awqconv-canonical"
@@ -50,13 +51,7 @@ def plan(request: ExportRequest) -> list[str]:
 
 
 def detect(path: Path) -> bool:
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT_ID
-    except (OSError, ValueError, AttributeError):
-        return False
+    return manifest_format(path, MANIFEST) == FORMAT_ID
 
 
 def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None:

@@ -27,7 +27,7 @@ from . import ExportRequest
 from .canonical import unshare_storage
 from .gptq_layout import V1_OFFSET, from_gptq, to_gptq
 from .modelcard import awqconv_version, render_model_card
-from ._hfdir import quant_method, read_assets
+from ._hfdir import quant_method, read_assets, write_assets
 
 NAME = "exllamav2"
 FORMAT_ID = "awqconv-exllamav2"
@@ -117,12 +117,7 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
         log.info("exllamav2: %d zero-point-0 groups stored sign-flipped (exact)", flipped)
     save_sharded(unshare_storage(tensors), out_dir, prefix="model")
 
-    for fname, data in qm.assets.items():
-        if fname in _OWN_FILES or fname.endswith((".safetensors", ".safetensors.index.json")):
-            continue
-        target = out_dir / fname
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    write_assets(out_dir, qm.assets, _OWN_FILES)
     config, overridden = hf_config_for(qm)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / MANIFEST, {

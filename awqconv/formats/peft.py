@@ -27,7 +27,7 @@ from ..packed import PackedLinear
 from . import ExportRequest
 from .canonical import unshare_storage
 from .modelcard import awqconv_version, render_model_card
-from ._hfdir import read_assets
+from ._hfdir import manifest_format, read_assets, write_assets
 
 NAME = "peft"
 FORMAT_ID = "awqconv-peft"
@@ -99,12 +99,7 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
 
     save_file(unshare_storage(grid), str(out_dir / GRID_FILE), metadata={"format": "pt", "awqconv": FORMAT_ID})
 
-    for fname, data in qm.assets.items():
-        if fname in _OWN_FILES or fname.endswith((".safetensors", ".safetensors.index.json")):
-            continue
-        target = out_dir / fname
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    write_assets(out_dir, qm.assets, _OWN_FILES)
     config = {k: v for k, v in qm.hf_config.items() if k != "quantization_config"}
     config["dtype"] = config["torch_dtype"] = _name(wdtype)
     write_json(out_dir / "config.json", config)
@@ -168,13 +163,7 @@ merging re-rounds onto the same grid and is lossy)."""
 
 
 def detect(path: Path) -> bool:
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT_ID
-    except (OSError, ValueError, AttributeError):
-        return False
+    return manifest_format(path, MANIFEST) == FORMAT_ID
 
 
 def read(path: Path) -> QuantizedModel:
