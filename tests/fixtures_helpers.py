@@ -62,3 +62,35 @@ def qm_from_dir(path: Path, group_size: int = 64) -> QuantizedModel:
         dense=dense,
         assets=collect_assets(path),
     )
+
+
+def assert_same_model(a: QuantizedModel, b: QuantizedModel, check_assets: bool = True) -> None:
+    """Bit-for-bit equality of two quantized models (linears, dense tensors, configs, assets)."""
+    import json
+
+    from awqconv.packed import bitwise_equal
+
+    assert set(a.linears) == set(b.linears)
+    for name in a.linears:
+        assert a.linears[name].equal(b.linears[name]), name
+    assert set(a.dense) == set(b.dense)
+    for key in a.dense:
+        assert bitwise_equal(a.dense[key], b.dense[key]), key
+    assert b.hf_config == json.loads(json.dumps(a.hf_config))
+    assert b.quant_config == a.quant_config
+    if check_assets:
+        assert b.assets == a.assets
+
+
+def train_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 20, lr: float = 1e-2) -> list[float]:
+    """Plain AdamW steps of causal-LM loss on ``ids``; returns the loss of each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

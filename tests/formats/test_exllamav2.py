@@ -16,7 +16,8 @@ from awqconv.errors import FormatConstraintError
 from awqconv.formats import ExportRequest, Target, detect_format, exllamav2
 from awqconv.formats.gptq_layout import from_gptq, to_gptq
 from awqconv.model import QuantizedModel
-from awqconv.packed import PackedLinear, bitwise_equal
+from awqconv.packed import PackedLinear
+from fixtures_helpers import assert_same_model
 
 
 def reference_decode(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
@@ -52,16 +53,6 @@ def with_zero_groups(qm: QuantizedModel, every: int = 3) -> QuantizedModel:
     return dataclasses.replace(qm, linears=linears)
 
 
-def assert_same_model(a: QuantizedModel, b: QuantizedModel) -> None:
-    assert set(a.linears) == set(b.linears)
-    for name in a.linears:
-        assert a.linears[name].equal(b.linears[name]), name
-    assert set(a.dense) == set(b.dense)
-    for key in a.dense:
-        assert bitwise_equal(a.dense[key], b.dense[key]), key
-    assert b.hf_config == json.loads(json.dumps(a.hf_config))
-    assert b.quant_config == a.quant_config
-    assert b.assets == a.assets
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from awqconv.formats import detect_format
 from awqconv.formats import peft as peft_format
 from awqconv.formats.adapter import apply_adapter, copy_adapter
-from awqconv.model import QuantizedModel
 from awqconv.packed import bitwise_equal
+from fixtures_helpers import assert_same_model, train_steps
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -31,32 +31,12 @@ SENTENCES = torch.tensor([
 ])
 
 
-def assert_same_model(a: QuantizedModel, b: QuantizedModel) -> None:
-    assert set(a.linears) == set(b.linears)
-    for name in a.linears:
-        assert a.linears[name].equal(b.linears[name]), name
-    assert set(a.dense) == set(b.dense)
-    for key in a.dense:
-        assert bitwise_equal(a.dense[key], b.dense[key]), key
-    assert b.hf_config == json.loads(json.dumps(a.hf_config))
-    assert b.quant_config == a.quant_config
 
 
 def lora_config(**kw):
     return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", **kw)
 
 
-def train(model, steps: int = 20, lr: float = 1e-2) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=SENTENCES, labels=SENTENCES).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +82,7 @@ def test_lora_trains_and_the_base_round_trips_bit_for_bit(tiny_qm, exported, tmp
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     pm = peft.get_peft_model(model, lora_config())
-    losses = train(pm)
+    losses = train_steps(pm, SENTENCES)
     assert losses[-1] < 0.9 * losses[0], losses  # observed: 5.57 -> 4.52
     base = pm.get_base_model().state_dict()
     for k, v in before.items():  # LoRA left the base alone ...
@@ -135,7 +115,7 @@ def test_changed_base_is_refused(tiny_qm, exported, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     torch.manual_seed(1)
     pm = peft.get_peft_model(model, lora_config())
-    train(pm, steps=3)
+    train_steps(pm, SENTENCES, steps=3)
     changed = tmp_path / "merged"
     shutil.copytree(exported, changed)
     pm.merge_and_unload().save_pretrained(changed)  # a merged base written over the layout
@@ -184,7 +164,7 @@ def test_bias_and_merge_into_lm_head(make_tiny_llama_qm, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "layout", dtype=torch.float32)
     torch.manual_seed(2)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    train(pm, steps=3)
+    train_steps(pm, SENTENCES, steps=3)
     pm.save_pretrained(tmp_path / "adapter")
     merged_qm, report = apply_adapter(qm, tmp_path / "adapter", "merge")
     assert report.merged_dense == ["lm_head.weight"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from awqconv.formats import peft as peft_format
 from awqconv.runtime.lora import Int4TrainLinear, int4_model_for_training
+from fixtures_helpers import train_steps
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,17 +30,6 @@ def lora_config():
     return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
-def train(model, steps: int = 20) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=SENTENCES, labels=SENTENCES).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -85,11 +75,11 @@ def test_int4_training_matches_the_fp_layout(tiny_qm, layout, tmp_path, dtype, r
     fp = transformers.AutoModelForCausalLM.from_pretrained(layout, dtype=dtype)
     torch.manual_seed(0)
     fp_pm = peft.get_peft_model(fp, lora_config())
-    fp_losses = train(fp_pm)
+    fp_losses = train_steps(fp_pm, SENTENCES)
 
     torch.manual_seed(0)
     q_pm = peft.get_peft_model(int4_model_for_training(tiny_qm, dtype=dtype), lora_config())
-    q_losses = train(q_pm)
+    q_losses = train_steps(q_pm, SENTENCES)
     assert q_losses[-1] < 0.9 * q_losses[0]
     torch.testing.assert_close(torch.tensor(q_losses), torch.tensor(fp_losses), rtol=rtol, atol=0)
     if dtype != torch.float32:
