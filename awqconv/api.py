@@ -10,7 +10,6 @@ The library never prints or exits; the CLI does.
 from __future__ import annotations
 
 import logging
-import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,13 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__
-from ._io import atomic_output_dir, check_output_dir, safetensors_metadata
+from ._io import atomic_output_dir, check_output_dir
 from .config import QuantConfig
 from .errors import FormatConstraintError, InputError, ShapeError
 from .formats import ExportRequest, Target, detect_format, get_format, parse_targets
 from .model import QuantizedModel
 from .quant.mappings import arch_spec, quantizable_slots, resolve_layer
+from .quant.pipeline import scale_dtype_for
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def plan(
                 f"({len(bad)} of {len(shapes)} linears); {hint}, e.g. --group-size {fits[-1] if fits else -1}"
             )
     n_params = sum(p.numel() for p in meta.parameters())
-    src_dtype = _config_dtype(hf_config)
-    sdtype = getattr(torch, cfg.scale_dtype) if cfg.scale_dtype else (torch.bfloat16 if src_dtype == torch.bfloat16 else torch.float16)
+    sdtype = scale_dtype_for(cfg, _config_dtype(hf_config))
 
     problems: list[str] = []
     for t in targets:
@@ -214,15 +213,7 @@ def convert(
     report: dict[str, Any] = {}
 
     blocks, calib_hash = None, None
-    for shard in sorted(p.path.glob("*.safetensors")):
-        safetensors_metadata(shard)  # a truncated or corrupt shard fails here with its name
-    try:
-        hf_model, tokenizer = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
-    except pickle.UnpicklingError as e:
-        raise InputError(
-            f"{p.path}: the pickled checkpoint holds more than plain tensors and was not unpickled "
-            f"({str(e).splitlines()[0][:120]}); convert it to safetensors from a trusted environment"
-        ) from None
+    hf_model, tokenizer = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
     if cfg.method == "awq":
         source = list(calib_data) if calib_data is not None and not isinstance(calib_data, str) else cfg.calib
         texts = load_calibration_texts(
@@ -344,7 +335,7 @@ def export(
 def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int | None = None, device: str | None = None) -> float:
     """Perplexity on ``text`` of an artifact's fake-quant reference model, or of a float HF model dir."""
     from .evaluate import perplexity
-    from .sources import load_causal_lm, load_hf_config
+    from .sources import load_causal_lm
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists() and detect_format(p) is None:

@@ -41,7 +41,6 @@ class QuantConfig:
     search_tokens: int | None = 8192
     scale_dtype: str | None = None  # None: bf16 for bf16 models, else fp16
     modules_to_not_convert: tuple[str, ...] = ()
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.w_bit <= 8:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_output_dir, read_json, write_json
+from ._io import atomic_output_dir, read_json, safetensors_metadata, write_json
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -292,8 +293,16 @@ def load_causal_lm(
         "use_safetensors": fmt == "safetensors",
         "weights_only": True,
     }
+    if fmt == "safetensors":
+        for shard in sorted(directory.glob("*.safetensors")):
+            safetensors_metadata(shard)  # a truncated or corrupt shard fails here, naming the file
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{directory}: the pickled checkpoint holds more than plain tensors and was not unpickled "
+            f"({str(e).splitlines()[0][:120]}); convert it to safetensors from a trusted environment"
+        ) from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise InputError(

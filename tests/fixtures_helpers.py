@@ -94,3 +94,12 @@ def train_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 20, lr: 
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+# "sentences" as token ids: a few repeated patterns a 2-layer model learns within a few steps
+TOY_SENTENCES = torch.tensor([
+    [1, 17, 42, 99, 5, 17, 42, 99, 5, 17, 42, 99, 5, 17, 42, 99],
+    [1, 8, 8, 13, 200, 8, 8, 13, 200, 8, 8, 13, 200, 8, 8, 13],
+    [1, 250, 3, 77, 250, 3, 77, 250, 3, 77, 250, 3, 77, 250, 3, 77],
+    [1, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78],
+])

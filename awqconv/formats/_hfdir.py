@@ -27,9 +27,14 @@ def quant_method(path: Path) -> str | None:
     if not cfg.is_file():
         return None
     try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
+        return quant_method_of(json.loads(cfg.read_text()))
+    except (OSError, ValueError):
         return None
+
+
+def quant_method_of(config: object) -> str | None:
+    """The lower-cased ``quantization_config.quant_method`` of a parsed config.json, or None."""
+    q = config.get("quantization_config") if isinstance(config, dict) else None
     return str(q.get("quant_method", "")).lower() if isinstance(q, dict) else None
 
 

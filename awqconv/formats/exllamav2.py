@@ -27,7 +27,7 @@ from . import ExportRequest
 from .canonical import unshare_storage
 from .gptq_layout import V1_OFFSET, from_gptq, to_gptq
 from .modelcard import awqconv_version, render_model_card
-from ._hfdir import quant_method, read_assets, write_assets
+from ._hfdir import quant_method, quant_method_of, read_assets, write_assets
 
 NAME = "exllamav2"
 FORMAT_ID = "awqconv-exllamav2"
@@ -220,7 +220,7 @@ def read(path: Path) -> QuantizedModel:
     path = Path(path)
     config = read_json(path / "config.json")
     qcfg = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qcfg, dict) or str(qcfg.get("quant_method", "")).lower() != "gptq":
+    if quant_method_of(config) != "gptq":
         raise InputError(f"{path}/config.json has no GPTQ quantization_config (quant_method 'gptq')")
     if int(qcfg.get("bits", 4)) != 4:
         raise FormatConstraintError(f"{path} declares {qcfg.get('bits')}-bit GPTQ weights; awqconv reads 4-bit")

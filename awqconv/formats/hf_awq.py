@@ -25,7 +25,7 @@ from . import ExportRequest
 from .awq_layout import from_gemm, to_gemm
 from .canonical import unshare_storage
 from .modelcard import render_model_card
-from ._hfdir import quant_method, read_assets
+from ._hfdir import quant_method, quant_method_of, read_assets
 
 NAME = "hf-awq"
 VARIANTS = (None, "gemm")
@@ -227,7 +227,7 @@ def read(path: Path) -> QuantizedModel:
     path = Path(path)
     config = read_json(path / "config.json")
     qcfg = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qcfg, dict) or qcfg.get("quant_method") != "awq":
+    if quant_method_of(config) != "awq":
         raise InputError(f"{path}/config.json has no AWQ quantization_config (quant_method 'awq')")
     layout = str(qcfg.get("version") or qcfg.get("format") or "gemm").lower()
     bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))

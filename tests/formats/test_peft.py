@@ -17,18 +17,12 @@ from awqconv.formats import detect_format
 from awqconv.formats import peft as peft_format
 from awqconv.formats.adapter import apply_adapter, copy_adapter
 from awqconv.packed import bitwise_equal
-from fixtures_helpers import assert_same_model, train_steps
+from fixtures_helpers import TOY_SENTENCES, assert_same_model, train_steps
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-# "sentences" as token ids: a few repeated patterns a 2-layer model can learn quickly
-SENTENCES = torch.tensor([
-    [1, 17, 42, 99, 5, 17, 42, 99, 5, 17, 42, 99, 5, 17, 42, 99],
-    [1, 8, 8, 13, 200, 8, 8, 13, 200, 8, 8, 13, 200, 8, 8, 13],
-    [1, 250, 3, 77, 250, 3, 77, 250, 3, 77, 250, 3, 77, 250, 3, 77],
-    [1, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78],
-])
+SENTENCES = TOY_SENTENCES
 
 
 

@@ -10,7 +10,7 @@ from awqconv.config import QuantConfig
 from awqconv.model import QuantizedModel
 from awqconv.quant.calib import build_blocks, load_calibration_texts
 from awqconv.quant.grid import IntGrid
-from awqconv.quant.mappings import ARCHITECTURES, arch_spec
+from awqconv.quant.mappings import ARCHITECTURES
 from awqconv.quant.pipeline import quantize_model
 from awqconv.sources import load_hf_config
 from fixtures.tiny_models import tiny_model_dir

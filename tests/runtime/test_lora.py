@@ -10,16 +10,12 @@ import torch.nn.functional as F
 
 from awqconv.formats import peft as peft_format
 from awqconv.runtime.lora import Int4TrainLinear, int4_model_for_training
-from fixtures_helpers import train_steps
+from fixtures_helpers import TOY_SENTENCES, train_steps
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-SENTENCES = torch.tensor([
-    [1, 17, 42, 99, 5, 17, 42, 99, 5, 17, 42, 99, 5, 17, 42, 99],
-    [1, 8, 8, 13, 200, 8, 8, 13, 200, 8, 8, 13, 200, 8, 8, 13],
-    [1, 250, 3, 77, 250, 3, 77, 250, 3, 77, 250, 3, 77, 250, 3, 77],
-])
+SENTENCES = TOY_SENTENCES[:3]
 # In fp32 the INT4 path and the FP layout compute x @ W with the same exact weights, through a
 # different matmul call ([K, N] vs nn.Linear's [N, K]); on CPU the curves agree bit for bit in
 # practice, and the tolerance allows a last-bit difference of the BLAS blocking.
