@@ -6,6 +6,10 @@ ExLlamaV2 0.3.2 loads it (its JIT build runs in a child process while the model 
 run fixed token-id prompts: max |dlogit|, logit scale and top-1 agreement over all positions.
     python benchmarks/exllamav2_7b_gpu.py [--layers 32] [--kv-heads 32]   # -> $OUT/exllamav2_7b_gpu.json
     python benchmarks/exllamav2_7b_gpu.py --dry-run    # CPU: 2 layers, hidden 256, our runtime vs HF only
+--trace (GPU) explains where ExLlamaV2 departs from the fp32 reference on the longest prompt: hidden
+states after every attention/MLP block at the worst position vs the median one, and each of its 224
+linears fed the reference's own (fp16-rounded) inputs: its CUDA path against its reconstruct + torch
+matmul path (fp32 accumulation) against x @ W in fp32.
 """
 
 from __future__ import annotations
@@ -135,12 +139,93 @@ def start_exllamav2_build(log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def trace_exllamav2(qm, exl_model, prompt: list[int], worst: int, device: str = "cuda") -> dict:
+    """Hidden states and per-linear errors of ExLlamaV2 against the fp32 HF reference (see --trace)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # the fp32 reference built in GPU memory (reference_model() would round-trip 27 GB through disk)
+    cfg = LlamaConfig(**{k: v for k, v in qm.hf_config.items() if k != "quantization_config"})
+    with torch.device(device):
+        ref = LlamaForCausalLM(cfg).float().eval()
+    ref.load_state_dict(qm.dequantized_state_dict(torch.float32), strict=True)
+    ids = torch.tensor([prompt], device=device)
+    lin_in, after_attn, after_mlp, hooks = {}, {}, {}, []
+    for name, mod in ref.named_modules():
+        if name.rsplit(".", 1)[-1] in _LINEARS:
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: lin_in.__setitem__(name, a[0][0].detach().half())))
+        if name.endswith("post_attention_layernorm"):
+            i = int(name.split(".")[2])
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: after_attn.__setitem__(i, a[0][0].float())))
+        if name.count(".") == 2 and name.startswith("model.layers."):
+            i = int(name.split(".")[2])
+            hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: after_mlp.__setitem__(
+                i, (o[0] if isinstance(o, tuple) else o)[0].float())))
+    with torch.no_grad():
+        ref(ids)
+    for h in hooks:
+        h.remove()
+    del ref
+    torch.cuda.empty_cache()
+
+    n_mod = len(exl_model.modules)
+    with torch.inference_mode():
+        states = exl_model.forward_chunk(ids.cpu(), extract_state_indices=list(range(1, n_mod)))["states"]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per position: max |a - b| / rms(b)
+        return (a - b).abs().amax(-1) / b.pow(2).mean(-1).sqrt()
+
+    layers = []
+    for i in sorted(after_mlp):
+        row = {"layer": i}
+        for tag, ref_state, idx in (("attn", after_attn[i], 2 + 2 * i), ("mlp", after_mlp[i], 3 + 2 * i)):
+            e = rel(states[idx][0].float(), ref_state)
+            row[f"{tag}_worst_pos"] = round(e[worst].item(), 5)
+            row[f"{tag}_median"] = round(e.median().item(), 5)
+            row[f"{tag}_argmax_pos"] = int(e.argmax())
+        row["ref_absmax_worst_pos"] = round(after_mlp[i][worst].abs().max().item(), 2)
+        row["ref_absmax_median"] = round(after_mlp[i].abs().amax(-1).median().item(), 2)
+        layers.append(row)
+
+    exl_lin = {}
+    for m in exl_model.modules:
+        for attr in _LINEARS:
+            sub = getattr(m, attr, None)
+            if sub is not None:
+                exl_lin[sub.key] = sub
+    lins = []
+    with torch.inference_mode():
+        for name, x in lin_in.items():
+            w = qm.linears[name].dequantize(torch.float32).to(device)
+            y_ref = x.float() @ w.t()
+            row = {"linear": name, "rows": x.shape[0]}
+            for tag, kwargs in (("cuda", {}), ("recons_fp32acc", {"force_recons": True})):
+                y = exl_lin[name].forward(x.unsqueeze(0), **kwargs)[0].float()
+                e = rel(y, y_ref)
+                row[f"{tag}_max"] = round(e.max().item(), 5)
+                row[f"{tag}_median"] = round(e.median().item(), 5)
+                row[f"{tag}_argmax_pos"] = int(e.argmax())
+                row[f"{tag}_at_worst"] = round(e[worst].item(), 5)
+            lins.append(row)
+            del w, y_ref
+    lins.sort(key=lambda r: -r["cuda_max"])
+    return {"worst_position": worst, "layers": layers, "linears_top10": lins[:10],
+            "linears_cuda_max": max(r["cuda_max"] for r in lins),
+            "linears_recons_max": max(r["recons_fp32acc_max"] for r in lins),
+            "linears_cuda_median_of_medians": sorted(r["cuda_median"] for r in lins)[len(lins) // 2],
+            "linears_recons_median_of_medians": sorted(r["recons_fp32acc_median"] for r in lins)[len(lins) // 2]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny widths, our runtime vs HF only")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32; dry run 2)")
     ap.add_argument("--no-fp32-ref", action="store_true", help="skip the fp32 dense reference (27 GB at 7B)")
     ap.add_argument("--kv-heads", type=int, default=None, help="KV heads (default 32 = Llama-2-7B; 8 = GQA)")
+    ap.add_argument("--trace", action="store_true", help="GPU: localise ExLlamaV2's departure (see module doc)")
     args = ap.parse_args()
     dims = dict(DRY if args.dry_run else SEVEN_B)
     for key, val in (("layers", args.layers), ("kv_heads", args.kv_heads)):
@@ -195,7 +280,8 @@ def main() -> None:
         res["runtime_vs_hf_fp32"] = compare(ours, hf)
         name = "exllamav2_7b_dry.json"
     else:
-        del qm
+        if not args.trace:
+            del qm
         torch.cuda.empty_cache()
         rc = build.wait()
         say(f"ExLlamaV2 build child exited {rc}")
@@ -216,6 +302,10 @@ def main() -> None:
         res["runtime_vs_exllamav2"] = compare(ours, theirs)
         if ref32 is not None:
             res["exllamav2_vs_fp32_dense"] = compare(theirs, ref32)
+        if args.trace:
+            last = res["runtime_vs_exllamav2"]["per_prompt"][-1]
+            res["trace"] = trace_exllamav2(qm, model, prompts[-1], last["worst_positions"][0])
+            print(json.dumps(res["trace"], indent=1), flush=True)
         model.unload()
         name = "exllamav2_7b_gpu.json"
     shutil.rmtree(work, ignore_errors=True)

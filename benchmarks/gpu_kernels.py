@@ -75,12 +75,15 @@ def m_gemlite():
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
     out = {}
-    if M == 1:
-        for bn, w, pps in [(64, 2, 8), (128, 4, 4), (128, 4, 8), (128, 4, 16), (256, 8, 4)]:
-            out[f"gemv_bn{bn}_w{w}_p{pps}"] = KernelConfig("gemv", 1, bn, 128, -pps, w, 2)
-            out[f"gemv_bn{bn}_w{w}_p{pps}_late"] = KernelConfig("gemv", 1, bn, 128, -pps, w, 2, late_reduce=True)
-        out["gemv_bn64_w2_p16_late"] = KernelConfig("gemv", 1, 64, 128, -16, 2, 2, late_reduce=True)
-        out["gemv_bn32_w1_p16_late"] = KernelConfig("gemv", 1, 32, 128, -16, 1, 2, late_reduce=True)
+    if M == 1:  # the fp16x2 GEMV (default) over tile width, warps, programs per SM, prefetch depth, chunk
+        for bn, w in [(32, 1), (64, 1), (64, 2), (128, 2)]:
+            for pps in (6, 8, 12):
+                for pf in (1, 2):
+                    out[f"h2_bn{bn}_w{w}_p{pps}_pf{pf}"] = KernelConfig(
+                        "gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=pf)
+        out["h2_bn64_w2_p8_pf0"] = KernelConfig("gemv_f16x2", 1, 64, 128, -8, 2, 2, prefetch=0)
+        out["h2_bn64_w2_p8_kc64_pf2"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=2)
+        out["fp32gemv_bn64_w2_p8"] = KernelConfig("gemv", 1, 64, 128, -8, 2, 2)  # the previous default
     if 2 <= M <= 16:
         out["gemv4_bn128_w4_p8"] = KernelConfig("gemv", 4, 128, 128, -8, 4, 2)
         for bn, w, pps, st, ex in [(128, 4, 4, 3, True), (128, 4, 8, 3, True), (128, 4, 16, 3, True),
@@ -128,12 +131,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--ms", default=None, help="comma-separated M values (default: all seven)")
     a = ap.parse_args()
     torch.manual_seed(0)
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(info, flush=True)
     Ms = [1, 16, 256, 4096] if a.quick else [1, 4, 16, 64, 256, 1024, 4096]
+    if a.ms:
+        Ms = [int(m) for m in a.ms.split(",")]
     base = {"fp16_cublas": m_cublas(), "awq_default": m_awq(lambda x, kw: default_config(x.shape[0], kw, x.device)),
             "torch_tinygemm_bf16": m_tinygemm()}
     try:

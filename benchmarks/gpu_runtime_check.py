@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+os.environ["TRITON_INTERPRET"] = "0"  # the tests' conftest (imported below) turns the interpreter on
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import tiny_llama_qm

@@ -1,10 +1,13 @@
 """The kernel layout: canonical PackedLinear integers re-laid out for the Triton INT4 kernels.
 
-    qw     int32 [K/8, N]   word (w, n) holds q[n, 8w + j] in bits [4j, 4j+4)  (natural nibble order)
+    qw     int32 [K/8, N]   word (w, n) holds q[n, 8w + j] at bit NIBBLE_SHIFTS[j]
     scales fp16|bf16 [K/G, N]   zeros uint8 [K/G, N]   bias [N] | None
 
 N (the output dim) is contiguous so a warp reads consecutive words; 8 consecutive k share a word,
-so a K tile unpacks with one shift per element and no lane exchange. The repack is lossless
+so a K tile unpacks with shifts alone and no lane exchange. Within a word, k = 8w + 2i sits at bit
+4i and k = 8w + 2i + 1 at bit 16 + 4i: one ``(word >> 4i) & 0x000F000F`` then yields the pair
+(q[2i], q[2i+1]) in the two 16-bit halves, the order of an fp16x2 register holding (x[2i], x[2i+1])
+(the decode GEMV dequantises two weights per instruction this way). The repack is lossless
 (`to_packed` inverts it bit for bit). Fused projections (QKV, gate/up) concatenate along N.
 """
 
@@ -16,7 +19,26 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from ..packed import PackedLinear
+from ..packed import PackedLinear, pack_bits
+
+NIBBLE_SHIFTS = (0, 16, 4, 20, 8, 24, 12, 28)  # bit offset of q[8w + j] inside word w
+
+
+def _shifts(device: torch.device) -> Tensor:
+    return torch.tensor(NIBBLE_SHIFTS, dtype=torch.int32, device=device)
+
+
+def pack_words(q: Tensor) -> Tensor:
+    """int q ``[N, K]`` (K % 8 == 0) -> int32 words ``[K/8, N]`` in the kernel nibble order."""
+    n, k = q.shape
+    parts = q.to(torch.int32).reshape(n, k // 8, 8) << _shifts(q.device)  # disjoint bits: sum == or
+    return parts.sum(-1, dtype=torch.int32).t().contiguous()
+
+
+def unpack_words(qw: Tensor) -> Tensor:
+    """Inverse of :func:`pack_words`: uint8 q ``[N, K]``."""
+    q = (qw.t().unsqueeze(-1) >> _shifts(qw.device)) & 15  # [N, K/8, 8]
+    return q.reshape(qw.shape[1], -1).to(torch.uint8)
 
 
 def supports(p: PackedLinear) -> str | None:
@@ -56,10 +78,8 @@ class KernelWeight:
         why = supports(p)
         if why:
             raise ShapeError(f"cannot repack for the INT4 kernels: {why}")
-        # canonical bytes are little-endian nibble pairs, so 4 bytes = one int32 with q[8w+j] at 4j
-        qw = p.qweight.contiguous().view(torch.int32).t().contiguous()
         return cls(
-            qw=qw,
+            qw=pack_words(p.unpack()),
             scales=p.scales.t().contiguous(),
             zeros=p.zeros.t().contiguous(),
             bias=p.bias,
@@ -98,7 +118,7 @@ class KernelWeight:
         out, start = [], 0
         for n in self.splits:
             sl = slice(start, start + n)
-            qweight = self.qw[:, sl].t().contiguous().view(torch.uint8)
+            qweight = pack_bits(unpack_words(self.qw[:, sl]), 4)
             out.append(PackedLinear(
                 qweight=qweight,
                 scales=self.scales[:, sl].t().contiguous(),
@@ -118,9 +138,7 @@ class KernelWeight:
 
     def dequantize_ref(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense ``W [K, N]`` = (q - z) * s in fp32, cast to ``dtype`` (a torch reference)."""
-        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=self.qw.device)
-        q = (self.qw.unsqueeze(1) >> shifts[None, :, None]) & 15  # [K/8, 8, N]
-        q = q.reshape(self.in_features, -1).to(torch.float32)
+        q = unpack_words(self.qw).t().to(torch.float32)  # [K, N]
         g = self.group_size
         z = self.zeros.to(torch.float32).repeat_interleave(g, 0)
         s = self.scales.to(torch.float32).repeat_interleave(g, 0)

@@ -1,6 +1,7 @@
 """Launchers for the Triton INT4 kernels: config choice per M bucket, split-K workspace, dispatch.
 
-``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the CUDA-core GEMV (M = 1), the split-K
+``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMV (M = 1, fp16; the fp32 CUDA-core
+GEMV for bf16 and for M <= 16 when groups are too small for a tensor-core K tile), the split-K
 tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
 ``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig`` may be passed to force a variant (the
 benchmarks sweep them). The split-K workspace and tile counters are per device and self-cleaning.
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from .layout import KernelWeight
-from .triton_w4 import w4_dequant_kernel, w4_gemm_kernel, w4_gemv_kernel
+from .triton_w4 import w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_kernel
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -25,7 +26,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv" | "gemm" | "dequant"
+    kind: str  # "gemv" | "gemv_f16x2" (M = 1, fp16) | "gemm" | "dequant"
     block_m: int = 1
     block_n: int = 128
     kc: int = 128  # K rows per chunk; divides the group size
@@ -34,6 +35,7 @@ class KernelConfig:
     num_stages: int = 2
     expand: bool = True  # gemm: load each packed word once and expand in registers
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
+    prefetch: int = 1  # gemv_f16x2: chunks loaded ahead of the one being computed (0, 1 or 2)
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -49,16 +51,21 @@ def _n_sm(device: torch.device) -> int:
     return 4
 
 
-def default_config(m: int, kw: KernelWeight, device: torch.device) -> KernelConfig:
+def default_config(m: int, kw: KernelWeight, device: torch.device,
+                   dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Heuristic per M bucket, from the H100 sweep in notes/gpu_notes.md.
 
-    M = 1: CUDA-core GEMV, 128 columns a program, split-K to ~8 programs per SM. 2 <= M <= 16:
+    M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps), the fp32 CUDA-core GEMV for bf16; both
+    split-K to ~8 programs per SM. 2 <= M <= 16:
     tensor-core tile kernel (BLOCK_M 16), split-K to ~4-8 programs per SM. 16 < M < DEQUANT_MIN_M:
     the tile kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise
     once + cuBLAS, which beat the in-loop-dequant tile kernel at M >= 256 there.
     """
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
+    if m == 1 and dtype == torch.float16:
+        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, ~8 programs/SM, prefetch best on all shapes
+        return KernelConfig("gemv_f16x2", block_n=64, kc=kc, split_k=-8, num_warps=2, num_stages=2)
     if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
         wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
@@ -110,7 +117,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         x = x.contiguous()
     M, K = x.shape
     N = kw.out_features
-    cfg = config or default_config(M, kw, x.device)
+    cfg = config or default_config(M, kw, x.device, x.dtype)
     if cfg.kind == "dequant":
         w = dequantize(kw, x.dtype)
         y = torch.matmul(x, w)
@@ -119,7 +126,12 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     kc = cfg.kc
     if g % kc or kc % 8 or (cfg.kind == "gemm" and kc < 16):
         raise ShapeError(f"chunk kc={kc} must divide group_size={g} (and be >= 16 for gemm)")
-    bm = cfg.block_m
+    if cfg.kind == "gemv_f16x2":
+        if M != 1 or x.dtype != torch.float16:
+            raise ShapeError(f"the fp16x2 GEMV takes one fp16 row, got M={M} {x.dtype}")
+        if x.data_ptr() % 16:  # it reads x as int32 pairs: a view at an odd offset gets its own copy
+            x = x.clone()
+    bm = 1 if cfg.kind == "gemv_f16x2" else cfg.block_m
     n_tiles_n = triton.cdiv(N, cfg.block_n)
     n_tiles_m = triton.cdiv(M, bm)
     n_chunks = K // kc
@@ -131,9 +143,11 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     split = triton.cdiv(K, k_split)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws, cnt = _WS.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
-    kernel = w4_gemv_kernel if cfg.kind == "gemv" else w4_gemm_kernel
+    kernel = {"gemv": w4_gemv_kernel, "gemv_f16x2": w4_gemv_f16x2_kernel, "gemm": w4_gemm_kernel}[cfg.kind]
     if cfg.kind == "gemm":
         extra = {"EXPAND": cfg.expand}
+    elif cfg.kind == "gemv_f16x2":
+        extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": not _INTERPRET}  # no inline PTX in the interpreter
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind == "gemm":

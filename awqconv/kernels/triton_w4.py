@@ -27,6 +27,12 @@ def _round_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def _nibble_shift(j):
+    """Bit offset of q[8w + j] in word w (layout.NIBBLE_SHIFTS): pairs (2i, 2i+1) at 4i and 16 + 4i."""
+    return (j >> 1) * 4 + (j & 1) * 16
+
+
+@triton.jit
 def _nibbles_f32(w, shift):
     """int32 words >> shift & 15 as fp32 without an int->float convert: OR into the mantissa of
     2^23 and subtract 2^23 (exact)."""
@@ -94,7 +100,7 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = tl.arange(0, KC // 8)
     rj = tl.arange(0, 8)
-    shifts = rj * 4
+    shifts = _nibble_shift(rj)
     mn = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
@@ -130,6 +136,138 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
+def _word_dot_f16x2(w, x0, x1, x2, x3, o):
+    """sum_j (q_j - z) x_j / 64 over the 8 nibbles of each word, two weights per instruction.
+
+    One mask of the shifted word ORed into fp16 16.0 gives the pair (16 + q[2i]/64, 16 + q[2i+1]/64)
+    (layout.py pairs k = 2i, 2i+1 in the two halves; the fp16 ulp at 16 is 1/64); subtracting
+    o = (16 + z/64, 16 + z/64) leaves (q - z)/64 exactly; fp16x2 FMAs multiply by the raw fp16x2
+    activation pairs x0..x3 = (x[2i], x[2i+1]). Each lane sums 4 products of |q - z|/64 <= 15/64 and
+    |x| <= 65504, so it stays inside fp16; the two lanes are added in fp32."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 m, c, t, a, b, d, e, p;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi, r;
+        mov.b32 m, 0x000F000F;
+        mov.b32 c, 0x4C004C00;
+        lop3.b32 a, $1, m, c, 0xEA;
+        shr.u32 t, $1, 4;
+        lop3.b32 b, t, m, c, 0xEA;
+        shr.u32 t, $1, 8;
+        lop3.b32 d, t, m, c, 0xEA;
+        shr.u32 t, $1, 12;
+        lop3.b32 e, t, m, c, 0xEA;
+        sub.f16x2 a, a, $6;
+        sub.f16x2 b, b, $6;
+        sub.f16x2 d, d, $6;
+        sub.f16x2 e, e, $6;
+        mul.rn.f16x2 p, a, $2;
+        fma.rn.f16x2 p, b, $3, p;
+        fma.rn.f16x2 p, d, $4, p;
+        fma.rn.f16x2 p, e, $5, p;
+        mov.b32 {lo, hi}, p;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 r, flo, fhi;
+        mov.b32 $0, r;
+        }""",
+        constraints="=r,r,r,r,r,r,r", args=[w, x0, x1, x2, x3, o], dtype=tl.int32, is_pure=True, pack=1,
+    ).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _lane_fma(q, zf, x, acc):
+    """One fp16 lane of ``_word_dot_f16x2``, emulated: (q - z)/64 * x + acc exact in fp32, rounded to fp16."""
+    return ((q.to(tl.float32) - zf) * 0.015625 * x + acc).to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _word_dot_emulated(w, zf, x0a, x0b, x1a, x1b, x2a, x2b, x3a, x3b):
+    """What ``_word_dot_f16x2`` computes, in plain Triton (the interpreter runs no inline PTX)."""
+    pa = _lane_fma(w & 15, zf, x0a, 0.0)
+    pb = _lane_fma((w >> 16) & 15, zf, x0b, 0.0)
+    pa = _lane_fma((w >> 4) & 15, zf, x1a, pa)
+    pb = _lane_fma((w >> 20) & 15, zf, x1b, pb)
+    pa = _lane_fma((w >> 8) & 15, zf, x2a, pa)
+    pb = _lane_fma((w >> 24) & 15, zf, x2b, pb)
+    pa = _lane_fma((w >> 12) & 15, zf, x3a, pa)
+    pb = _lane_fma((w >> 28) & 15, zf, x3b, pb)
+    return pa + pb
+
+
+@triton.jit
+def _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM: tl.constexpr):
+    """s * sum over the chunk's words of (q - z) x / 64: [KC/8, BN] fp32 (the caller sums the rows)."""
+    # scales and zeros are loaded as [KC/8, BN] tiles (each row the same, L1-served) so they come in
+    # the word tile's register layout; [BN] loads cost a shared-memory layout change per chunk
+    sz = (k0 // G) * N + rn[None, :] + rw[:, None] * 0
+    s = tl.load(s_ptr + sz, mask=mn[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=mn[None, :], other=0).to(tl.int32)
+    if USE_ASM:
+        o = z * 0x10001 + 0x4C004C00  # fp16x2 (16 + z/64, 16 + z/64): z is the mantissa at exponent 16
+        xw = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + rw * 4  # fp16 pairs (x[2i], x[2i+1])
+        r = _word_dot_f16x2(w, tl.load(xw)[:, None], tl.load(xw + 1)[:, None], tl.load(xw + 2)[:, None],
+                            tl.load(xw + 3)[:, None], o)
+    else:
+        xp = x_ptr + k0 + rw * 8
+        r = _word_dot_emulated(w, z.to(tl.float32), tl.load(xp).to(tl.float32)[:, None],
+                               tl.load(xp + 1).to(tl.float32)[:, None], tl.load(xp + 2).to(tl.float32)[:, None],
+                               tl.load(xp + 3).to(tl.float32)[:, None], tl.load(xp + 4).to(tl.float32)[:, None],
+                               tl.load(xp + 5).to(tl.float32)[:, None], tl.load(xp + 6).to(tl.float32)[:, None],
+                               tl.load(xp + 7).to(tl.float32)[:, None])
+    return s * r
+
+
+@triton.jit
+def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                         M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                         USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
+                         USE_ASM: tl.constexpr = True):
+    """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: ~2.3 instructions per
+    weight against ~4.5 for the fp32 path); each word's 8-product sum is rounded to fp16, everything
+    above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1 or 2
+    loads the words 1 or 2 chunks ahead before working on the current chunk, so a program keeps
+    loads in flight (0: load, then compute)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, KC // 8)
+    mn = rn < N
+    acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
+    last = k_hi - KC  # prefetches past the end re-read the last chunk (an L2 hit), no masks needed
+    if PREFETCH == 2:
+        w = tl.load(w_ptrs + (k_lo // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
+        w1 = tl.load(w_ptrs + (tl.minimum(k_lo + KC, last) // 8) * N, mask=mn[None, :], other=0,
+                     eviction_policy="evict_first")
+        for k0 in range(k_lo, k_hi, KC):
+            w2 = tl.load(w_ptrs + (tl.minimum(k0 + 2 * KC, last) // 8) * N, mask=mn[None, :], other=0,
+                         eviction_policy="evict_first")
+            acc2 += _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM)
+            w = w1
+            w1 = w2
+    elif PREFETCH == 1:
+        w = tl.load(w_ptrs + (k_lo // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
+        for k0 in range(k_lo, k_hi, KC):
+            w_next = tl.load(w_ptrs + (tl.minimum(k0 + KC, last) // 8) * N, mask=mn[None, :], other=0,
+                             eviction_policy="evict_first")
+            acc2 += _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM)
+            w = w_next
+    else:
+        for k0 in range(k_lo, k_hi, KC):
+            w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
+            acc2 += _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM)
+    acc = 64.0 * tl.sum(acc2, axis=0)
+    rm = tl.arange(0, 1)
+    _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
+                 USE_SPLIT, HAS_BIAS)
+
+
+@triton.jit
 def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
@@ -142,9 +280,9 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, KC)
-    shift = ((rk % 8) * 4)[:, None]
+    shift = _nibble_shift(rk % 8)[:, None]
     rw = tl.arange(0, KC // 8)
-    shifts = tl.arange(0, 8) * 4
+    shifts = _nibble_shift(tl.arange(0, 8))
     mm = rm < M
     mn = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -183,7 +321,7 @@ def w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rk < K)[:, None] & (rn < N)[None, :]
     w = tl.load(qw_ptr + (rk // 8)[:, None] * N + rn[None, :], mask=mask, other=0)
-    q = ((w >> ((rk % 8) * 4)[:, None]) & 15).to(tl.float32)
+    q = ((w >> _nibble_shift(rk % 8)[:, None]) & 15).to(tl.float32)
     g = (rk // G)[:, None] * N + rn[None, :]
     s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)

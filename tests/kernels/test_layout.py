@@ -23,8 +23,13 @@ def test_nibble_order_matches_canonical(make_packed):
     p = make_packed(16, 64, 32, seed=3)
     kw = KernelWeight.from_packed(p)
     q = p.unpack().to(torch.int32)  # [N, K]
-    for j in range(8):  # word w, nibble j holds q[:, 8w + j]
-        assert torch.equal((kw.qw >> (4 * j)) & 15, q[:, j::8].t())
+    # word w holds q[:, 8w + 2i] at bits 4i..4i+3 and q[:, 8w + 2i + 1] at bits 16+4i..16+4i+3
+    for i in range(4):
+        assert torch.equal((kw.qw >> (4 * i)) & 15, q[:, 2 * i::8].t())
+        assert torch.equal((kw.qw >> (16 + 4 * i)) & 15, q[:, 2 * i + 1::8].t())
+    # so one mask of the shifted word yields the pair (q[2i], q[2i+1]) in its two 16-bit halves
+    pair = (kw.qw >> 4) & 0x000F000F
+    assert torch.equal(pair & 0xFFFF, q[:, 2::8].t()) and torch.equal(pair >> 16, q[:, 3::8].t())
     # the torch reference dequantisation of the layout equals the canonical one exactly
     assert torch.equal(kw.dequantize_ref(), p.dequantize().t())
 

@@ -12,6 +12,7 @@ import torch
 
 from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.ops import _WS, KernelConfig, dequantize, w4_matmul
+from awqconv.packed import PackedLinear
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -63,6 +64,47 @@ def test_gemv_split_k_variants_agree(make_packed, split, late):
     assert _workspace_clean()
 
 
+@pytest.mark.parametrize("n,k,g", SHAPES)
+@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (2, 3), (2, 1)])
+def test_gemv_f16x2_kernel(make_packed, n, k, g, prefetch, split):
+    """fp16x2 decode GEMV (inline PTX on the GPU; its fp16-rounding emulation here), with and without
+    the next-chunk prefetch: each word's 8 products are summed in fp16 (two 4-term lanes), the rest
+    in fp32, so allow TOL fp16, as for the fp32 GEMV."""
+    p = make_packed(n, k, g, bias=prefetch == 1, seed=n + k)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(1, k).half()
+    kc = min(64, k & -k, g & -g)
+    cfg = KernelConfig("gemv_f16x2", block_n=32, kc=kc, split_k=split, prefetch=prefetch)
+    _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
+    assert _workspace_clean()
+
+
+@pytest.mark.parametrize("amp", [1e-3, 3e3, 6.5e4])
+def test_gemv_f16x2_extreme_activations(make_packed, amp):
+    """Activations near fp16's limits: with the 1/64 folded into the weights every fp16 lane stays
+    finite (4 products of |q - z|/64 <= 15/64 and |x| <= 65504), and tiny ones keep TOL fp16."""
+    p = make_packed(40, 256, 64, seed=5)
+    q, z = p.unpack(), p.zeros.clone()
+    q[:, :8], z[:, 0] = 0, 15  # one word of q - z = -15 everywhere: the largest lane sums
+    scales = torch.full_like(p.scales, min(1e-2, 5 / amp))  # keeps the output inside fp16
+    p = PackedLinear.from_ints(q, z, scales, 64)
+    kw = KernelWeight.from_packed(p)
+    x = (torch.rand(1, 256) * 2 - 1).mul(amp).half()
+    x[0, :8] = amp
+    y = w4_matmul(x, kw, KernelConfig("gemv_f16x2", block_n=16, kc=64, split_k=1))
+    _check(y, _reference(x, p), torch.float16)
+
+
+def test_gemv_f16x2_refuses_other_inputs(make_packed):
+    from awqconv.errors import ShapeError
+
+    kw = KernelWeight.from_packed(make_packed(16, 64, 32, seed=1))
+    with pytest.raises(ShapeError, match="one fp16 row"):
+        w4_matmul(torch.randn(2, 64).half(), kw, KernelConfig("gemv_f16x2", block_n=16, kc=32))
+    with pytest.raises(ShapeError, match="one fp16 row"):
+        w4_matmul(torch.randn(1, 64).bfloat16(), kw, KernelConfig("gemv_f16x2", block_n=16, kc=32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,bm,split,expand", [(5, 16, 0, True), (16, 16, 2, False), (33, 32, 1, True)])
 def test_gemm_kernel(make_packed, dtype, m, bm, split, expand):
@@ -102,7 +144,9 @@ def test_default_dispatch(make_packed, m):
     kw = KernelWeight.from_packed(p)
     x = torch.randn(m, 128).half()
     cfg = ops.default_config(m, kw, x.device)
-    assert cfg.kind == ("gemv" if m == 1 else "gemm" if m < ops.DEQUANT_MIN_M else "dequant")
+    assert cfg.kind == ("gemv_f16x2" if m == 1 else "gemm" if m < ops.DEQUANT_MIN_M else "dequant")
+    if m == 1:  # bf16 decode stays on the fp32 GEMV (bf16x2 products would keep 8 bits)
+        assert ops.default_config(m, kw, x.device, torch.bfloat16).kind == "gemv"
     _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
 
 
