@@ -75,14 +75,13 @@ def m_gemlite():
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
     out = {}
-    if M == 1:  # the fp16x2 GEMV (default) over tile width, warps, programs per SM, prefetch depth, chunk
-        for bn, w in [(32, 1), (64, 1), (64, 2), (128, 2)]:
-            for pps in (6, 8, 12):
-                for pf in (1, 2):
+    if M == 1:  # the fp16x2 GEMV (default) over tile width, warps, programs per SM, prefetch
+        for bn, w in [(32, 1), (64, 2), (128, 4)]:
+            for pps in (8, 12, 16):
+                for pf in (0, 1):
                     out[f"h2_bn{bn}_w{w}_p{pps}_pf{pf}"] = KernelConfig(
                         "gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=pf)
-        out["h2_bn64_w2_p8_pf0"] = KernelConfig("gemv_f16x2", 1, 64, 128, -8, 2, 2, prefetch=0)
-        out["h2_bn64_w2_p8_kc64_pf2"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=2)
+        out["h2_bn64_w2_p8_kc64_pf1"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=1)
         out["fp32gemv_bn64_w2_p8"] = KernelConfig("gemv", 1, 64, 128, -8, 2, 2)  # the previous default
     if 2 <= M <= 16:
         out["gemv4_bn128_w4_p8"] = KernelConfig("gemv", 4, 128, 128, -8, 4, 2)

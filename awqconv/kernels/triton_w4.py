@@ -183,40 +183,52 @@ def _lane_fma(q, zf, x, acc):
 
 
 @triton.jit
-def _word_dot_emulated(w, zf, x0a, x0b, x1a, x1b, x2a, x2b, x3a, x3b):
+def _f16_lane(v):
+    """The fp16 in the low 16 bits of int32 ``v``, as fp32."""
+    return v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_dot_emulated(w, z, x0, x1, x2, x3):
     """What ``_word_dot_f16x2`` computes, in plain Triton (the interpreter runs no inline PTX)."""
-    pa = _lane_fma(w & 15, zf, x0a, 0.0)
-    pb = _lane_fma((w >> 16) & 15, zf, x0b, 0.0)
-    pa = _lane_fma((w >> 4) & 15, zf, x1a, pa)
-    pb = _lane_fma((w >> 20) & 15, zf, x1b, pb)
-    pa = _lane_fma((w >> 8) & 15, zf, x2a, pa)
-    pb = _lane_fma((w >> 24) & 15, zf, x2b, pb)
-    pa = _lane_fma((w >> 12) & 15, zf, x3a, pa)
-    pb = _lane_fma((w >> 28) & 15, zf, x3b, pb)
+    zf = z.to(tl.float32)
+    pa = _lane_fma(w & 15, zf, _f16_lane(x0), 0.0)
+    pb = _lane_fma((w >> 16) & 15, zf, _f16_lane(x0 >> 16), 0.0)
+    pa = _lane_fma((w >> 4) & 15, zf, _f16_lane(x1), pa)
+    pb = _lane_fma((w >> 20) & 15, zf, _f16_lane(x1 >> 16), pb)
+    pa = _lane_fma((w >> 8) & 15, zf, _f16_lane(x2), pa)
+    pb = _lane_fma((w >> 24) & 15, zf, _f16_lane(x2 >> 16), pb)
+    pa = _lane_fma((w >> 12) & 15, zf, _f16_lane(x3), pa)
+    pb = _lane_fma((w >> 28) & 15, zf, _f16_lane(x3 >> 16), pb)
     return pa + pb
 
 
 @triton.jit
-def _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM: tl.constexpr):
-    """s * sum over the chunk's words of (q - z) x / 64: [KC/8, BN] fp32 (the caller sums the rows)."""
-    # scales and zeros are loaded as [KC/8, BN] tiles (each row the same, L1-served) so they come in
-    # the word tile's register layout; [BN] loads cost a shared-memory layout change per chunk
+def _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
+    """Everything one chunk reads: words [KC/8, BN], the fp16x2 activation pairs of each word row,
+    and scales/zeros as [KC/8, BN] tiles (rows equal, L1-served) so they come in the word tile's
+    register layout ([BN] loads cost a shared-memory layout change per chunk)."""
+    w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
+    xw = xw_ptr + k0 // 2 + rw * 4  # fp16 pairs (x[2i], x[2i+1]) of word row rw
+    x0 = tl.load(xw)[:, None]
+    x1 = tl.load(xw + 1)[:, None]
+    x2 = tl.load(xw + 2)[:, None]
+    x3 = tl.load(xw + 3)[:, None]
     sz = (k0 // G) * N + rn[None, :] + rw[:, None] * 0
-    s = tl.load(s_ptr + sz, mask=mn[None, :], other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + sz, mask=mn[None, :], other=0.0)
     z = tl.load(z_ptr + sz, mask=mn[None, :], other=0).to(tl.int32)
+    return w, x0, x1, x2, x3, s, z
+
+
+@triton.jit
+def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
+    """s * (q - z) x / 64 summed over each word: [KC/8, BN] fp32 (the caller sums the rows)."""
     if USE_ASM:
         o = z * 0x10001 + 0x4C004C00  # fp16x2 (16 + z/64, 16 + z/64): z is the mantissa at exponent 16
-        xw = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + rw * 4  # fp16 pairs (x[2i], x[2i+1])
-        r = _word_dot_f16x2(w, tl.load(xw)[:, None], tl.load(xw + 1)[:, None], tl.load(xw + 2)[:, None],
-                            tl.load(xw + 3)[:, None], o)
+        r = _word_dot_f16x2(w, x0, x1, x2, x3, o)
     else:
-        xp = x_ptr + k0 + rw * 8
-        r = _word_dot_emulated(w, z.to(tl.float32), tl.load(xp).to(tl.float32)[:, None],
-                               tl.load(xp + 1).to(tl.float32)[:, None], tl.load(xp + 2).to(tl.float32)[:, None],
-                               tl.load(xp + 3).to(tl.float32)[:, None], tl.load(xp + 4).to(tl.float32)[:, None],
-                               tl.load(xp + 5).to(tl.float32)[:, None], tl.load(xp + 6).to(tl.float32)[:, None],
-                               tl.load(xp + 7).to(tl.float32)[:, None])
-    return s * r
+        r = _word_dot_emulated(w, z, x0, x1, x2, x3)
+    return s.to(tl.float32) * r
 
 
 @triton.jit
@@ -227,9 +239,9 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          USE_ASM: tl.constexpr = True):
     """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: ~2.3 instructions per
     weight against ~4.5 for the fp32 path); each word's 8-product sum is rounded to fp16, everything
-    above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1 or 2
-    loads the words 1 or 2 chunks ahead before working on the current chunk, so a program keeps
-    loads in flight (0: load, then compute)."""
+    above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
+    issues every load of the next chunk (words, activations, scales, zeros) before computing the
+    current one, so no warp waits on a load it just issued (0: load, then compute)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,28 +251,19 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
-    last = k_hi - KC  # prefetches past the end re-read the last chunk (an L2 hit), no masks needed
-    if PREFETCH == 2:
-        w = tl.load(w_ptrs + (k_lo // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
-        w1 = tl.load(w_ptrs + (tl.minimum(k_lo + KC, last) // 8) * N, mask=mn[None, :], other=0,
-                     eviction_policy="evict_first")
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    if PREFETCH:
+        last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
+        w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
         for k0 in range(k_lo, k_hi, KC):
-            w2 = tl.load(w_ptrs + (tl.minimum(k0 + 2 * KC, last) // 8) * N, mask=mn[None, :], other=0,
-                         eviction_policy="evict_first")
-            acc2 += _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM)
-            w = w1
-            w1 = w2
-    elif PREFETCH == 1:
-        w = tl.load(w_ptrs + (k_lo // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
-        for k0 in range(k_lo, k_hi, KC):
-            w_next = tl.load(w_ptrs + (tl.minimum(k0 + KC, last) // 8) * N, mask=mn[None, :], other=0,
-                             eviction_policy="evict_first")
-            acc2 += _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM)
-            w = w_next
+            nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
+                                                              tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
+            acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
+            w, x0, x1, x2, x3, s, z = nw, nx0, nx1, nx2, nx3, ns, nz
     else:
         for k0 in range(k_lo, k_hi, KC):
-            w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
-            acc2 += _gemv_f16x2_chunk(w, x_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, USE_ASM)
+            w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
+            acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
     acc = 64.0 * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
