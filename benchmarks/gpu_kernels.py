@@ -83,7 +83,12 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                         "gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=pf)
         out["h2_bn64_w2_p8_kc64_pf1"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=1)
         out["fp32gemv_bn64_w2_p8"] = KernelConfig("gemv", 1, 64, 128, -8, 2, 2)  # the previous default
-    if 2 <= M <= 16:
+    if 2 <= M <= 16:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
+        for bm, bn, w, kc, pps in [(4, 512, 2, 8, 4), (4, 512, 2, 8, 8), (4, 256, 1, 8, 4), (4, 256, 1, 8, 8),
+                                   (4, 256, 2, 8, 8), (4, 128, 2, 16, 8), (8, 512, 2, 8, 4), (8, 256, 1, 8, 8),
+                                   (8, 128, 1, 8, 8), (16, 64, 1, 8, 8), (16, 128, 2, 8, 8), (16, 64, 2, 8, 4)]:
+            if bm <= 2 * M and bm >= min(M, 4):
+                out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2)
         out["gemv4_bn128_w4_p8"] = KernelConfig("gemv", 4, 128, 128, -8, 4, 2)
         for bn, w, pps, st, ex in [(128, 4, 4, 3, True), (128, 4, 8, 3, True), (128, 4, 16, 3, True),
                                    (128, 4, 8, 4, True), (256, 8, 8, 3, True)]:

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from .layout import KernelWeight
-from .triton_w4 import w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_kernel
+from .triton_w4 import (w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_f16x2_rows_kernel,
+                        w4_gemv_kernel)
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,6 +67,10 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     if m == 1 and dtype == torch.float16:
         # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, ~8 programs/SM, prefetch best on all shapes
         return KernelConfig("gemv_f16x2", block_n=64, kc=kc, split_k=-8, num_warps=2, num_stages=2)
+    if 2 <= m <= 8 and dtype == torch.float16:  # rows share each dequantised word (offline SASS estimate)
+        bm = 1 << (m - 1).bit_length()
+        return KernelConfig("gemv_f16x2", block_m=bm, block_n=256, kc=8, split_k=-8, num_warps=1 if bm >= 4 else 2,
+                            num_stages=2)
     if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
         wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
@@ -127,11 +132,13 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     if g % kc or kc % 8 or (cfg.kind == "gemm" and kc < 16):
         raise ShapeError(f"chunk kc={kc} must divide group_size={g} (and be >= 16 for gemm)")
     if cfg.kind == "gemv_f16x2":
-        if M != 1 or x.dtype != torch.float16:
-            raise ShapeError(f"the fp16x2 GEMV takes one fp16 row, got M={M} {x.dtype}")
-        if x.data_ptr() % 16:  # it reads x as int32 pairs: a view at an odd offset gets its own copy
-            x = x.clone()
-    bm = 1 if cfg.kind == "gemv_f16x2" else cfg.block_m
+        if x.dtype != torch.float16:
+            raise ShapeError(f"the fp16x2 GEMV takes fp16 activations, got {x.dtype}")
+        if cfg.block_m == 1 and M != 1:
+            raise ShapeError(f"the one-row fp16x2 GEMV (block_m=1) takes M=1, got M={M}")
+        if x.data_ptr() % 16 or x.stride(0) % 8:  # read as aligned int32 pairs: odd views get a copy
+            x = x.clone(memory_format=torch.contiguous_format)
+    bm = cfg.block_m
     n_tiles_n = triton.cdiv(N, cfg.block_n)
     n_tiles_m = triton.cdiv(M, bm)
     n_chunks = K // kc
@@ -143,7 +150,8 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     split = triton.cdiv(K, k_split)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws, cnt = _WS.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
-    kernel = {"gemv": w4_gemv_kernel, "gemv_f16x2": w4_gemv_f16x2_kernel, "gemm": w4_gemm_kernel}[cfg.kind]
+    kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,
+              "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "gemm":
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":

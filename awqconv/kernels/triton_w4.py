@@ -135,50 +135,86 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)
 
 
+# PTX of the fp16x2 pieces (see _dequant_f16x2 / _dot_f16x2), shared by the split and fused forms
+_DEQUANT_PTX = """    mov.b32 m, 0x000F000F;
+    mov.b32 c, 0x4C004C00;
+    lop3.b32 {d0}, {w}, m, c, 0xEA;
+    shr.u32 t, {w}, 4;
+    lop3.b32 {d1}, t, m, c, 0xEA;
+    shr.u32 t, {w}, 8;
+    lop3.b32 {d2}, t, m, c, 0xEA;
+    shr.u32 t, {w}, 12;
+    lop3.b32 {d3}, t, m, c, 0xEA;
+    sub.f16x2 {d0}, {d0}, {o};
+    sub.f16x2 {d1}, {d1}, {o};
+    sub.f16x2 {d2}, {d2}, {o};
+    sub.f16x2 {d3}, {d3}, {o};
+"""
+_DOT_PTX = """    mul.rn.f16x2 p, {d0}, {x0};
+    fma.rn.f16x2 p, {d1}, {x1}, p;
+    fma.rn.f16x2 p, {d2}, {x2}, p;
+    fma.rn.f16x2 p, {d3}, {x3}, p;
+    mov.b32 {{lo, hi}}, p;
+    cvt.f32.f16 flo, lo;
+    cvt.f32.f16 fhi, hi;
+    add.f32 r, flo, fhi;
+    mov.b32 {out}, r;
+"""
+_DEQUANT_ASM = tl.constexpr("{ .reg .b32 m, c, t;\n" + _DEQUANT_PTX.format(d0="$0", d1="$1", d2="$2", d3="$3", w="$4", o="$5") + "}")
+_DOT_ASM = tl.constexpr("{ .reg .b32 p; .reg .b16 lo, hi; .reg .f32 flo, fhi, r;\n"
+                        + _DOT_PTX.format(d0="$1", d1="$2", d2="$3", d3="$4", x0="$5", x1="$6", x2="$7", x3="$8", out="$0")
+                        + "}")
+# dequantise + dot of one word in one asm block: the dequantised pairs live only inside it (fewer registers)
+_WORD_DOT_ASM = tl.constexpr("{ .reg .b32 m, c, t, a, b, d, e, p; .reg .b16 lo, hi; .reg .f32 flo, fhi, r;\n"
+                             + _DEQUANT_PTX.format(d0="a", d1="b", d2="d", d3="e", w="$1", o="$6")
+                             + _DOT_PTX.format(d0="a", d1="b", d2="d", d3="e", x0="$2", x1="$3", x2="$4", x3="$5", out="$0")
+                             + "}")
+
+
 @triton.jit
-def _word_dot_f16x2(w, x0, x1, x2, x3, o):
-    """sum_j (q_j - z) x_j / 64 over the 8 nibbles of each word, two weights per instruction.
+def _dequant_f16x2(w, o):
+    """The 8 weights of each word as four fp16x2 registers (q[2i] - z, q[2i+1] - z) / 64, exact.
 
     One mask of the shifted word ORed into fp16 16.0 gives the pair (16 + q[2i]/64, 16 + q[2i+1]/64)
     (layout.py pairs k = 2i, 2i+1 in the two halves; the fp16 ulp at 16 is 1/64); subtracting
-    o = (16 + z/64, 16 + z/64) leaves (q - z)/64 exactly; fp16x2 FMAs multiply by the raw fp16x2
-    activation pairs x0..x3 = (x[2i], x[2i+1]). Each lane sums 4 products of |q - z|/64 <= 15/64 and
-    |x| <= 65504, so it stays inside fp16; the two lanes are added in fp32."""
+    o = (16 + z/64, 16 + z/64) leaves (q - z)/64 exactly: two weights per instruction."""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 m, c, t, a, b, d, e, p;
-        .reg .b16 lo, hi;
-        .reg .f32 flo, fhi, r;
-        mov.b32 m, 0x000F000F;
-        mov.b32 c, 0x4C004C00;
-        lop3.b32 a, $1, m, c, 0xEA;
-        shr.u32 t, $1, 4;
-        lop3.b32 b, t, m, c, 0xEA;
-        shr.u32 t, $1, 8;
-        lop3.b32 d, t, m, c, 0xEA;
-        shr.u32 t, $1, 12;
-        lop3.b32 e, t, m, c, 0xEA;
-        sub.f16x2 a, a, $6;
-        sub.f16x2 b, b, $6;
-        sub.f16x2 d, d, $6;
-        sub.f16x2 e, e, $6;
-        mul.rn.f16x2 p, a, $2;
-        fma.rn.f16x2 p, b, $3, p;
-        fma.rn.f16x2 p, d, $4, p;
-        fma.rn.f16x2 p, e, $5, p;
-        mov.b32 {lo, hi}, p;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 r, flo, fhi;
-        mov.b32 $0, r;
-        }""",
-        constraints="=r,r,r,r,r,r,r", args=[w, x0, x1, x2, x3, o], dtype=tl.int32, is_pure=True, pack=1,
+        asm=_DEQUANT_ASM,
+        constraints="=r,=r,=r,=r,r,r", args=[w, o], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def _dot_f16x2(d0, d1, d2, d3, x0, x1, x2, x3):
+    """sum_i d_i * x_i over four fp16x2 pairs: fp16x2 FMAs (each lane sums 4 products of
+    |q - z|/64 <= 15/64 and |x| <= 65504, so it stays inside fp16), the two lanes added in fp32.
+    x0..x3 are the raw activation pairs (x[2i], x[2i+1])."""
+    return tl.inline_asm_elementwise(
+        asm=_DOT_ASM,
+        constraints="=r,r,r,r,r,r,r,r,r", args=[d0, d1, d2, d3, x0, x1, x2, x3], dtype=tl.int32,
+        is_pure=True, pack=1,
     ).to(tl.float32, bitcast=True)
 
 
 @triton.jit
+def _word_dot_f16x2(w, x0, x1, x2, x3, o):
+    """``_dot_f16x2(*_dequant_f16x2(w, o), x0..x3)`` in one asm block (M = 1: 86 registers, not 128)."""
+    return tl.inline_asm_elementwise(
+        asm=_WORD_DOT_ASM, constraints="=r,r,r,r,r,r,r", args=[w, x0, x1, x2, x3, o], dtype=tl.int32,
+        is_pure=True, pack=1,
+    ).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zero_f16x2(z):
+    """fp16x2 (16 + z/64, 16 + z/64) for int32 zero points: z is the mantissa at exponent 16."""
+    return z * 0x10001 + 0x4C004C00
+
+
+@triton.jit
 def _lane_fma(q, zf, x, acc):
-    """One fp16 lane of ``_word_dot_f16x2``, emulated: (q - z)/64 * x + acc exact in fp32, rounded to fp16."""
+    """One fp16 lane of ``_dequant_f16x2`` + ``_dot_f16x2``, emulated: (q - z)/64 * x + acc exact in fp32, rounded to fp16."""
     return ((q.to(tl.float32) - zf) * 0.015625 * x + acc).to(tl.float16).to(tl.float32)
 
 
@@ -190,7 +226,8 @@ def _f16_lane(v):
 
 @triton.jit
 def _word_dot_emulated(w, z, x0, x1, x2, x3):
-    """What ``_word_dot_f16x2`` computes, in plain Triton (the interpreter runs no inline PTX)."""
+    """What ``_dot_f16x2(*_dequant_f16x2(w, o), x0..x3)`` computes, in plain Triton (the
+    interpreter runs no inline PTX)."""
     zf = z.to(tl.float32)
     pa = _lane_fma(w & 15, zf, _f16_lane(x0), 0.0)
     pb = _lane_fma((w >> 16) & 15, zf, _f16_lane(x0 >> 16), 0.0)
@@ -224,8 +261,7 @@ def _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
 def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
     """s * (q - z) x / 64 summed over each word: [KC/8, BN] fp32 (the caller sums the rows)."""
     if USE_ASM:
-        o = z * 0x10001 + 0x4C004C00  # fp16x2 (16 + z/64, 16 + z/64): z is the mantissa at exponent 16
-        r = _word_dot_f16x2(w, x0, x1, x2, x3, o)
+        r = _word_dot_f16x2(w, x0, x1, x2, x3, _zero_f16x2(z))
     else:
         r = _word_dot_emulated(w, z, x0, x1, x2, x3)
     return s.to(tl.float32) * r
@@ -237,7 +273,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
                          USE_ASM: tl.constexpr = True):
-    """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: ~2.3 instructions per
+    """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_dequant_f16x2``/``_dot_f16x2``: ~2.3 per
     weight against ~4.5 for the fp32 path); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
     issues every load of the next chunk (words, activations, scales, zeros) before computing the
@@ -268,6 +304,57 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
                  USE_SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                              M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                              USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
+                              USE_ASM: tl.constexpr = True):
+    """Small batches (fp16, BLOCK_M rows a program): each word is dequantised once into fp16x2 pairs
+    (``_dequant_f16x2``) and multiplied into every row's activation pairs (``_dot_f16x2`` over a
+    [BLOCK_M, KC/8, BN] broadcast), so the weight bytes and the dequantisation are shared by all
+    rows; the word rows are summed once after the K loop. Use a small KC (32): the accumulator
+    holds BLOCK_M * KC/8 * BN fp32. PREFETCH loads the next chunk's words, scales and zeros first."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rw = tl.arange(0, KC // 8)
+    mn = rn < N
+    acc3 = tl.zeros((BLOCK_M, KC // 8, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
+    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+    x_rows = xw_ptr + rm[:, None] * (stride_xm // 2) + rw[None, :] * 4  # [BLOCK_M, KC/8] pair pointers
+    x_ok = (rm < M)[:, None] & (rw >= 0)[None, :]
+    last = k_hi - KC
+    w, _, _, _, _, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+    for k0 in range(k_lo, k_hi, KC):
+        if PREFETCH:
+            nw, _, _, _, _, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, tl.minimum(k0 + KC, last),
+                                                      rw, rn, mn, N, G)
+        xp = x_rows + k0 // 2
+        x0 = tl.load(xp, mask=x_ok, other=0)[:, :, None]
+        x1 = tl.load(xp + 1, mask=x_ok, other=0)[:, :, None]
+        x2 = tl.load(xp + 2, mask=x_ok, other=0)[:, :, None]
+        x3 = tl.load(xp + 3, mask=x_ok, other=0)[:, :, None]
+        if USE_ASM:
+            d0, d1, d2, d3 = _dequant_f16x2(w, _zero_f16x2(z))
+            r = _dot_f16x2(d0[None], d1[None], d2[None], d3[None], x0, x1, x2, x3)
+        else:
+            r = _word_dot_emulated(w[None], z[None], x0, x1, x2, x3)
+        acc3 += s.to(tl.float32)[None] * r
+        if PREFETCH:
+            w, s, z = nw, ns, nz
+        elif k0 + KC < k_hi:
+            w, _, _, _, _, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0 + KC, rw, rn, mn, N, G)
+    tile_id = pid_m * tl.num_programs(0) + pid_n
+    _finish_tile(64.0 * tl.sum(acc3, axis=1), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id,
+                 pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)
 
 
 @triton.jit

@@ -95,13 +95,39 @@ def test_gemv_f16x2_extreme_activations(make_packed, amp):
     _check(y, _reference(x, p), torch.float16)
 
 
+@pytest.mark.parametrize("n,k,g", SHAPES)
+@pytest.mark.parametrize("m,bm,split,prefetch", [(2, 2, 0, 1), (3, 4, 2, 0), (8, 8, 1, 1), (13, 8, 0, 1),
+                                                 (16, 16, 3, 0)])
+def test_gemv_f16x2_rows_kernel(make_packed, n, k, g, m, bm, split, prefetch):
+    """Small-batch fp16x2 GEMV: one dequantisation per word shared by BLOCK_M rows (M not a multiple
+    of it: masked rows), split-K and prefetch variants; TOL fp16 as for the one-row kernel."""
+    p = make_packed(n, k, g, bias=m % 2 == 1, seed=n + k + m)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(m, k).half()
+    kc = min(64, k & -k, g & -g)
+    cfg = KernelConfig("gemv_f16x2", block_m=bm, block_n=32, kc=kc, split_k=split, prefetch=prefetch)
+    _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
+    assert _workspace_clean()
+
+
+def test_gemv_f16x2_rows_strided_and_misaligned_inputs(make_packed):
+    """Row-strided and odd-offset views are read through an aligned copy, with the same result."""
+    p = make_packed(40, 128, 32, seed=4)
+    kw = KernelWeight.from_packed(p)
+    big = torch.randn(3, 300).half()
+    cfg = KernelConfig("gemv_f16x2", block_m=4, block_n=16, kc=32, split_k=2)
+    for x in (big[:, :128], big[:, 1:129]):
+        _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
+        assert torch.equal(w4_matmul(x, kw, cfg), w4_matmul(x.contiguous(), kw, cfg))
+
+
 def test_gemv_f16x2_refuses_other_inputs(make_packed):
     from awqconv.errors import ShapeError
 
     kw = KernelWeight.from_packed(make_packed(16, 64, 32, seed=1))
-    with pytest.raises(ShapeError, match="one fp16 row"):
+    with pytest.raises(ShapeError, match="block_m=1"):
         w4_matmul(torch.randn(2, 64).half(), kw, KernelConfig("gemv_f16x2", block_n=16, kc=32))
-    with pytest.raises(ShapeError, match="one fp16 row"):
+    with pytest.raises(ShapeError, match="fp16 activations"):
         w4_matmul(torch.randn(1, 64).bfloat16(), kw, KernelConfig("gemv_f16x2", block_n=16, kc=32))
 
 
