@@ -1,6 +1,6 @@
 """Launchers for the Triton INT4 kernels: config choice per M bucket, split-K workspace, dispatch.
 
-``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMV (M = 1, fp16; the fp32 CUDA-core
+``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMVs (M <= 4, fp16; the fp32 CUDA-core
 GEMV for bf16 and for M <= 16 when groups are too small for a tensor-core K tile), the split-K
 tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
 ``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig`` may be passed to force a variant (the
@@ -57,7 +57,8 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     """Heuristic per M bucket, from the H100 sweep in notes/gpu_notes.md.
 
     M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps), the fp32 CUDA-core GEMV for bf16; both
-    split-K to ~8 programs per SM. 2 <= M <= 16:
+    split-K to ~8 programs per SM. 2 <= M <= 4, fp16: the fp16x2 rows kernel (one dequantisation per
+    word shared by the rows; 144.5 vs 212.9 us/layer for the tile kernel at M = 4). Otherwise M <= 16:
     tensor-core tile kernel (BLOCK_M 16), split-K to ~4-8 programs per SM. 16 < M < DEQUANT_MIN_M:
     the tile kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise
     once + cuBLAS, which beat the in-loop-dequant tile kernel at M >= 256 there.
@@ -67,10 +68,9 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     if m == 1 and dtype == torch.float16:
         # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, ~8 programs/SM, prefetch best on all shapes
         return KernelConfig("gemv_f16x2", block_n=64, kc=kc, split_k=-8, num_warps=2, num_stages=2)
-    if 2 <= m <= 8 and dtype == torch.float16:  # rows share each dequantised word (offline SASS estimate)
-        bm = 1 << (m - 1).bit_length()
-        return KernelConfig("gemv_f16x2", block_m=bm, block_n=256, kc=8, split_k=-8, num_warps=1 if bm >= 4 else 2,
-                            num_stages=2)
+    if 2 <= m <= 4 and dtype == torch.float16:  # H100: rows 4 x 256 columns x 2 warps beat the tile kernel
+        return KernelConfig("gemv_f16x2", block_m=1 << (m - 1).bit_length(), block_n=256, kc=8, split_k=-8,
+                            num_warps=2, num_stages=2)
     if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
         wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),

@@ -170,8 +170,8 @@ def test_default_dispatch(make_packed, m):
     kw = KernelWeight.from_packed(p)
     x = torch.randn(m, 128).half()
     cfg = ops.default_config(m, kw, x.device)
-    assert cfg.kind == ("gemv_f16x2" if m <= 8 else "gemm" if m < ops.DEQUANT_MIN_M else "dequant")
-    if m <= 8:  # bf16 stays on the fp32 paths (bf16x2 products would keep 8 bits)
+    assert cfg.kind == ("gemv_f16x2" if m <= 4 else "gemm" if m < ops.DEQUANT_MIN_M else "dequant")
+    if m <= 4:  # bf16 stays on the fp32 paths (bf16x2 products would keep 8 bits)
         assert ops.default_config(m, kw, x.device, torch.bfloat16).kind in ("gemv", "gemm")
     _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
 
