@@ -23,6 +23,8 @@ from .triton_w4 import (w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel,
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
+_PTX = torch.version.cuda is not None or _INTERPRET
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,11 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     """
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
-    if m == 1 and dtype == torch.float16:
+    f16x2 = dtype == torch.float16 and _PTX
+    if m == 1 and f16x2:
         # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, ~8 programs/SM, prefetch best on all shapes
         return KernelConfig("gemv_f16x2", block_n=64, kc=kc, split_k=-8, num_warps=2, num_stages=2)
-    if 2 <= m <= 4 and dtype == torch.float16:  # H100: rows 4 x 256 columns x 2 warps beat the tile kernel
+    if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps beat the tile kernel
         return KernelConfig("gemv_f16x2", block_m=1 << (m - 1).bit_length(), block_n=256, kc=8, split_k=-8,
                             num_warps=2, num_stages=2)
     if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
@@ -155,7 +158,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     if cfg.kind == "gemm":
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":
-        extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": not _INTERPRET}  # no inline PTX in the interpreter
+        extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind == "gemm":
