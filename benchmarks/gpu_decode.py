@@ -79,11 +79,29 @@ def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int) -> dict
     return r
 
 
+def profile_decode(dec, out: str) -> None:
+    """Per-kernel GPU time over 64 graph-replayed decode steps (64-token prompt), printed and saved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = Generator(dec, max_batch=1, max_len=2048)
+    prompt = torch.randint(0, 32000, (64,)).tolist()
+    gen.generate([prompt], SamplingParams(max_new_tokens=8))  # compile and capture first
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate([prompt], SamplingParams(max_new_tokens=64))
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    print(table, flush=True)
+    with open(os.path.join(out, "decode_profile.txt"), "w") as f:
+        f.write(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--fp16", action="store_true", help="also time the runtime with dequantised fp16 weights")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--profile", action="store_true", help="only: kernel-time table of 64 decode steps")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -109,6 +127,9 @@ def main() -> None:
                "top1_agree": (l4.argmax(-1) == lr.argmax(-1)).float().mean().item()}
         print("check vs fp16 dense:", json.dumps(chk), flush=True)
         results["check"] = chk
+    if a.profile:
+        profile_decode(dec, a.out)
+        return
     results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048))
     results["runs"].append(run_decode(dec, "awqconv_int4", 1792, 256, 2048))
     if ref is not None:
