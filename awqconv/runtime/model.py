@@ -96,16 +96,18 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, gqa: bool) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool) -> Tensor:
     """SDPA on a GPU; on the CPU the plain math for single-token decode (SDPA's CPU flash kernel
-    costs milliseconds per call there), grouping query heads per KV head instead of repeating K/V."""
+    costs milliseconds per call there), grouping query heads per KV head instead of repeating K/V.
+    ``bias`` is the additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert
+    it in three small kernels per layer."""
     if q.device.type != "cpu" or q.shape[2] != 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
     B, H, T, D = q.shape
     hk = k.shape[1]
     qg = q.reshape(B, hk, H // hk * T, D)
     sc = (qg @ k.transpose(-1, -2)) * (D ** -0.5)  # [B, hk, H/hk, S]
-    sc = sc.masked_fill(~mask, float("-inf")).softmax(-1)  # mask [B, 1, 1, S] broadcasts
+    sc = (sc + bias).softmax(-1)  # bias [B, 1, 1, S] broadcasts
     return (sc @ v).reshape(B, H, T, D)
 
 
@@ -143,12 +145,17 @@ class Layer(nn.Module):
         s, f = self.spec, self.fused
         B, T, _ = x.shape
         q, k, v = self.qkv.split(self.qkv(h))
-        q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-        k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-        v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-        q, k = f.rope(q, k, cos, sin)
-        kc.index_copy_(2, slots, k.to(kc.dtype))
-        vc.index_copy_(2, slots, v.to(vc.dtype))
+        if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
+            from ..kernels.rope_kv import rope_kv_write  # Triton import only where a GPU path runs
+
+            q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
+        else:
+            q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
+            k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+            v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+            q, k = f.rope(q, k, cos, sin)
+            kc.index_copy_(2, slots, k.to(kc.dtype))
+            vc.index_copy_(2, slots, v.to(vc.dtype))
         a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, s.n_kv != s.n_heads)
         x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
                           self.ln2.weight, self.ln2.eps)
@@ -220,6 +227,7 @@ class Decoder(nn.Module):
         mask = kv[:, None, None, :kv_len] & (s_idx[None, None, None, :] <= slots[None, None, :, None])
         if s.sliding_window:
             mask = mask & (slots[None, None, :, None] - s_idx[None, None, None, :] < s.sliding_window)
+        mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), -1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
