@@ -29,7 +29,7 @@ _PTX = torch.version.cuda is not None or _INTERPRET
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv" | "gemv_f16x2" (M = 1, fp16) | "gemm" | "dequant"
+    kind: str  # "gemv" | "gemv_f16x2" (fp16; block_m 1: one row, > 1: the rows kernel) | "gemm" | "dequant"
     block_m: int = 1
     block_n: int = 128
     kc: int = 128  # K rows per chunk; divides the group size

@@ -140,7 +140,7 @@ class Layer(nn.Module):
         self.fused: _Fused | None = None  # set by Decoder
 
     def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
-                slots: Tensor, mask: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+                slots: Tensor, bias: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, next layer's ln1 input)."""
         s, f = self.spec, self.fused
         B, T, _ = x.shape
@@ -156,7 +156,7 @@ class Layer(nn.Module):
             q, k = f.rope(q, k, cos, sin)
             kc.index_copy_(2, slots, k.to(kc.dtype))
             vc.index_copy_(2, slots, v.to(vc.dtype))
-        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, s.n_kv != s.n_heads)
+        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads)
         x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
                           self.ln2.weight, self.ln2.eps)
         gate, up = self.gate_up.split(self.gate_up(h))
@@ -227,7 +227,7 @@ class Decoder(nn.Module):
         mask = kv[:, None, None, :kv_len] & (s_idx[None, None, None, :] <= slots[None, None, :, None])
         if s.sliding_window:
             mask = mask & (slots[None, None, :, None] - s_idx[None, None, None, :] < s.sliding_window)
-        mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), -1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
@@ -235,7 +235,7 @@ class Decoder(nn.Module):
         x = F.embedding(tokens, self.embed)
         h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps)
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, mask, kv_len)
+            x, r = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             if last_only and nxt is self.norm:
                 x, r = x[:, -1:], r[:, -1:]
