@@ -75,10 +75,14 @@ def m_gemlite():
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
     out = {}
-    if M == 1:  # the fp16x2 GEMV (default) over tile width, warps, programs per SM, prefetch depth
-        for bn, w, pps, pf in [(64, 2, 8, 1), (64, 2, 8, 2), (64, 2, 12, 2), (64, 2, 6, 2), (64, 4, 8, 1),
-                               (64, 4, 8, 2), (32, 1, 12, 2), (128, 2, 8, 2), (128, 4, 8, 2), (128, 4, 4, 2)]:
-            out[f"h2_bn{bn}_w{w}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=pf)
+    if M == 1:  # the fp16x2 GEMV (default) over tile width, warps, programs per SM, prefetch
+        for bn, w in [(32, 1), (64, 2), (128, 4)]:
+            for pps in (8, 12, 16):
+                for pf in (0, 1):
+                    out[f"h2_bn{bn}_w{w}_p{pps}_pf{pf}"] = KernelConfig(
+                        "gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=pf)
+        out["h2_bn64_w2_p8_kc64_pf1"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=1)
+        out["fp32gemv_bn64_w2_p8"] = KernelConfig("gemv", 1, 64, 128, -8, 2, 2)  # the previous default
     if 2 <= M <= 16:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bm, bn, w, kc, pps in [(4, 512, 2, 8, 4), (4, 512, 2, 8, 8), (4, 256, 1, 8, 4), (4, 256, 1, 8, 8),
                                    (4, 256, 2, 8, 8), (4, 128, 2, 16, 8), (8, 512, 2, 8, 4), (8, 256, 1, 8, 8),

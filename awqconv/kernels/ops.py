@@ -38,7 +38,7 @@ class KernelConfig:
     num_stages: int = 2
     expand: bool = True  # gemm: load each packed word once and expand in registers
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
-    prefetch: int = 1  # gemv_f16x2: chunks whose loads are issued ahead of the one computed (0-2)
+    prefetch: int = 1  # gemv_f16x2: 1 = issue the next chunk's loads before computing this one
 
 
 def _pow2_divisor(g: int, cap: int) -> int:

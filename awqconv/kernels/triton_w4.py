@@ -277,8 +277,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
     issues every load of the next chunk (words, activations, scales, zeros) before computing the
-    current one, so no warp waits on a load it just issued; 2 keeps two chunks in flight (0: load,
-    then compute)."""
+    current one, so no warp waits on a load it just issued (0: load, then compute)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -289,18 +288,8 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
-    last = k_hi - KC  # prefetches past the end re-read the last chunk (L2/L1 hits), no masks
-    if PREFETCH == 2:  # two chunks in flight while one is computed
-        w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
-        w1, y0, y1, y2, y3, s1, z1 = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, tl.minimum(k_lo + KC, last),
-                                                      rw, rn, mn, N, G)
-        for k0 in range(k_lo, k_hi, KC):
-            nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
-                                                              tl.minimum(k0 + 2 * KC, last), rw, rn, mn, N, G)
-            acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
-            w, x0, x1, x2, x3, s, z = w1, y0, y1, y2, y3, s1, z1
-            w1, y0, y1, y2, y3, s1, z1 = nw, nx0, nx1, nx2, nx3, ns, nz
-    elif PREFETCH:
+    if PREFETCH:
+        last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
         w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
         for k0 in range(k_lo, k_hi, KC):
             nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,

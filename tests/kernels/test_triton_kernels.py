@@ -65,7 +65,7 @@ def test_gemv_split_k_variants_agree(make_packed, split, late):
 
 
 @pytest.mark.parametrize("n,k,g", SHAPES)
-@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (1, 3), (2, 1), (2, 0)])
+@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (1, 3), (0, 1)])
 def test_gemv_f16x2_kernel(make_packed, n, k, g, prefetch, split):
     """fp16x2 decode GEMV (inline PTX on the GPU; its fp16-rounding emulation here), with and without
     the next-chunk prefetch: each word's 8 products are summed in fp16 (two 4-term lanes), the rest
