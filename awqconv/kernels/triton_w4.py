@@ -241,19 +241,29 @@ def _word_dot_emulated(w, z, x0, x1, x2, x3):
 
 
 @triton.jit
-def _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
-    """Everything one chunk reads: words [KC/8, BN], the fp16x2 activation pairs of each word row,
-    and scales/zeros as [KC/8, BN] tiles (rows equal, L1-served) so they come in the word tile's
-    register layout ([BN] loads cost a shared-memory layout change per chunk)."""
+def _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
+    """A chunk's words [KC/8, BN] and its scales/zeros as [KC/8, BN] tiles (rows equal, L1-served) so
+    they come in the word tile's register layout ([BN] loads cost a shared-memory layout change)."""
     w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
-    xw = xw_ptr + k0 // 2 + rw * 4  # fp16 pairs (x[2i], x[2i+1]) of word row rw
-    x0 = tl.load(xw)[:, None]
-    x1 = tl.load(xw + 1)[:, None]
-    x2 = tl.load(xw + 2)[:, None]
-    x3 = tl.load(xw + 3)[:, None]
     sz = (k0 // G) * N + rn[None, :] + rw[:, None] * 0
     s = tl.load(s_ptr + sz, mask=mn[None, :], other=0.0)
     z = tl.load(z_ptr + sz, mask=mn[None, :], other=0).to(tl.int32)
+    return w, s, z
+
+
+@triton.jit
+def _gemv_f16x2_load_x(xw_ptr, k0, rw):
+    """The fp16x2 activation pairs (x[2i], x[2i+1]) of each word row of a chunk, as [KC/8, 1]."""
+    xw = xw_ptr + k0 // 2 + rw * 4
+    return (tl.load(xw)[:, None], tl.load(xw + 1)[:, None], tl.load(xw + 2)[:, None],
+            tl.load(xw + 3)[:, None])
+
+
+@triton.jit
+def _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
+    """Everything one chunk of the one-row GEMV reads: words, activation pairs, scales, zeros."""
+    w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
+    x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw)
     return w, x0, x1, x2, x3, s, z
 
 
@@ -331,12 +341,12 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     x_rows = xw_ptr + rm[:, None] * (stride_xm // 2) + rw[None, :] * 4  # [BLOCK_M, KC/8] pair pointers
     x_ok = (rm < M)[:, None] & (rw >= 0)[None, :]
-    last = k_hi - KC
-    w, _, _, _, _, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+    last = k_hi - KC  # loads past the end re-read the last chunk (L2 hits), no masks
+    w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
     for k0 in range(k_lo, k_hi, KC):
+        nxt = tl.minimum(k0 + KC, last)
         if PREFETCH:
-            nw, _, _, _, _, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, tl.minimum(k0 + KC, last),
-                                                      rw, rn, mn, N, G)
+            nw, ns, nz = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
         xp = x_rows + k0 // 2
         x0 = tl.load(xp, mask=x_ok, other=0)[:, :, None]
         x1 = tl.load(xp + 1, mask=x_ok, other=0)[:, :, None]
@@ -350,8 +360,8 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
         acc3 += s.to(tl.float32)[None] * r
         if PREFETCH:
             w, s, z = nw, ns, nz
-        elif k0 + KC < k_hi:
-            w, _, _, _, _, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0 + KC, rw, rn, mn, N, G)
+        else:
+            w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
     tile_id = pid_m * tl.num_programs(0) + pid_n
     _finish_tile(64.0 * tl.sum(acc3, axis=1), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id,
                  pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)
