@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--layers 32]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--layers 32] [--profile]
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--fp16", action="store_true", help="also time the runtime with dequantised fp16 weights")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--profile", action="store_true", help="only: kernel-time table of 64 decode steps")
+    ap.add_argument("--pdl-compare", action="store_true",
+                    help="also time 64 + 256 with programmatic dependent launch turned off")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -132,6 +134,12 @@ def main() -> None:
         return
     results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048))
     results["runs"].append(run_decode(dec, "awqconv_int4", 1792, 256, 2048))
+    if a.pdl_compare:
+        from awqconv.kernels import launch
+
+        launch._ENABLED = False  # read at every launch: the new Generator captures a graph without PDL
+        results["runs"].append(run_decode(dec, "awqconv_int4_no_pdl", 64, 256, 2048))
+        launch._ENABLED = True
     if ref is not None:
         del dec
         dec = None

@@ -5,7 +5,7 @@ Every method is checked against a dense fp32 reference on fresh random inputs be
 Timing: one CUDA graph replays the call over R distinct weight sets (>= 400 MB of fp16-equivalent
 weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R (the protocol
 of shared/anchors/gpu_int4_anchors.py). awqconv runs its default config and a small config sweep.
-Usage: python benchmarks/gpu_kernels.py [--quick] [--out DIR]
+Usage: python benchmarks/gpu_kernels.py [--quick] [--no-sweep] [--chain] [--ms 1,16] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -75,14 +76,10 @@ def m_gemlite():
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
     out = {}
-    if M == 1:  # the fp16x2 GEMV (default) over tile width, warps, programs per SM, prefetch
-        for bn, w in [(32, 1), (64, 2), (128, 4)]:
-            for pps in (8, 12, 16):
-                for pf in (0, 1):
-                    out[f"h2_bn{bn}_w{w}_p{pps}_pf{pf}"] = KernelConfig(
-                        "gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=pf)
+    if M == 1:  # the fp16x2 GEMV (default: bn64 w2 p8 pf1) over tile width, warps, programs per SM
+        for bn, w, pps in [(64, 2, 4), (64, 2, 6), (64, 2, 12), (128, 4, 4), (128, 4, 8), (32, 1, 8), (32, 1, 16)]:
+            out[f"h2_bn{bn}_w{w}_p{pps}_pf1"] = KernelConfig("gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=1)
         out["h2_bn64_w2_p8_kc64_pf1"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=1)
-        out["fp32gemv_bn64_w2_p8"] = KernelConfig("gemv", 1, 64, 128, -8, 2, 2)  # the previous default
     if 2 <= M <= 16:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bm, bn, w, kc, pps in [(4, 512, 2, 8, 4), (4, 512, 2, 8, 8), (4, 256, 1, 8, 4), (4, 256, 1, 8, 8),
                                    (4, 256, 2, 8, 8), (4, 128, 2, 16, 8), (8, 512, 2, 8, 4), (8, 256, 1, 8, 8),
@@ -136,6 +133,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--ms", default=None, help="comma-separated M values (default: all seven)")
+    ap.add_argument("--sweep-ms", default=None, type=lambda v: [int(m) for m in v.split(",")],
+                    help="sweep configs only at these M (default: every M)")
+    ap.add_argument("--chain", action="store_true", help="also time the four linears back to back in one graph")
     a = ap.parse_args()
     torch.manual_seed(0)
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
@@ -163,8 +163,12 @@ def main() -> None:
                 continue
             for M in Ms:
                 variants = {"": None}
-                if mname == "awq_default" and not a.no_sweep:
-                    variants.update(sweep_configs(M, built[0]))
+                if mname == "awq_default":
+                    d = default_config(M, built[0], DEV)
+                    if d.kind != "dequant":
+                        variants["default_no_pdl"] = replace(d, pdl=False)
+                    if not a.no_sweep and (a.sweep_ms is None or M in a.sweep_ms):
+                        variants.update(sweep_configs(M, built[0]))
                 for vname, cfg in variants.items():
                     label = mname if not vname else f"awq:{vname}"
                     if cfg is not None:
@@ -196,10 +200,52 @@ def main() -> None:
             torch.cuda.empty_cache()
         del sets
         torch.cuda.empty_cache()
+    chain = layer_chain(Ms, base) if a.chain else []
     info["elapsed_s"] = round(time.time() - t_start)
     with open(os.path.join(a.out, "gpu_kernels.json"), "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=1)
+        json.dump({"info": info, "rows": rows, "layer_chain": chain}, f, indent=1)
     summarize(rows, Ms)
+
+
+def layer_chain(Ms: list[int], base: dict) -> list[dict]:
+    """One graph replays qkv -> o -> gate_up -> down (as in a decoder layer, inputs fixed) over 3
+    distinct layers of weights (~315 MB of INT4, 1.2 GB fp16): the four linears back to back, so
+    launch gaps and any overlap between consecutive kernels count as they would in a model."""
+    L = 3
+    layers = [{s: make_set(K, N) for s, (K, N) in SHAPES.items()} for _ in range(L)]
+    methods = {"fp16_cublas": base["fp16_cublas"], "awq_default": base["awq_default"],
+               "awq_default_no_pdl": m_awq(lambda x, kw: replace(default_config(x.shape[0], kw, x.device), pdl=False))}
+    if "gemlite_a16w4" in base:
+        methods["gemlite_a16w4"] = base["gemlite_a16w4"]
+    out = []
+    for mname, (build, call) in methods.items():
+        try:
+            built = [{s: build(st) for s, st in lay.items()} for lay in layers]
+        except Exception as e:  # noqa: BLE001
+            print(f"chain: {mname} build failed: {e!r}"[:300], flush=True)
+            continue
+        for M in Ms:
+            xs = {K: torch.randn(M, K, dtype=torch.float16, device=DEV) for K, _ in SHAPES.values()}
+            order = list(SHAPES.items())
+
+            def step():
+                return [call(xs[K], b[s]) for b in built for s, (K, N) in order]
+            try:
+                ys = step()
+                ok = all(rel_err(y, xs[K], lay[s]["W"]) < 1e-2 for y, (lay, (s, (K, N))) in
+                         zip(ys, [(lay, it) for lay in layers for it in order]))
+                us = time_graph(step, L)[0] if ok else float("nan")
+                if mname.startswith("awq"):  # deterministic kernels: a race (PDL, workspace) would show here
+                    ok = ok and all(torch.equal(a, b) for a, b in zip(ys, step()))
+            except Exception as e:  # noqa: BLE001
+                print(f"chain: {mname} M={M} failed: {e!r}"[:300], flush=True)
+                continue
+            row = {"method": mname, "M": M, "layer_us": round(us, 2), "ok": ok}
+            out.append(row)
+            print("chain", json.dumps(row), flush=True)
+        del built
+        torch.cuda.empty_cache()
+    return out
 
 
 def summarize(rows, Ms) -> None:

@@ -5,6 +5,7 @@ GEMV for bf16 and for M <= 16 when groups are too small for a tensor-core K tile
 tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
 ``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig`` may be passed to force a variant (the
 benchmarks sweep them). The split-K workspace and tile counters are per device and self-cleaning.
+The GEMVs and the tile kernel use programmatic dependent launch where supported (launch.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from .layout import KernelWeight
+from .launch import pdl_launch
 from .triton_w4 import (w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_f16x2_rows_kernel,
                         w4_gemv_kernel)
 
@@ -39,6 +41,7 @@ class KernelConfig:
     expand: bool = True  # gemm: load each packed word once and expand in registers
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = issue the next chunk's loads before computing this one
+    pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -163,6 +166,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind == "gemm":
         extra["DOT_F32"] = True
+    extra.update(pdl_launch(x.device, cfg.pdl))
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
     grid = (n_tiles_n, n_tiles_m, split)
     kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt,

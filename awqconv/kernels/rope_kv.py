@@ -13,12 +13,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import pdl_launch, pdl_start, pdl_wait
+
 
 @triton.jit
 def rope_kv_kernel(q_src, k_src, v_src, cos_ptr, sin_ptr, q_out, kc_ptr, vc_ptr, slot_ptr,
                    T, H, stride_sb, stride_st, stride_cb, stride_ct,
                    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
+    pdl_wait(USE_PDL)  # q, k, v are the previous kernel's output
     row = tl.program_id(0)  # b * T + t
     head = tl.program_id(1)  # q heads first, then kv heads
     b = row // T
@@ -71,5 +75,5 @@ def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_c
         T, n_heads, q.stride(0), q.stride(1), cos.stride(0), cos.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1, **pdl_launch(q.device))
     return out

@@ -6,12 +6,18 @@ scale/zero cost is paid once per (chunk, column). Split-K programs add fp32 part
 self-cleaning workspace; the last program of an output tile (a ticket counter) casts, adds the bias,
 stores, and zeroes the workspace and counter again, so one launch does the whole linear (no memset,
 no cast kernel; CUDA-graph safe). Everything also runs under TRITON_INTERPRET=1 on the CPU.
+
+USE_PDL (launch.py): the GEMVs load their first weight chunk before waiting for the previous kernel,
+so back-to-back linears overlap one kernel's tail and split-K epilogue with the next one's first loads.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .launch import pdl_start as _pdl_start
+from .launch import pdl_wait as _pdl_wait
 
 
 @triton.jit
@@ -88,11 +94,14 @@ def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, ti
 def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                   USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LATE_REDUCE: tl.constexpr = False):
+                   USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LATE_REDUCE: tl.constexpr = False,
+                   USE_PDL: tl.constexpr = False):
     """Small M on CUDA cores: each packed word is loaded once and expanded to its 8 nibbles.
 
     LATE_REDUCE (M = 1): keep a [KC/8, BN] accumulator (the 8 nibbles of a word summed in-thread)
     and reduce across word rows once after the loop instead of every chunk."""
+    _pdl_start(USE_PDL)
+    _pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -282,12 +291,13 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True):
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
     issues every load of the next chunk (words, activations, scales, zeros) before computing the
     current one, so no warp waits on a load it just issued (0: load, then compute)."""
+    _pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -300,13 +310,16 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if PREFETCH:
         last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
-        w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+        w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+        _pdl_wait(USE_PDL)  # the first weights are on their way; x is the previous kernel's output
+        x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw)
         for k0 in range(k_lo, k_hi, KC):
             nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
                                                               tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
             w, x0, x1, x2, x3, s, z = nw, nx0, nx1, nx2, nx3, ns, nz
     else:
+        _pdl_wait(USE_PDL)
         for k0 in range(k_lo, k_hi, KC):
             w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
@@ -321,12 +334,13 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
                               M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                               USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                              USE_ASM: tl.constexpr = True):
+                              USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Small batches (fp16, BLOCK_M rows a program): each word is dequantised once into fp16x2 pairs
     (``_dequant_f16x2``) and multiplied into every row's activation pairs (``_dot_f16x2`` over a
     [BLOCK_M, KC/8, BN] broadcast), so the weight bytes and the dequantisation are shared by all
     rows; the word rows are summed once after the K loop. Use a small KC (the default is 8): the
     accumulator holds BLOCK_M * KC/8 * BN fp32. PREFETCH loads the next chunk's words, scales and zeros first."""
+    _pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -343,6 +357,7 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     x_ok = (rm < M)[:, None] & (rw >= 0)[None, :]
     last = k_hi - KC  # loads past the end re-read the last chunk (L2 hits), no masks
     w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+    _pdl_wait(USE_PDL)
     for k0 in range(k_lo, k_hi, KC):
         nxt = tl.minimum(k0 + KC, last)
         if PREFETCH:
@@ -372,8 +387,10 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                    USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr = True,
-                   DOT_F32: tl.constexpr = False):
+                   DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Tensor-core tiles: unpack a [KC, BN] chunk (one group) in registers, dot, then scale."""
+    _pdl_start(USE_PDL)
+    _pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)

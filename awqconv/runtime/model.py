@@ -9,7 +9,6 @@ marks real (non-padding) slots; RoPE positions are per row (left-padded batches)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,12 +111,15 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool) -> Tens
 
 
 class _Fused:
-    """The small elementwise pieces of a layer; torch.compile'd into one kernel each on a GPU."""
+    """The small elementwise pieces of a layer: Triton kernels on a GPU (kernels/norm_act.py, one
+    launch each, in the GEMVs' programmatic-dependent-launch chain), plain torch on the CPU."""
 
-    def __init__(self, compile_: bool):
-        c = (lambda f: torch.compile(f, dynamic=False)) if compile_ else (lambda f: f)
-        self.norm, self.add_norm, self.rope, self.silu_mul = (
-            c(_rms_norm), c(_add_rms_norm), c(_rope_qk), c(_silu_mul))
+    def __init__(self, gpu: bool):
+        self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
+        if gpu:
+            from ..kernels import norm_act  # Triton import only where a GPU path runs
+
+            self.norm, self.add_norm, self.silu_mul = norm_act.rms_norm, norm_act.add_rms_norm, norm_act.silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -177,8 +179,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Parameter(lm_head, requires_grad=False) if lm_head is not embed else None
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scale = rope_scale
-        compile_ = embed.device.type == "cuda" and os.environ.get("AWQCONV_COMPILE", "1") != "0"
-        self.fused = _Fused(compile_)
+        self.fused = _Fused(embed.device.type == "cuda")
         for layer in self.layers:
             layer.fused = self.fused
         self.k_cache: list[Tensor] = []

@@ -19,7 +19,7 @@ from awqconv.quant.grid import IntGrid
 from awqconv.reference import reference_model
 from awqconv.runtime.generate import Generator, SamplingParams
 from awqconv.runtime.lm import RuntimeLM
-from awqconv.runtime.model import build_decoder
+from awqconv.runtime.model import _Fused, build_decoder
 
 PROMPTS = [[1, 5, 9, 33, 2, 7], [7, 8], [100, 3, 4, 5, 6, 7, 8, 9, 10]]
 
@@ -98,10 +98,17 @@ def test_runtime_lm_perplexity_equals_reference(tiny_qm):
     assert abs(got - want) / want < 1e-5
 
 
-def test_triton_path_in_interpreter(tiny_qm):
-    """The GPU code path (fused Triton INT4 linears, fp16 activations) on the CPU interpreter."""
+@pytest.mark.parametrize("gpu_elementwise", [False, True])
+def test_triton_path_in_interpreter(tiny_qm, gpu_elementwise):
+    """The GPU code path (fused Triton INT4 linears, fp16 activations) on the CPU interpreter; with
+    ``gpu_elementwise`` also the GPU's Triton RMSNorm / SiLU-mul kernels in place of the torch ones."""
     dec = build_decoder(tiny_qm, "cpu", dtype=torch.float16, mode="triton")
     assert dec.layers[0].qkv.kw is not None and dec.layers[0].qkv.kw.splits == (64, 32, 32)
+    if gpu_elementwise:
+        dec.fused = _Fused(gpu=True)
+        for layer in dec.layers:
+            layer.fused = dec.fused
+        assert dec.fused.add_norm.__module__ == "awqconv.kernels.norm_act"
     ref = reference_model(tiny_qm)
     dec.allocate_cache(1, 32)
     ids = torch.tensor([PROMPTS[0]])
