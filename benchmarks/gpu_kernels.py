@@ -76,10 +76,16 @@ def m_gemlite():
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
     out = {}
-    if M == 1:  # the fp16x2 GEMV (default: bn64 w2 p8 pf1) over tile width, warps, programs per SM
-        for bn, w, pps in [(64, 2, 4), (64, 2, 6), (64, 2, 12), (128, 4, 4), (128, 4, 8), (32, 1, 8), (32, 1, 16)]:
-            out[f"h2_bn{bn}_w{w}_p{pps}_pf1"] = KernelConfig("gemv_f16x2", 1, bn, 128, -pps, w, 2, prefetch=1)
-        out["h2_bn64_w2_p8_kc64_pf1"] = KernelConfig("gemv_f16x2", 1, 64, 64, -8, 2, 2, prefetch=1)
+    if M == 1:  # the fp16x2 GEMV over tile width, warps, programs per SM, prefetch (1 registers, n smem stages)
+        for bn, w, kc, pps, pf in [(64, 2, 128, 12, 1), (32, 1, 128, 16, 1), (64, 2, 128, 8, 3), (64, 2, 128, 8, 4),
+                                   (64, 2, 128, 12, 3), (64, 2, 128, 6, 4), (128, 4, 128, 4, 4), (128, 4, 128, 8, 3),
+                                   (32, 1, 128, 16, 3), (64, 4, 128, 8, 4), (64, 2, 64, 8, 4), (64, 2, 64, 12, 6)]:
+            out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
+    if M == 4:  # the rows kernel with the shared-memory pipeline
+        for bn, w, kc, pps, pf in [(256, 2, 16, 8, 3), (256, 2, 32, 8, 3), (128, 2, 32, 8, 4), (256, 4, 32, 8, 3),
+                                   (128, 1, 16, 8, 4), (256, 2, 8, 8, 4)]:
+            out[f"rows4_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 4, bn, kc, -pps, w, 2,
+                                                                          prefetch=pf)
     if 2 <= M <= 16:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bm, bn, w, kc, pps in [(4, 512, 2, 8, 4), (4, 512, 2, 8, 8), (4, 256, 1, 8, 4), (4, 256, 1, 8, 8),
                                    (4, 256, 2, 8, 8), (4, 128, 2, 16, 8), (8, 512, 2, 8, 4), (8, 256, 1, 8, 8),

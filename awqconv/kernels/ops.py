@@ -40,7 +40,7 @@ class KernelConfig:
     num_stages: int = 2
     expand: bool = True  # gemm: load each packed word once and expand in registers
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
-    prefetch: int = 1  # gemv_f16x2: 1 = issue the next chunk's loads before computing this one
+    prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
 
 

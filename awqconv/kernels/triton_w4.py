@@ -296,7 +296,9 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
     issues every load of the next chunk (words, activations, scales, zeros) before computing the
-    current one, so no warp waits on a load it just issued (0: load, then compute)."""
+    current one, so no warp waits on a load it just issued (0: load, then compute); PREFETCH >= 2
+    keeps PREFETCH - 1 chunks in flight through shared memory (Triton's cp.async pipeline), which
+    costs no registers."""
     _pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(2)
@@ -308,7 +310,16 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
-    if PREFETCH:
+    if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory: loads in flight without registers
+        _pdl_wait(USE_PDL)
+        for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
+            w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0)
+            sz = (k0 // G) * N + rn
+            s = tl.load(s_ptr + sz, mask=mn, other=0.0)[None, :]
+            z = tl.load(z_ptr + sz, mask=mn, other=0).to(tl.int32)[None, :]
+            x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw)
+            acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
+    elif PREFETCH:
         last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
         w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
         _pdl_wait(USE_PDL)  # the first weights are on their way; x is the previous kernel's output
@@ -330,6 +341,22 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
 
 
 @triton.jit
+def _rows_chunk(w, s, z, xp, x_ok, USE_ASM: tl.constexpr):
+    """One chunk of the rows kernel: words [KC/8, BN] dequantised once, times each row's activation
+    pairs at ``xp`` [BLOCK_M, KC/8]; returns s * sum / 64 as [BLOCK_M, KC/8, BN] fp32."""
+    x0 = tl.load(xp, mask=x_ok, other=0)[:, :, None]
+    x1 = tl.load(xp + 1, mask=x_ok, other=0)[:, :, None]
+    x2 = tl.load(xp + 2, mask=x_ok, other=0)[:, :, None]
+    x3 = tl.load(xp + 3, mask=x_ok, other=0)[:, :, None]
+    if USE_ASM:
+        d0, d1, d2, d3 = _dequant_f16x2(w, _zero_f16x2(z))
+        r = _dot_f16x2(d0[None], d1[None], d2[None], d3[None], x0, x1, x2, x3)
+    else:
+        r = _word_dot_emulated(w[None], z[None], x0, x1, x2, x3)
+    return s.to(tl.float32)[None] * r
+
+
+@triton.jit
 def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                               M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
@@ -339,7 +366,8 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     (``_dequant_f16x2``) and multiplied into every row's activation pairs (``_dot_f16x2`` over a
     [BLOCK_M, KC/8, BN] broadcast), so the weight bytes and the dequantisation are shared by all
     rows; the word rows are summed once after the K loop. Use a small KC (the default is 8): the
-    accumulator holds BLOCK_M * KC/8 * BN fp32. PREFETCH loads the next chunk's words, scales and zeros first."""
+    accumulator holds BLOCK_M * KC/8 * BN fp32. PREFETCH = 1 loads the next chunk's words, scales and
+    zeros first; PREFETCH >= 2 pipelines chunks through shared memory as in the one-row GEMV."""
     _pdl_start(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -355,28 +383,27 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     x_rows = xw_ptr + rm[:, None] * (stride_xm // 2) + rw[None, :] * 4  # [BLOCK_M, KC/8] pair pointers
     x_ok = (rm < M)[:, None] & (rw >= 0)[None, :]
-    last = k_hi - KC  # loads past the end re-read the last chunk (L2 hits), no masks
-    w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
-    _pdl_wait(USE_PDL)
-    for k0 in range(k_lo, k_hi, KC):
-        nxt = tl.minimum(k0 + KC, last)
-        if PREFETCH:
-            nw, ns, nz = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
-        xp = x_rows + k0 // 2
-        x0 = tl.load(xp, mask=x_ok, other=0)[:, :, None]
-        x1 = tl.load(xp + 1, mask=x_ok, other=0)[:, :, None]
-        x2 = tl.load(xp + 2, mask=x_ok, other=0)[:, :, None]
-        x3 = tl.load(xp + 3, mask=x_ok, other=0)[:, :, None]
-        if USE_ASM:
-            d0, d1, d2, d3 = _dequant_f16x2(w, _zero_f16x2(z))
-            r = _dot_f16x2(d0[None], d1[None], d2[None], d3[None], x0, x1, x2, x3)
-        else:
-            r = _word_dot_emulated(w[None], z[None], x0, x1, x2, x3)
-        acc3 += s.to(tl.float32)[None] * r
-        if PREFETCH:
-            w, s, z = nw, ns, nz
-        else:
-            w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
+    if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory (no registers held by loads)
+        _pdl_wait(USE_PDL)
+        for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
+            w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0)
+            sz = (k0 // G) * N + rn
+            s = tl.load(s_ptr + sz, mask=mn, other=0.0)[None, :]
+            z = tl.load(z_ptr + sz, mask=mn, other=0).to(tl.int32)[None, :]
+            acc3 += _rows_chunk(w, s, z, x_rows + k0 // 2, x_ok, USE_ASM)
+    else:
+        last = k_hi - KC  # loads past the end re-read the last chunk (L2 hits), no masks
+        w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+        _pdl_wait(USE_PDL)
+        for k0 in range(k_lo, k_hi, KC):
+            nxt = tl.minimum(k0 + KC, last)
+            if PREFETCH:
+                nw, ns, nz = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
+            acc3 += _rows_chunk(w, s, z, x_rows + k0 // 2, x_ok, USE_ASM)
+            if PREFETCH:
+                w, s, z = nw, ns, nz
+            else:
+                w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
     tile_id = pid_m * tl.num_programs(0) + pid_n
     _finish_tile(64.0 * tl.sum(acc3, axis=1), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id,
                  pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)

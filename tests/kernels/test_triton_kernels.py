@@ -65,10 +65,10 @@ def test_gemv_split_k_variants_agree(make_packed, split, late):
 
 
 @pytest.mark.parametrize("n,k,g", SHAPES)
-@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (1, 3), (0, 1)])
+@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (1, 3), (0, 1), (3, 0), (2, 3)])
 def test_gemv_f16x2_kernel(make_packed, n, k, g, prefetch, split):
     """fp16x2 decode GEMV (inline PTX on the GPU; its fp16-rounding emulation here), with and without
-    the next-chunk prefetch: each word's 8 products are summed in fp16 (two 4-term lanes), the rest
+    the next-chunk prefetch (1: registers, >= 2: shared-memory pipeline): each word's 8 products are summed in fp16 (two 4-term lanes), the rest
     in fp32, so allow TOL fp16, as for the fp32 GEMV."""
     p = make_packed(n, k, g, bias=prefetch == 1, seed=n + k)
     kw = KernelWeight.from_packed(p)
@@ -97,7 +97,7 @@ def test_gemv_f16x2_extreme_activations(make_packed, amp):
 
 @pytest.mark.parametrize("n,k,g", SHAPES)
 @pytest.mark.parametrize("m,bm,split,prefetch", [(2, 2, 0, 1), (3, 4, 2, 0), (8, 8, 1, 1), (13, 8, 0, 1),
-                                                 (16, 16, 3, 0)])
+                                                 (16, 16, 3, 0), (4, 4, 2, 3), (3, 4, 0, 2)])
 def test_gemv_f16x2_rows_kernel(make_packed, n, k, g, m, bm, split, prefetch):
     """Small-batch fp16x2 GEMV: one dequantisation per word shared by BLOCK_M rows (M not a multiple
     of it: masked rows), split-K and prefetch variants; TOL fp16 as for the one-row kernel."""
