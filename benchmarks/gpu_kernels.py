@@ -77,9 +77,8 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
     out = {}
     if M == 1:  # the fp16x2 GEMV over tile width, warps, programs per SM, prefetch (1 registers, n smem stages)
-        for bn, w, kc, pps, pf in [(64, 2, 128, 12, 1), (32, 1, 128, 16, 1), (64, 2, 128, 8, 3), (64, 2, 128, 8, 4),
-                                   (64, 2, 128, 12, 3), (64, 2, 128, 6, 4), (128, 4, 128, 4, 4), (128, 4, 128, 8, 3),
-                                   (32, 1, 128, 16, 3), (64, 4, 128, 8, 4), (64, 2, 64, 8, 4), (64, 2, 64, 12, 6)]:
+        for bn, w, kc, pps, pf in [(64, 2, 128, 12, 1), (64, 2, 128, 16, 1), (32, 1, 128, 16, 1), (32, 1, 128, 24, 1),
+                                   (64, 2, 64, 12, 1), (64, 2, 64, 16, 1), (128, 4, 128, 8, 1), (64, 2, 128, 12, 3)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
     if M == 4:  # the rows kernel with the shared-memory pipeline
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 3), (256, 2, 32, 8, 3), (128, 2, 32, 8, 4), (256, 4, 32, 8, 3),
@@ -97,6 +96,11 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                    (128, 4, 8, 4, True), (256, 8, 8, 3, True)]:
             out[f"gemm16_bn{bn}_w{w}_p{pps}_s{st}{'' if ex else '_noexp'}"] = KernelConfig(
                 "gemm", 16, bn, 128, -pps, w, st, ex)
+    if M in (4, 16):  # the tile kernel transposed: unpacked weights as the MMA's register operand
+        for bn, kc, w, st, pps in [(128, 128, 4, 1, 8), (128, 64, 4, 1, 8), (64, 128, 4, 1, 8), (128, 128, 8, 1, 8),
+                                   (128, 128, 4, 2, 8), (256, 64, 8, 1, 8), (128, 64, 4, 1, 16)]:
+            out[f"gemm16_swap_bn{bn}_kc{kc}_w{w}_s{st}_p{pps}"] = KernelConfig("gemm", 16, bn, kc, -pps, w, st,
+                                                                              swap=True)
     if 16 < M <= 256:
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:

@@ -39,6 +39,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     expand: bool = True  # gemm: load each packed word once and expand in registers
+    swap: bool = False  # gemm: compute W^T x^T (unpacked weights as the register operand of the MMA)
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
@@ -63,7 +64,7 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
 
     M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps), the fp32 CUDA-core GEMV for bf16; both
     split-K to ~8 programs per SM. 2 <= M <= 4, fp16: the fp16x2 rows kernel (one dequantisation per
-    word shared by the rows; 144.5 vs 212.9 us/layer for the tile kernel at M = 4). Otherwise M <= 16:
+    word shared by the rows; with its shared-memory pipeline 111 vs 213 us/layer for the tile kernel at M = 4). Otherwise M <= 16:
     tensor-core tile kernel (BLOCK_M 16), split-K to ~4-8 programs per SM. 16 < M < DEQUANT_MIN_M:
     the tile kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise
     once + cuBLAS, which beat the in-loop-dequant tile kernel at M >= 256 there.
@@ -74,9 +75,9 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     if m == 1 and f16x2:
         # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, ~8 programs/SM, prefetch best on all shapes
         return KernelConfig("gemv_f16x2", block_n=64, kc=kc, split_k=-8, num_warps=2, num_stages=2)
-    if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps beat the tile kernel
-        return KernelConfig("gemv_f16x2", block_m=1 << (m - 1).bit_length(), block_n=256, kc=8, split_k=-8,
-                            num_warps=2, num_stages=2)
+    if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps, 16-row chunks in a 3-stage smem ring
+        return KernelConfig("gemv_f16x2", block_m=1 << (m - 1).bit_length(), block_n=256,
+                            kc=_pow2_divisor(g, 16), split_k=-8, num_warps=2, num_stages=2, prefetch=3)
     if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
         wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
@@ -159,7 +160,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "gemm":
-        extra = {"EXPAND": cfg.expand}
+        extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
     else:
@@ -171,7 +172,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     grid = (n_tiles_n, n_tiles_m, split)
     kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt,
                  M, N, K, g, k_split, split, x.stride(0), y.stride(0),
-                 BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, USE_SPLIT=split > 1, HAS_BIAS=kw.bias is not None,
+                 BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=kw.bias is not None,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return y
 

@@ -66,12 +66,15 @@ def _half_offset(dtype: tl.constexpr):
 
 @triton.jit
 def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
-                 USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store a tile; under split-K, park the fp32 partial and let the last program of the tile sum
-    all partials in a fixed order (deterministic), store, and re-arm the tile's ticket."""
+                 SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store a tile; under split-K (SPLIT_P2 = next power of two >= SPLIT_K, 1 = no split), park the
+    fp32 partial and let the last program of the tile sum all partials in a fixed order
+    (deterministic), store, and re-arm the tile's ticket. The partials' loads are unrolled and
+    predicated, not a runtime loop, so they are all in flight at once: one L2 round trip, not
+    SPLIT_K of them, at the end of every kernel."""
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    if not USE_SPLIT:
+    if SPLIT_P2 == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -82,8 +85,9 @@ def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, ti
         ticket = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
         if ticket == SPLIT_K - 1:
             tot = tl.zeros_like(acc)
-            for kk in range(SPLIT_K):
-                tot += tl.load(ws_tile + kk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            for kk in tl.static_range(SPLIT_P2):
+                live = mask & ((rn * 0 + kk) < SPLIT_K)[None, :]
+                tot += tl.load(ws_tile + kk * M * N, mask=live, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 tot += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
@@ -94,7 +98,7 @@ def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, ti
 def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                   USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, LATE_REDUCE: tl.constexpr = False,
+                   SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, LATE_REDUCE: tl.constexpr = False,
                    USE_PDL: tl.constexpr = False):
     """Small M on CUDA cores: each packed word is loaded once and expanded to its 8 nibbles.
 
@@ -141,7 +145,7 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     if LATE_REDUCE:
         acc += tl.sum(acc2, axis=0)[None, :]
     tile_id = pid_m * tl.num_programs(0) + pid_n
-    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)
+    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
 # PTX of the fp16x2 pieces (see _dequant_f16x2 / _dot_f16x2), shared by the split and fused forms
@@ -290,7 +294,7 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
 def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                         USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
+                         SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
                          USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
@@ -337,7 +341,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     acc = 64.0 * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
-                 USE_SPLIT, HAS_BIAS)
+                 SPLIT_P2, HAS_BIAS)
 
 
 @triton.jit
@@ -360,7 +364,7 @@ def _rows_chunk(w, s, z, xp, x_ok, USE_ASM: tl.constexpr):
 def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                               M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                              USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
+                              SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
                               USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Small batches (fp16, BLOCK_M rows a program): each word is dequantised once into fp16x2 pairs
     (``_dequant_f16x2``) and multiplied into every row's activation pairs (``_dot_f16x2`` over a
@@ -406,18 +410,62 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
                 w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
     tile_id = pid_m * tl.num_programs(0) + pid_n
     _finish_tile(64.0 * tl.sum(acc3, axis=1), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id,
-                 pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)
+                 pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
+
+
+@triton.jit
+def _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
+                  stride_xm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                  SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+    """w4_gemm_kernel with SWAP: acc^T [BN, BM] += s * (Q^T x^T - z sum_k x)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, KC)
+    shift = _nibble_shift(rk % 8)[None, :]
+    mm = rm < M
+    mn = rn < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    for k0 in range(k_lo, k_hi, KC):
+        offs_k = k0 + rk
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + offs_k[:, None], mask=mm[None, :], other=0.0)  # [KC, BM]
+        wt = tl.load(qw_ptr + (offs_k // 8)[None, :] * N + rn[:, None], mask=mn[:, None], other=0)  # [BN, KC]
+        qt = _nibbles_half(wt, shift, x_ptr.dtype.element_ty)
+        g = k0 // G
+        s = tl.load(s_ptr + g * N + rn, mask=mn, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + rn, mask=mn, other=0).to(tl.float32) + _half_offset(x_ptr.dtype.element_ty)
+        if DOT_F32:  # interpreter only: it multiplies bf16 operands as raw integers
+            qx = tl.dot(qt.to(tl.float32), xt.to(tl.float32))
+        else:
+            qx = tl.dot(qt, xt)  # [BN, BM], fp32 accumulate
+        xs = tl.sum(xt.to(tl.float32), axis=0)  # [BM]
+        acc += s[:, None] * (qx - z[:, None] * xs[None, :])
+    tile_id = pid_m * tl.num_programs(0) + pid_n
+    _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
+                 SPLIT_P2, HAS_BIAS)
 
 
 @triton.jit
 def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                   USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr = True,
-                   DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False):
-    """Tensor-core tiles: unpack a [KC, BN] chunk (one group) in registers, dot, then scale."""
+                   SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr = True,
+                   DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False, SWAP: tl.constexpr = False):
+    """Tensor-core tiles: unpack a [KC, BN] chunk (one group) in registers, dot, then scale.
+
+    SWAP computes the transposed tile, W^T x^T: the unpacked weights are the dot's first operand,
+    which the tensor cores may take straight from registers (each thread loads the words of its own
+    fragment, L1-served; no shared-memory round trip), and x^T comes through shared memory."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
+    if SWAP:
+        _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
+                      stride_xm, stride_ym, BLOCK_M, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, DOT_F32)
+        return
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -452,7 +500,7 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         xs = tl.sum(x.to(tl.float32), axis=1)
         acc += s[None, :] * (qx - z[None, :] * xs[:, None])
     tile_id = pid_m * tl.num_programs(0) + pid_n
-    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, USE_SPLIT, HAS_BIAS)
+    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
 @triton.jit
