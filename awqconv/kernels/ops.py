@@ -60,22 +60,24 @@ def _n_sm(device: torch.device) -> int:
 
 def default_config(m: int, kw: KernelWeight, device: torch.device,
                    dtype: torch.dtype = torch.float16) -> KernelConfig:
-    """Heuristic per M bucket, from the H100 sweep in notes/gpu_notes.md.
+    """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md.
 
-    M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps), the fp32 CUDA-core GEMV for bf16; both
-    split-K to ~8 programs per SM. 2 <= M <= 4, fp16: the fp16x2 rows kernel (one dequantisation per
-    word shared by the rows; with its shared-memory pipeline 111 vs 213 us/layer for the tile kernel at M = 4). Otherwise M <= 16:
-    tensor-core tile kernel (BLOCK_M 16), split-K to ~4-8 programs per SM. 16 < M < DEQUANT_MIN_M:
-    the tile kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise
-    once + cuBLAS, which beat the in-loop-dequant tile kernel at M >= 256 there.
+    M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps, ~16 programs per SM), the fp32 CUDA-core
+    GEMV for bf16. 2 <= M <= 4, fp16: the fp16x2 rows kernel (one dequantisation per word shared by
+    the rows, chunks through a 3-stage shared-memory ring: 123 vs 163 us/layer for the tile kernel
+    at M = 4). Otherwise M <= 16: the transposed tensor-core tile kernel (the unpacked weights are
+    the MMA's register operand; 1.4x the plain tile at M = 16). 16 < M < DEQUANT_MIN_M: the tile
+    kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise once + cuBLAS,
+    which beat the in-loop-dequant tile kernel at M >= 256 there.
     """
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
     f16x2 = dtype == torch.float16 and _PTX
     if m == 1 and f16x2:
-        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, ~8 programs/SM, prefetch best on all shapes
-        return KernelConfig("gemv_f16x2", block_n=64, kc=kc, split_k=-8, num_warps=2, num_stages=2)
-    if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps, 16-row chunks in a 3-stage smem ring
+        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM, register prefetch
+        return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64), split_k=-16, num_warps=2,
+                            num_stages=2)
+    if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps, 16-row chunks, 3 smem stages
         return KernelConfig("gemv_f16x2", block_m=1 << (m - 1).bit_length(), block_n=256,
                             kc=_pow2_divisor(g, 16), split_k=-8, num_warps=2, num_stages=2, prefetch=3)
     if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
@@ -83,9 +85,9 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
                             block_n=128 if wide else 64, kc=kc, split_k=-8, num_warps=4 if wide else 2,
                             num_stages=2)
-    if m <= 16:
-        return KernelConfig("gemm", block_m=16, block_n=128, kc=kc, split_k=-8 if m <= 4 else -4,
-                            num_warps=4, num_stages=3)
+    if m <= 16:  # H100: the transposed tile (weights as the MMA register operand), 64 columns, 1 stage
+        return KernelConfig("gemm", block_m=16, block_n=64, kc=kc, split_k=-8, num_warps=4, num_stages=1,
+                            swap=True)
     if m < DEQUANT_MIN_M:
         return KernelConfig("gemm", block_m=64, block_n=128, kc=kc, split_k=-2, num_warps=4, num_stages=3)
     return KernelConfig("dequant")
