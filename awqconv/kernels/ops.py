@@ -4,7 +4,7 @@
 GEMV for bf16 and for M <= 16 when groups are too small for a tensor-core K tile), the split-K
 tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
 ``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig`` may be passed to force a variant (the
-benchmarks sweep them). The split-K workspace and tile counters are per device and self-cleaning.
+benchmarks sweep them). The split-K partials and tile tickets live in workspace.py.
 The GEMVs and the tile kernel use programmatic dependent launch where supported (launch.py).
 """
 
@@ -22,6 +22,7 @@ from .layout import KernelWeight
 from .launch import pdl_launch
 from .triton_w4 import (w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_f16x2_rows_kernel,
                         w4_gemv_kernel)
+from .workspace import WORKSPACE
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -93,25 +94,6 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     return KernelConfig("dequant")
 
 
-class _Workspace:
-    """fp32 split-K partials [split, M, N] and int32 tile tickets (zero between calls; the kernels re-arm them)."""
-
-    def __init__(self) -> None:
-        self.ws: dict[torch.device, Tensor] = {}
-        self.cnt: dict[torch.device, Tensor] = {}
-
-    def get(self, device: torch.device, n_ws: int, n_cnt: int) -> tuple[Tensor, Tensor]:
-        ws, cnt = self.ws.get(device), self.cnt.get(device)
-        if ws is None or ws.numel() < n_ws:
-            ws = self.ws[device] = torch.empty(max(n_ws, 1 << 16), dtype=torch.float32, device=device)
-        if cnt is None or cnt.numel() < n_cnt:
-            cnt = self.cnt[device] = torch.zeros(max(n_cnt, 4096), dtype=torch.int32, device=device)
-        return ws, cnt
-
-
-_WS = _Workspace()
-
-
 def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """Dense ``W [K, N]`` in ``dtype`` (bit-equal to ``PackedLinear.dequantize(dtype).t()``)."""
     K, N = kw.in_features, kw.out_features
@@ -158,7 +140,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     k_split = triton.cdiv(n_chunks, split) * kc
     split = triton.cdiv(K, k_split)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    ws, cnt = _WS.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
+    ws, cnt = WORKSPACE.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "gemm":

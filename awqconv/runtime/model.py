@@ -96,10 +96,15 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool) -> Tensor:
-    """SDPA on a GPU; on the CPU the plain math for single-token decode (SDPA's CPU flash kernel
-    costs milliseconds per call there), grouping query heads per KV head instead of repeating K/V.
-    ``bias`` is the additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert
-    it in three small kernels per layer."""
+    """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
+    plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
+    heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
+    additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert it in three
+    small kernels per layer."""
+    if q.shape[2] == 1 and q.is_cuda:
+        from ..kernels.decode_attention import decode_attention  # Triton import only where a GPU path runs
+
+        return decode_attention(q, k, v, bias)
     if q.device.type != "cpu" or q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
     B, H, T, D = q.shape

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.ops import _WS, KernelConfig, dequantize, w4_matmul
+from awqconv.kernels.ops import KernelConfig, dequantize, w4_matmul
+from awqconv.kernels.workspace import WORKSPACE
 from awqconv.packed import PackedLinear
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -31,7 +32,7 @@ def _check(y, ref, dtype):
 
 def _workspace_clean(device=torch.device("cpu")):
     """Split-K tile tickets are re-armed to zero by the last program of each tile."""
-    cnt = _WS.cnt.get(device)
+    cnt = WORKSPACE.cnt.get(device)
     return cnt is None or not cnt.any()
 
 

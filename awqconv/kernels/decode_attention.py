@@ -1,0 +1,116 @@
+"""Single-token (decode) attention over the static KV cache, split along the cache (flash-decoding).
+
+One program per (batch row, query head, cache slice): it streams its slice of K and V once, keeping
+an online softmax (running max, running sum, fp32 accumulator). With several slices, each program
+parks (max, sum, accumulator) in the shared workspace and the last one of its head (a ticket, as in
+the split-K GEMVs) merges them in slice order, so the result is deterministic. Grouped-query heads
+read their KV head directly (no repeat). ``bias`` is the runtime's additive mask (0 or -inf) for the
+step. It replaces SDPA for T = 1 on the GPU: a few microseconds at short context, where SDPA's
+launch dominated, and the cache read once at long context; it also joins the PDL chain.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import pdl_launch, pdl_start, pdl_wait
+from .workspace import WORKSPACE
+
+BLOCK_S = 64
+MAX_SPLIT = 16
+
+
+@triton.jit
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_ptr,
+                            S, CHUNK, N_SPLIT, H, GROUP, scale,
+                            stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
+                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                            SPLIT_P2: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_start(USE_PDL)
+    pdl_wait(USE_PDL)  # q, the cache and the mask are this step's
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // H
+    kh = (bh % H) // GROUP
+    rd = tl.arange(0, BLOCK_D)
+    md = rd < D
+    q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
+    kb = k_ptr + b * stride_kb + kh * stride_kh
+    vb = v_ptr + b * stride_vb + kh * stride_vh
+    m_i = tl.full((), float("-inf"), tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    lo = sp * CHUNK
+    hi = tl.minimum(lo + CHUNK, S)
+    for s0 in range(lo, hi, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)
+        ms = rs < hi
+        m2 = ms[:, None] & md[None, :]
+        k = tl.load(kb + rs[:, None] * stride_ks + rd[None, :], mask=m2, other=0.0).to(tl.float32)
+        sc = tl.sum(k * q[None, :], axis=1)
+        sc += tl.load(bias_ptr + b * stride_bias + rs, mask=ms, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked block adds nothing
+        p = tl.exp(sc - m_ref)
+        alpha = tl.exp(m_i - m_ref)
+        v = tl.load(vb + rs[:, None] * stride_vs + rd[None, :], mask=m2, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    if SPLIT_P2 == 1:
+        tl.store(o_ptr + bh * D + rd, (acc / l_i).to(o_ptr.dtype.element_ty), mask=md)
+    else:
+        W: tl.constexpr = BLOCK_D + 2  # one parked row: accumulator, max, sum
+        row = ws_ptr + (bh * SPLIT_P2 + sp) * W
+        tl.store(row + rd, acc)
+        tl.store(row + BLOCK_D, m_i)
+        tl.store(row + BLOCK_D + 1, l_i)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+        if ticket == N_SPLIT - 1:
+            rsp = tl.arange(0, SPLIT_P2)
+            live = rsp < N_SPLIT
+            rows = ws_ptr + (bh * SPLIT_P2 + rsp) * W
+            ms_ = tl.load(rows + BLOCK_D, mask=live, other=float("-inf"), cache_modifier=".cg")
+            ls_ = tl.load(rows + BLOCK_D + 1, mask=live, other=0.0, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + rd[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
+            m_all = tl.max(ms_, axis=0)
+            w = tl.exp(ms_ - tl.where(m_all == float("-inf"), 0.0, m_all))
+            out = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls_ * w, axis=0)
+            tl.store(o_ptr + bh * D + rd, out.to(o_ptr.dtype.element_ty), mask=md)
+            tl.atomic_xchg(cnt_ptr + bh, 0)
+
+
+def _n_sm(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D) + bias) v for one query token.
+
+    ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
+    last dim); ``bias [B, 1, 1, S]`` additive, last dim contiguous. Returns ``[B, H, 1, D]``.
+    ``n_split`` forces the number of cache slices (default: enough programs for ~4 per SM).
+    """
+    B, H, T, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    if T != 1 or H % HKV or k.stride(3) != 1 or v.stride(3) != 1 or bias.stride(3) != 1:
+        raise ValueError("decode_attention: one query token, H a multiple of the KV heads, contiguous last dims")
+    q = q.contiguous()
+    if n_split is None:
+        n_split = max(1, triton.cdiv(4 * _n_sm(q.device), B * H))
+    n_split = max(1, min(n_split, MAX_SPLIT, triton.cdiv(S, BLOCK_S)))
+    chunk = triton.cdiv(triton.cdiv(S, n_split), BLOCK_S) * BLOCK_S
+    n_split = triton.cdiv(S, chunk)  # no empty slices
+    split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
+    block_d = triton.next_power_of_2(D)
+    ws, cnt = WORKSPACE.get(q.device, B * H * split_p2 * (block_d + 2), B * H)
+    out = torch.empty_like(q)
+    decode_attention_kernel[(B * H, n_split)](
+        q, k, v, bias, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
+        D=D, BLOCK_D=block_d, BLOCK_S=BLOCK_S, SPLIT_P2=split_p2, num_warps=4, **pdl_launch(q.device))
+    return out
