@@ -19,8 +19,8 @@ from torch import Tensor
 from .launch import pdl_launch, pdl_start, pdl_wait
 from .workspace import WORKSPACE
 
-BLOCK_S = 64
 MAX_SPLIT = 16
+MAX_BLOCK_S = 128
 
 
 @triton.jit
@@ -49,16 +49,16 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_pt
         rs = s0 + tl.arange(0, BLOCK_S)
         ms = rs < hi
         m2 = ms[:, None] & md[None, :]
-        k = tl.load(kb + rs[:, None] * stride_ks + rd[None, :], mask=m2, other=0.0).to(tl.float32)
-        sc = tl.sum(k * q[None, :], axis=1)
-        sc += tl.load(bias_ptr + b * stride_bias + rs, mask=ms, other=float("-inf")).to(tl.float32)
+        k = tl.load(kb + rs[:, None] * stride_ks + rd[None, :], mask=m2, other=0.0)
+        v = tl.load(vb + rs[:, None] * stride_vs + rd[None, :], mask=m2, other=0.0)  # issued with k
+        bias = tl.load(bias_ptr + b * stride_bias + rs, mask=ms, other=float("-inf")).to(tl.float32)
+        sc = tl.sum(k.to(tl.float32) * q[None, :], axis=1) + bias
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked block adds nothing
         p = tl.exp(sc - m_ref)
         alpha = tl.exp(m_i - m_ref)
-        v = tl.load(vb + rs[:, None] * stride_vs + rd[None, :], mask=m2, other=0.0).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
     if SPLIT_P2 == 1:
         tl.store(o_ptr + bh * D + rd, (acc / l_i).to(o_ptr.dtype.element_ty), mask=md)
@@ -84,16 +84,14 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_pt
             tl.atomic_xchg(cnt_ptr + bh, 0)
 
 
-def _n_sm(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None) -> Tensor:
     """softmax(q k^T / sqrt(D) + bias) v for one query token.
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
     last dim); ``bias [B, 1, 1, S]`` additive, last dim contiguous. Returns ``[B, H, 1, D]``.
-    ``n_split`` forces the number of cache slices (default: enough programs for ~4 per SM).
+    ``n_split`` forces the number of cache slices. By default slices are 32-128 slots, up to 16 per
+    head: at decode lengths each program then loads its q, K, V and mask once, all in flight
+    together (the kernel is latency-bound: a loop of dependent loads cost more than SDPA's launch).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
@@ -101,9 +99,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         raise ValueError("decode_attention: one query token, H a multiple of the KV heads, contiguous last dims")
     q = q.contiguous()
     if n_split is None:
-        n_split = max(1, triton.cdiv(4 * _n_sm(q.device), B * H))
-    n_split = max(1, min(n_split, MAX_SPLIT, triton.cdiv(S, BLOCK_S)))
-    chunk = triton.cdiv(triton.cdiv(S, n_split), BLOCK_S) * BLOCK_S
+        n_split = triton.cdiv(S, 32)
+    n_split = max(1, min(n_split, MAX_SPLIT, S))
+    chunk = triton.cdiv(S, n_split)
+    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
+    chunk = triton.cdiv(chunk, block_s) * block_s
     n_split = triton.cdiv(S, chunk)  # no empty slices
     split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
     block_d = triton.next_power_of_2(D)
@@ -112,5 +112,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     decode_attention_kernel[(B * H, n_split)](
         q, k, v, bias, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
-        D=D, BLOCK_D=block_d, BLOCK_S=BLOCK_S, SPLIT_P2=split_p2, num_warps=4, **pdl_launch(q.device))
+        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, num_warps=4 if block_s * block_d <= 8192 else 8,
+        **pdl_launch(q.device))
     return out
