@@ -74,31 +74,24 @@ def m_gemlite():
 
 
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
-    """Named variants per M bucket; split_k=-p asks for ~p programs per SM."""
+    """Named variants per M bucket; split_k=-p asks for ~p programs per SM; prefetch 1 = registers,
+    n >= 2 = an n-stage shared-memory (cp.async) ring."""
     out = {}
-    if M == 1:  # the fp16x2 GEMV over tile width, warps, programs per SM, prefetch (1 registers, n smem stages)
-        for bn, w, kc, pps, pf in [(64, 2, 128, 12, 1), (64, 2, 128, 16, 1), (32, 1, 128, 16, 1), (32, 1, 128, 24, 1),
-                                   (64, 2, 64, 12, 1), (64, 2, 64, 16, 1), (128, 4, 128, 8, 1), (64, 2, 128, 12, 3)]:
+    if M == 1:  # the fp16x2 GEMV over tile width, warps, chunk rows, programs per SM, prefetch
+        for bn, w, kc, pps, pf in [(64, 2, 64, 16, 3), (64, 2, 64, 16, 4), (64, 2, 64, 24, 4), (64, 2, 64, 32, 4),
+                                   (64, 2, 128, 16, 3), (64, 2, 128, 16, 4), (128, 4, 64, 16, 4), (64, 4, 64, 16, 4),
+                                   (32, 1, 64, 32, 4), (64, 2, 64, 24, 6), (64, 2, 128, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
-    if M == 4:  # the rows kernel with the shared-memory pipeline
-        for bn, w, kc, pps, pf in [(256, 2, 16, 8, 3), (256, 2, 32, 8, 3), (128, 2, 32, 8, 4), (256, 4, 32, 8, 3),
-                                   (128, 1, 16, 8, 4), (256, 2, 8, 8, 4)]:
-            out[f"rows4_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 4, bn, kc, -pps, w, 2,
-                                                                          prefetch=pf)
-    if 2 <= M <= 16:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
-        for bm, bn, w, kc, pps in [(4, 512, 2, 8, 4), (4, 512, 2, 8, 8), (4, 256, 1, 8, 4), (4, 256, 1, 8, 8),
-                                   (4, 256, 2, 8, 8), (4, 128, 2, 16, 8), (8, 512, 2, 8, 4), (8, 256, 1, 8, 8),
-                                   (8, 128, 1, 8, 8), (16, 64, 1, 8, 8), (16, 128, 2, 8, 8), (16, 64, 2, 8, 4)]:
-            if bm <= 2 * M and bm >= min(M, 4):
-                out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2)
-        out["gemv4_bn128_w4_p8"] = KernelConfig("gemv", 4, 128, 128, -8, 4, 2)
-        for bn, w, pps, st, ex in [(128, 4, 4, 3, True), (128, 4, 8, 3, True), (128, 4, 16, 3, True),
-                                   (128, 4, 8, 4, True), (256, 8, 8, 3, True)]:
-            out[f"gemm16_bn{bn}_w{w}_p{pps}_s{st}{'' if ex else '_noexp'}"] = KernelConfig(
-                "gemm", 16, bn, 128, -pps, w, st, ex)
-    if M in (4, 16):  # the tile kernel transposed: unpacked weights as the MMA's register operand
-        for bn, kc, w, st, pps in [(128, 128, 4, 1, 8), (128, 64, 4, 1, 8), (64, 128, 4, 1, 8), (128, 128, 8, 1, 8),
-                                   (128, 128, 4, 2, 8), (256, 64, 8, 1, 8), (128, 64, 4, 1, 16)]:
+    if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
+        for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
+                                   (256, 4, 16, 8, 3), (128, 1, 16, 16, 4), (256, 2, 8, 8, 1)]:
+            bm = 1 << (M - 1).bit_length()
+            out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2,
+                                                                            prefetch=pf)
+    if 4 <= M <= 16:  # tile kernels: plain and transposed (unpacked weights as the MMA's register operand)
+        out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
+        for bn, kc, w, st, pps in [(64, 128, 4, 1, 8), (64, 64, 4, 1, 8), (64, 128, 4, 1, 16), (64, 128, 2, 1, 8),
+                                   (32, 128, 4, 1, 8), (64, 128, 4, 2, 8)]:
             out[f"gemm16_swap_bn{bn}_kc{kc}_w{w}_s{st}_p{pps}"] = KernelConfig("gemm", 16, bn, kc, -pps, w, st,
                                                                               swap=True)
     if 16 < M <= 256:

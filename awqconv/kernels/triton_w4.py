@@ -317,10 +317,9 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory: loads in flight without registers
         _pdl_wait(USE_PDL)
         for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
-            w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0)
-            sz = (k0 // G) * N + rn
-            s = tl.load(s_ptr + sz, mask=mn, other=0.0)[None, :]
-            z = tl.load(z_ptr + sz, mask=mn, other=0).to(tl.int32)[None, :]
+            # scales/zeros as row-broadcast tiles: >= 4 contiguous bytes per thread, so they go through
+            # cp.async too ([BN] loads of 1-2 bytes per thread stayed synchronous inside the loop)
+            w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
             x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
     elif PREFETCH:
@@ -390,10 +389,7 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory (no registers held by loads)
         _pdl_wait(USE_PDL)
         for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
-            w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0)
-            sz = (k0 // G) * N + rn
-            s = tl.load(s_ptr + sz, mask=mn, other=0.0)[None, :]
-            z = tl.load(z_ptr + sz, mask=mn, other=0).to(tl.int32)[None, :]
+            w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G)  # all via cp.async
             acc3 += _rows_chunk(w, s, z, x_rows + k0 // 2, x_ok, USE_ASM)
     else:
         last = k_hi - KC  # loads past the end re-read the last chunk (L2 hits), no masks
