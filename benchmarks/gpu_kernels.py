@@ -78,10 +78,10 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     n >= 2 = an n-stage shared-memory (cp.async) ring."""
     out = {}
     if M == 1:  # the fp16x2 GEMV over tile width, warps, chunk rows, programs per SM, prefetch
-        # wide, shallow tiles: each chunk row is 1-2 KB of one DRAM row, not 256 B of eight
-        for bn, w, kc, pps, pf in [(256, 2, 8, 8, 1), (256, 2, 16, 8, 1), (512, 2, 8, 8, 1), (512, 4, 8, 8, 1),
-                                   (256, 2, 16, 16, 1), (512, 4, 16, 8, 1), (128, 2, 32, 16, 1), (256, 4, 32, 8, 1),
-                                   (256, 2, 8, 16, 1), (64, 2, 64, 16, 4)]:
+        # neighbours of the default (64 x 2 warps x kc64 x 16/SM x register prefetch) that were close or
+        # instructive on the H100: deeper K chunks, fewer/more programs, the smem ring, a wide tile
+        for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 24, 1), (32, 1, 128, 16, 1),
+                                   (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
