@@ -91,10 +91,11 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                                                             prefetch=pf)
     if 4 <= M <= 16:  # tile kernels: plain and transposed (unpacked weights as the MMA's register operand)
         out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
-        for bn, kc, w, st, pps in [(64, 128, 4, 1, 8), (64, 64, 4, 1, 8), (64, 128, 4, 1, 16), (64, 128, 2, 1, 8),
-                                   (32, 128, 4, 1, 8), (64, 128, 4, 2, 8)]:
-            out[f"gemm16_swap_bn{bn}_kc{kc}_w{w}_s{st}_p{pps}"] = KernelConfig("gemm", 16, bn, kc, -pps, w, st,
-                                                                              swap=True)
+        for bn, kc, w, st, pps, pf in [(64, 128, 4, 1, 16, 0), (64, 64, 4, 1, 8, 1), (64, 64, 4, 1, 16, 1),
+                                       (64, 128, 4, 1, 8, 1), (32, 64, 2, 1, 16, 1), (64, 32, 4, 1, 16, 1),
+                                       (128, 64, 4, 1, 8, 1)]:
+            out[f"gemm16_swap_bn{bn}_kc{kc}_w{w}_s{st}_p{pps}_pf{pf}"] = KernelConfig(
+                "gemm", 16, bn, kc, -pps, w, st, swap=True, prefetch=pf)
     if 16 < M <= 256:
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:

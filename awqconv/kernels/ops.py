@@ -88,7 +88,7 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
                             num_stages=2)
     if m <= 16:  # H100: the transposed tile (weights as the MMA register operand), 64 columns, 1 stage
         return KernelConfig("gemm", block_m=16, block_n=64, kc=kc, split_k=-8, num_warps=4, num_stages=1,
-                            swap=True)
+                            swap=True, prefetch=0)
     if m < DEQUANT_MIN_M:
         return KernelConfig("gemm", block_m=64, block_n=128, kc=kc, split_k=-2, num_warps=4, num_stages=3)
     return KernelConfig("dequant")
@@ -144,7 +144,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "gemm":
-        extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap}
+        extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
     else:

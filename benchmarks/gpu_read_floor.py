@@ -1,0 +1,121 @@
+"""How fast can one kernel read a linear's INT4 bytes at all? The floor under the M = 1 GEMV.
+
+For each Llama-2-7B linear shape, under the protocol of gpu_kernels.py (CUDA-graph replays over
+>= 400 MB of distinct weights, median), time three things over the same packed words:
+  stream  - a flat read of the words as 16-byte vectors, 8 KB per program (the best case),
+  tiles   - the GEMV's own access pattern (default grid, tile and chunking) with no arithmetic,
+  gemv    - the real fp16x2 GEMV (default config).
+If ``tiles`` ~ ``gemv``, the GEMV is bound by how it reads; if ``stream`` ~ ``tiles``, by the read
+volume and the per-kernel cost of this protocol. Usage: python benchmarks/gpu_read_floor.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from awqconv.kernels.layout import KernelWeight  # noqa: E402
+from awqconv.kernels.ops import _n_sm, default_config, w4_matmul  # noqa: E402
+from awqconv.packed import PackedLinear  # noqa: E402
+from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+@triton.jit
+def stream_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(w_ptr + r, mask=r < n, other=0, eviction_policy="evict_first")
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(v, axis=0))
+
+
+@triton.jit
+def _load(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
+    w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
+    sz = (k0 // G) * N + rn[None, :] + rw[:, None] * 0
+    return w, tl.load(s_ptr + sz, mask=mn[None, :], other=0.0), tl.load(z_ptr + sz, mask=mn[None, :], other=0)
+
+
+@triton.jit
+def tiles_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, K_SPLIT,
+                 BLOCK_N: tl.constexpr, KC: tl.constexpr):
+    """The GEMV's loads (words, scales, zeros, one chunk ahead) without its arithmetic."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, KC // 8)
+    mn = rn < N
+    acc = tl.zeros((KC // 8, BLOCK_N), dtype=tl.int32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
+    last = k_hi - KC
+    w, s, z = _load(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+    for k0 in range(k_lo, k_hi, KC):  # the next chunk's loads are issued first, as in the GEMV
+        nw, ns, nz = _load(w_ptrs, s_ptr, z_ptr, tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
+        acc ^= w ^ s.to(tl.int16, bitcast=True).to(tl.int32) ^ z.to(tl.int32)
+        w, s, z = nw, ns, nz
+    tl.store(out_ptr + pid_k * tl.num_programs(0) + pid_n, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
+
+
+def main() -> None:
+    out = {"device": torch.cuda.get_device_name(0), "rows": []}
+    for name, (K, N) in SHAPES.items():
+        R = max(2, math.ceil(400e6 / (K * N * 2)))
+        kws = []
+        for _ in range(R):
+            p = PackedLinear(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV),
+                             (torch.rand(N, K // G, device=DEV) * 0.01).half(),
+                             torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV), K, G)
+            kws.append(KernelWeight.from_packed(p))
+        x = torch.randn(1, K, dtype=torch.float16, device=DEV)
+        cfg = default_config(1, kws[0], DEV)
+        n_words = kws[0].qw.numel()
+        sink = torch.empty(1 << 20, dtype=torch.int32, device=DEV)
+        block = 2048  # 8 KB of words per program
+
+        def stream():
+            for kw in kws:
+                stream_kernel[(triton.cdiv(n_words, block),)](kw.qw, sink, n_words, BLOCK=block, num_warps=4)
+
+        n_chunks = K // cfg.kc
+        n_t = triton.cdiv(N, cfg.block_n)
+        split = max(1, min(n_chunks, triton.cdiv(-cfg.split_k * _n_sm(DEV), n_t)))
+        k_split = triton.cdiv(n_chunks, split) * cfg.kc
+        split = triton.cdiv(K, k_split)
+
+        def tiles():
+            for kw in kws:
+                tiles_kernel[(n_t, 1, split)](kw.qw, kw.scales, kw.zeros, sink, N, K, G, k_split,
+                                              BLOCK_N=cfg.block_n, KC=cfg.kc, num_warps=cfg.num_warps)
+
+        def gemv():
+            for kw in kws:
+                w4_matmul(x, kw)
+
+        nbytes = n_words * 4 + kws[0].scales.numel() * 2 + kws[0].zeros.numel()
+        row = {"shape": name, "MB": round(nbytes / 1e6, 1)}
+        for label, fn, b in [("stream", stream, n_words * 4), ("tiles", tiles, nbytes), ("gemv", gemv, nbytes)]:
+            us = time_graph(fn, R)[0]
+            row[label + "_us"] = round(us, 2)
+            row[label + "_TBps"] = round(b / (us * 1e-6) / 1e12, 2)
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        del kws
+        torch.cuda.empty_cache()
+    tot = {k: round(sum(r[k] for r in out["rows"]), 1) for k in ("stream_us", "tiles_us", "gemv_us")}
+    print("one layer (sum of four shapes), us:", tot)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_read_floor.json"), "w") as f:
+        json.dump({**out, "layer": tot}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
