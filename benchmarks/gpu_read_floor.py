@@ -24,6 +24,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import _n_sm, default_config, w4_matmul  # noqa: E402
+from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz  # noqa: E402
 from awqconv.packed import PackedLinear  # noqa: E402
 from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
 
@@ -35,13 +36,6 @@ def stream_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(w_ptr + r, mask=r < n, other=0, eviction_policy="evict_first")
     tl.store(out_ptr + tl.program_id(0), tl.xor_sum(v, axis=0))
-
-
-@triton.jit
-def _load(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
-    w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[None, :], other=0, eviction_policy="evict_first")
-    sz = (k0 // G) * N + rn[None, :] + rw[:, None] * 0
-    return w, tl.load(s_ptr + sz, mask=mn[None, :], other=0.0), tl.load(z_ptr + sz, mask=mn[None, :], other=0)
 
 
 @triton.jit
@@ -58,10 +52,10 @@ def tiles_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, K_SPLIT,
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
     last = k_hi - KC
-    w, s, z = _load(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
+    w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
     for k0 in range(k_lo, k_hi, KC):  # the next chunk's loads are issued first, as in the GEMV
-        nw, ns, nz = _load(w_ptrs, s_ptr, z_ptr, tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
-        acc ^= w ^ s.to(tl.int16, bitcast=True).to(tl.int32) ^ z.to(tl.int32)
+        nw, ns, nz = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
+        acc ^= w ^ s.to(tl.int16, bitcast=True).to(tl.int32) ^ z
         w, s, z = nw, ns, nz
     tl.store(out_ptr + pid_k * tl.num_programs(0) + pid_n, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 

@@ -410,6 +410,15 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
 
 
 @triton.jit
+def _tile_index(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's split index and its row and column ranges (grid: column tiles, row tiles, K splits)."""
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(2), rm, rn
+
+
+@triton.jit
 def _swapped_weights(qw_ptr, s_ptr, z_ptr, k0, rk, rn, mn, N, G):
     """A chunk's words as the [BN, KC] gather W^T needs (each word read by its 8 nibbles' lanes, L1
     hits), and the chunk's scales and zeros as fp32 [BN]."""
@@ -437,11 +446,7 @@ def _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                   SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr):
     """w4_gemm_kernel with SWAP: acc^T [BN, BM] += s * (Q^T x^T - z sum_k x). PREFETCH loads the next
     chunk's words, scales and zeros before this chunk's dot."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, KC)
     shift = _nibble_shift(rk % 8)[None, :]
     mm = rm < M
@@ -466,7 +471,7 @@ def _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M,
             s = tl.load(s_ptr + (k0 // G) * N + rn, mask=mn, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + (k0 // G) * N + rn, mask=mn, other=0).to(tl.float32) + off
             acc = _swapped_chunk(acc, qt, s, z, xt, DOT_F32)
-    tile_id = pid_m * tl.num_programs(0) + pid_n
+    tile_id = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)
 
@@ -490,11 +495,7 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
                       stride_xm, stride_ym, BLOCK_M, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, DOT_F32, PREFETCH)
         return
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, KC)
     shift = _nibble_shift(rk % 8)[:, None]
     rw = tl.arange(0, KC // 8)
@@ -523,7 +524,7 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             qx = tl.dot(x, q)  # fp32 accumulate
         xs = tl.sum(x.to(tl.float32), axis=1)
         acc += s[None, :] * (qx - z[None, :] * xs[:, None])
-    tile_id = pid_m * tl.num_programs(0) + pid_n
+    tile_id = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
