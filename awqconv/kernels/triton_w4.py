@@ -95,6 +95,21 @@ def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, ti
 
 
 @triton.jit
+def _tile_index(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's split index and its row and column ranges (grid: column tiles, row tiles, K splits)."""
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(2), rm, rn
+
+
+@triton.jit
+def _tile_id():
+    """The output tile's ticket index (column tiles fastest)."""
+    return tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+
+
+@triton.jit
 def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
@@ -106,11 +121,8 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     and reduce across word rows once after the loop instead of every chunk."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
-    pid_n = tl.program_id(0)
+    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = tl.arange(0, KC // 8)
     rj = tl.arange(0, 8)
     shifts = _nibble_shift(rj)
@@ -144,7 +156,7 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 acc += tl.where((tl.arange(0, BLOCK_M) == mi)[:, None], part[None, :], 0.0)
     if LATE_REDUCE:
         acc += tl.sum(acc2, axis=0)[None, :]
-    tile_id = pid_m * tl.num_programs(0) + pid_n
+    tile_id = _tile_id()
     _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
@@ -372,11 +384,7 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     accumulator holds BLOCK_M * KC/8 * BN fp32. PREFETCH = 1 loads the next chunk's words, scales and
     zeros first; PREFETCH >= 2 pipelines chunks through shared memory as in the one-row GEMV."""
     _pdl_start(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rw = tl.arange(0, KC // 8)
     mn = rn < N
     acc3 = tl.zeros((BLOCK_M, KC // 8, BLOCK_N), dtype=tl.float32)
@@ -404,18 +412,9 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
                 w, s, z = nw, ns, nz
             else:
                 w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, nxt, rw, rn, mn, N, G)
-    tile_id = pid_m * tl.num_programs(0) + pid_n
+    tile_id = _tile_id()
     _finish_tile(64.0 * tl.sum(acc3, axis=1), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id,
                  pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
-
-
-@triton.jit
-def _tile_index(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's split index and its row and column ranges (grid: column tiles, row tiles, K splits)."""
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tl.program_id(2), rm, rn
 
 
 @triton.jit
@@ -471,7 +470,7 @@ def _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M,
             s = tl.load(s_ptr + (k0 // G) * N + rn, mask=mn, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + (k0 // G) * N + rn, mask=mn, other=0).to(tl.float32) + off
             acc = _swapped_chunk(acc, qt, s, z, xt, DOT_F32)
-    tile_id = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tile_id = _tile_id()
     _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)
 
@@ -524,7 +523,7 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             qx = tl.dot(x, q)  # fp32 accumulate
         xs = tl.sum(x.to(tl.float32), axis=1)
         acc += s[None, :] * (qx - z[None, :] * xs[:, None])
-    tile_id = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tile_id = _tile_id()
     _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
