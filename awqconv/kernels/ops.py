@@ -3,9 +3,9 @@
 ``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMVs (M <= 4, fp16; the fp32 CUDA-core
 GEMV for bf16 and for M <= 16 when groups are too small for a tensor-core K tile), the split-K
 tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
-``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig`` may be passed to force a variant (the
-benchmarks sweep them). The split-K partials and tile tickets live in workspace.py.
-The GEMVs and the tile kernel use programmatic dependent launch where supported (launch.py).
+``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig``
+may be passed to force a variant (the benchmarks sweep them). The split-K partials and tile tickets
+live in workspace.py. The kernels use programmatic dependent launch where supported (launch.py).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
 
     M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps, ~16 programs per SM), the fp32 CUDA-core
     GEMV for bf16. 2 <= M <= 4, fp16: the fp16x2 rows kernel (one dequantisation per word shared by
-    the rows, chunks through a 3-stage shared-memory ring: 123 vs 163 us/layer for the tile kernel
-    at M = 4). Otherwise M <= 16: the transposed tensor-core tile kernel (the unpacked weights are
-    the MMA's register operand; 1.4x the plain tile at M = 16). 16 < M < DEQUANT_MIN_M: the tile
+    the rows, chunks through a 3-stage shared-memory ring: 122 us/layer at M = 4 against 145 for the
+    transposed tile and 200 for the plain one). Otherwise M <= 16: the transposed tensor-core tile
+    kernel (the unpacked weights are the MMA's register operand; 1.46x the plain tile at M = 16). 16 < M < DEQUANT_MIN_M: the tile
     kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise once + cuBLAS,
     which beat the in-loop-dequant tile kernel at M >= 256 there.
     """
@@ -75,7 +75,8 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     kc = _pow2_divisor(g, 128)
     f16x2 = dtype == torch.float16 and _PTX
     if m == 1 and f16x2:
-        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM, register prefetch
+        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM, register
+        # prefetch (a cp.async ring and wide, shallow tiles were slower)
         return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64), split_k=-16, num_warps=2,
                             num_stages=2)
     if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps, 16-row chunks, 3 smem stages
@@ -156,8 +157,8 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     grid = (n_tiles_n, n_tiles_m, split)
     kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt,
                  M, N, K, g, k_split, split, x.stride(0), y.stride(0),
-                 BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=kw.bias is not None,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+                 BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
+                 HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return y
 
 

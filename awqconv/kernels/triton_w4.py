@@ -156,8 +156,8 @@ def w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 acc += tl.where((tl.arange(0, BLOCK_M) == mi)[:, None], part[None, :], 0.0)
     if LATE_REDUCE:
         acc += tl.sum(acc2, axis=0)[None, :]
-    tile_id = _tile_id()
-    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
+    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K, SPLIT_P2,
+                 HAS_BIAS)
 
 
 # PTX of the fp16x2 pieces (see _dequant_f16x2 / _dot_f16x2), shared by the split and fused forms
@@ -523,8 +523,8 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             qx = tl.dot(x, q)  # fp32 accumulate
         xs = tl.sum(x.to(tl.float32), axis=1)
         acc += s[None, :] * (qx - z[None, :] * xs[:, None])
-    tile_id = _tile_id()
-    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2, HAS_BIAS)
+    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K, SPLIT_P2,
+                 HAS_BIAS)
 
 
 @triton.jit

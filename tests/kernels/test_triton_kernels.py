@@ -69,8 +69,8 @@ def test_gemv_split_k_variants_agree(make_packed, split, late):
 @pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (1, 3), (0, 1), (3, 0), (2, 3)])
 def test_gemv_f16x2_kernel(make_packed, n, k, g, prefetch, split):
     """fp16x2 decode GEMV (inline PTX on the GPU; its fp16-rounding emulation here), with and without
-    the next-chunk prefetch (1: registers, >= 2: shared-memory pipeline): each word's 8 products are summed in fp16 (two 4-term lanes), the rest
-    in fp32, so allow TOL fp16, as for the fp32 GEMV."""
+    the next-chunk prefetch (1: registers, >= 2: shared-memory pipeline): each word's 8 products are
+    summed in fp16 (two 4-term lanes), the rest in fp32, so allow TOL fp16, as for the fp32 GEMV."""
     p = make_packed(n, k, g, bias=prefetch == 1, seed=n + k)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(1, k).half()
