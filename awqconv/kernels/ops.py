@@ -44,7 +44,6 @@ class KernelConfig:
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
-    k_major: bool = False  # one-row fp16x2 GEMV: K splits on grid axis 0 (a tile's splits launch together)
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -149,15 +148,13 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
-        if bm == 1 and cfg.k_major:
-            extra["K_MAJOR"] = True
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind == "gemm":
         extra["DOT_F32"] = True
     extra.update(pdl_launch(x.device, cfg.pdl))
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
-    grid = (split, n_tiles_m, n_tiles_n) if extra.get("K_MAJOR") else (n_tiles_n, n_tiles_m, split)
+    grid = (n_tiles_n, n_tiles_m, split)
     kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt,
                  M, N, K, g, k_split, split, x.stride(0), y.stride(0),
                  BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),

@@ -307,22 +307,17 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, K_MAJOR: tl.constexpr = False):
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
     issues every load of the next chunk (words, activations, scales, zeros) before computing the
     current one, so no warp waits on a load it just issued (0: load, then compute); PREFETCH >= 2
     keeps PREFETCH - 1 chunks in flight through shared memory (Triton's cp.async pipeline), which
-    costs no registers. K_MAJOR: the launcher put the K splits on grid axis 0, so a column tile's
-    splits run side by side and its merge happens as soon as they finish, not all in the last wave."""
+    costs no registers."""
     _pdl_start(USE_PDL)
-    if K_MAJOR:
-        pid_n = tl.program_id(2)
-        pid_k = tl.program_id(0)
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(2)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rw = tl.arange(0, KC // 8)
     mn = rn < N
