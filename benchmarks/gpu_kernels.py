@@ -100,11 +100,8 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:
             out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)
-    if M > 256:  # the folded transposed tile: weights scaled in registers, one wgmma accumulator
-        for bm, bn, kc, w, st in [(256, 128, 64, 8, 3), (256, 128, 64, 8, 2), (128, 128, 64, 8, 3),
-                                  (128, 128, 32, 4, 4), (256, 128, 32, 8, 4)]:
-            out[f"fold_bm{bm}_bn{bn}_kc{kc}_w{w}_s{st}"] = KernelConfig("gemm", bm, bn, kc, 1, w, st, swap=True,
-                                                                        fold=True)
+    if M > 256:
+        out["gemm128_bn256_kc64_w8_s3"] = KernelConfig("gemm", 128, 256, 64, 1, 8, 3)
     out["dequant+cublas"] = KernelConfig("dequant")
     return out
 

@@ -41,7 +41,6 @@ class KernelConfig:
     num_stages: int = 2
     expand: bool = True  # gemm: load each packed word once and expand in registers
     swap: bool = False  # gemm: compute W^T x^T (unpacked weights as the register operand of the MMA)
-    fold: bool = False  # gemm with swap: scale the weights in registers, one accumulator (large M)
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
@@ -146,8 +145,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "gemm":
-        extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0,
-                 "FOLD": cfg.swap and cfg.fold}
+        extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
     else:

@@ -476,40 +476,12 @@ def _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M,
 
 
 @triton.jit
-def _gemm_folded(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
-                 stride_xm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                 SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
-    """SWAP with FOLD, for large M: W^T = (q - z) * s is formed in registers (fp32, exact) and rounded
-    once to the activation dtype (bit-equal to the dequantise kernel's W), then fed to one MMA
-    accumulator, with no per-chunk scale pass over the [BN, BM] tile."""
-    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, KC)
-    shift = _nibble_shift(rk % 8)[None, :]
-    mm = rm < M
-    mn = rn < N
-    dt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    for k0 in range(k_lo, k_hi, KC):
-        xt = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None], mask=mm[None, :], other=0.0)
-        wt, s, z = _swapped_weights(qw_ptr, s_ptr, z_ptr, k0, rk, rn, mn, N, G)
-        w = _round_to((_nibbles_f32(wt, shift) - z[:, None]) * s[:, None], dt)  # exact product, one rounding
-        if DOT_F32:  # interpreter only: it multiplies bf16 operands as raw integers
-            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32))
-        else:
-            acc = tl.dot(w, xt, acc)
-    _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
-                 SPLIT_P2, HAS_BIAS)
-
-
-@triton.jit
 def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                    SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr = True,
                    DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False, SWAP: tl.constexpr = False,
-                   PREFETCH: tl.constexpr = 0, FOLD: tl.constexpr = False):
+                   PREFETCH: tl.constexpr = 0):
     """Tensor-core tiles: unpack a [KC, BN] chunk (one group) in registers, dot, then scale.
 
     SWAP computes the transposed tile, W^T x^T: the unpacked weights are the dot's first operand,
@@ -518,10 +490,6 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     (swap only) loads the next chunk's weights before this chunk's dot."""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
-    if SWAP and FOLD:
-        _gemm_folded(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
-                     stride_xm, stride_ym, BLOCK_M, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, DOT_F32)
-        return
     if SWAP:
         _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
                       stride_xm, stride_ym, BLOCK_M, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, DOT_F32, PREFETCH)
