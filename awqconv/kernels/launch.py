@@ -22,14 +22,14 @@ try:  # grid dependency control; absent from some Triton builds
 except ImportError:  # pragma: no cover - then pdl_supported() is False and the calls are never traced
     gdc_launch_dependents = gdc_wait = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's CPU interpreter is on
 _ENABLED = os.environ.get("AWQCONV_PDL", "1") not in ("", "0")
 _CAPABLE: dict[torch.device, bool] = {}
 
 
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use programmatic dependent launch."""
-    if device.type != "cuda" or _INTERPRET or not _ENABLED or gdc_wait is None or torch.version.cuda is None:
+    if device.type != "cuda" or INTERPRET or not _ENABLED or gdc_wait is None or torch.version.cuda is None:
         return False
     if device not in _CAPABLE:
         _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9

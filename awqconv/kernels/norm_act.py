@@ -55,6 +55,10 @@ def silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u,
     tl.store(y_ptr + row * N + c, (a * u).to(dt), mask=m)
 
 
+def _warps(h: int) -> int:
+    return 8 if h >= 4096 else 4 if h >= 1024 else 1
+
+
 def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -91,7 +95,3 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     silu_mul_kernel[(triton.cdiv(N, block), g2.shape[0])](g2, u2, y, N, g2.stride(0), u2.stride(0), BLOCK=block,
                                                          num_warps=4, **pdl_launch(g.device))
     return y.view(*lead, N)
-
-
-def _warps(h: int) -> int:
-    return 8 if h >= 4096 else 4 if h >= 1024 else 1

@@ -19,13 +19,13 @@ from torch import Tensor
 
 from ..errors import ShapeError
 from .layout import KernelWeight
+from .launch import INTERPRET as _INTERPRET
 from .launch import pdl_launch
 from .triton_w4 import (w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_f16x2_rows_kernel,
                         w4_gemv_kernel)
 from .workspace import WORKSPACE
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
 _PTX = torch.version.cuda is not None or _INTERPRET
 
