@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--layers 32] [--profile]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--layers 32] [--profile [--profile-prompt N]]
 """
 
 from __future__ import annotations
@@ -79,12 +79,13 @@ def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int) -> dict
     return r
 
 
-def profile_decode(dec, out: str) -> None:
-    """Per-kernel GPU time over 64 graph-replayed decode steps (64-token prompt), printed and saved."""
+def profile_decode(dec, out: str, prompt_len: int = 64) -> None:
+    """Per-kernel GPU time over 64 graph-replayed decode steps after a ``prompt_len`` prompt (the
+    prefill's kernels are in the table too), printed and saved."""
     from torch.profiler import ProfilerActivity, profile
 
     gen = Generator(dec, max_batch=1, max_len=2048)
-    prompt = torch.randint(0, 32000, (64,)).tolist()
+    prompt = torch.randint(0, 32000, (prompt_len,)).tolist()
     gen.generate([prompt], SamplingParams(max_new_tokens=8))  # compile and capture first
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -92,7 +93,7 @@ def profile_decode(dec, out: str) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     print(table, flush=True)
-    with open(os.path.join(out, "decode_profile.txt"), "w") as f:
+    with open(os.path.join(out, f"decode_profile_p{prompt_len}.txt"), "w") as f:
         f.write(table)
 
 
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--fp16", action="store_true", help="also time the runtime with dequantised fp16 weights")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--profile", action="store_true", help="only: kernel-time table of 64 decode steps")
+    ap.add_argument("--profile-prompt", type=int, default=64, help="prompt length before the profiled steps")
     ap.add_argument("--pdl-compare", action="store_true",
                     help="also time 64 + 256 with programmatic dependent launch turned off")
     a = ap.parse_args()
@@ -130,7 +132,7 @@ def main() -> None:
         print("check vs fp16 dense:", json.dumps(chk), flush=True)
         results["check"] = chk
     if a.profile:
-        profile_decode(dec, a.out)
+        profile_decode(dec, a.out, a.profile_prompt)
         return
     results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048))
     results["runs"].append(run_decode(dec, "awqconv_int4", 1792, 256, 2048))

@@ -3,6 +3,9 @@
 For each Llama-2-7B linear shape, under the protocol of gpu_kernels.py (CUDA-graph replays over
 >= 400 MB of distinct weights, median), time three things over the same packed words:
   stream  - a flat read of the words as 16-byte vectors, 8 KB per program (the best case),
+            with two other shapes: stream_loop (16 programs/SM striding, two blocks in flight) and
+            stream_big (32 KB per program, 8 warps),
+  words   - the GEMV's grid, tile and chunking over the words only (no scales, zeros, activations),
   tiles   - the GEMV's own access pattern (default grid, tile and chunking) with no arithmetic,
   gemv    - the real fp16x2 GEMV (default config).
 If ``tiles`` ~ ``gemv``, the GEMV is bound by how it reads; if ``stream`` ~ ``tiles``, by the read
@@ -36,6 +39,35 @@ def stream_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(w_ptr + r, mask=r < n, other=0, eviction_policy="evict_first")
     tl.store(out_ptr + tl.program_id(0), tl.xor_sum(v, axis=0))
+
+
+@triton.jit
+def stream_loop_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A flat read by a resident grid: each program strides over BLOCK-word blocks, two in flight."""
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    r = tl.arange(0, BLOCK)
+    step = tl.num_programs(0) * BLOCK
+    for b in range(tl.program_id(0) * BLOCK, n, 2 * step):
+        v0 = tl.load(w_ptr + b + r, mask=b + r < n, other=0, eviction_policy="evict_first")
+        v1 = tl.load(w_ptr + b + step + r, mask=b + step + r < n, other=0, eviction_policy="evict_first")
+        acc ^= v0 ^ v1
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+@triton.jit
+def words_kernel(qw_ptr, out_ptr, N, K, K_SPLIT, BLOCK_N: tl.constexpr, KC: tl.constexpr):
+    """The GEMV's word loads alone (same grid, tile and chunking; no scales, zeros or activations)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, KC // 8)
+    acc = tl.zeros((KC // 8, BLOCK_N), dtype=tl.int32)
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
+    for k0 in range(k_lo, k_hi, KC):
+        acc ^= tl.load(w_ptrs + (k0 // 8) * N, mask=(rn < N)[None, :], other=0, eviction_policy="evict_first")
+    tl.store(out_ptr + pid_k * tl.num_programs(0) + pid_n, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -86,6 +118,19 @@ def main() -> None:
         k_split = triton.cdiv(n_chunks, split) * cfg.kc
         split = triton.cdiv(K, k_split)
 
+        def stream_loop():
+            for kw in kws:
+                stream_loop_kernel[(16 * _n_sm(DEV),)](kw.qw, sink, n_words, BLOCK=512, num_warps=4)
+
+        def stream_big():
+            for kw in kws:
+                stream_kernel[(triton.cdiv(n_words, 8192),)](kw.qw, sink, n_words, BLOCK=8192, num_warps=8)
+
+        def words():
+            for kw in kws:
+                words_kernel[(n_t, 1, split)](kw.qw, sink, N, K, k_split, BLOCK_N=cfg.block_n, KC=cfg.kc,
+                                              num_warps=cfg.num_warps)
+
         def tiles():
             for kw in kws:
                 tiles_kernel[(n_t, 1, split)](kw.qw, kw.scales, kw.zeros, sink, N, K, G, k_split,
@@ -97,7 +142,9 @@ def main() -> None:
 
         nbytes = n_words * 4 + kws[0].scales.numel() * 2 + kws[0].zeros.numel()
         row = {"shape": name, "MB": round(nbytes / 1e6, 1)}
-        for label, fn, b in [("stream", stream, n_words * 4), ("tiles", tiles, nbytes), ("gemv", gemv, nbytes)]:
+        for label, fn, b in [("stream", stream, n_words * 4), ("stream_loop", stream_loop, n_words * 4),
+                             ("stream_big", stream_big, n_words * 4), ("words", words, n_words * 4),
+                             ("tiles", tiles, nbytes), ("gemv", gemv, nbytes)]:
             us = time_graph(fn, R)[0]
             row[label + "_us"] = round(us, 2)
             row[label + "_TBps"] = round(b / (us * 1e-6) / 1e12, 2)
@@ -105,7 +152,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del kws
         torch.cuda.empty_cache()
-    tot = {k: round(sum(r[k] for r in out["rows"]), 1) for k in ("stream_us", "tiles_us", "gemv_us")}
+    tot = {k: round(sum(r[k] for r in out["rows"]), 1)
+           for k in ("stream_us", "stream_loop_us", "stream_big_us", "words_us", "tiles_us", "gemv_us")}
     print("one layer (sum of four shapes), us:", tot)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_read_floor.json"), "w") as f:
         json.dump({**out, "layer": tot}, f, indent=1)
