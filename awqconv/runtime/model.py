@@ -102,7 +102,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool) -> Tens
     additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert it in three
     small kernels per layer."""
     if q.shape[2] == 1 and q.is_cuda:
-        from ..kernels.decode_attention import decode_attention  # Triton import only where a GPU path runs
+        from ..kernels.decode_attention import (
+            decode_attention,  # Triton import only where a GPU path runs
+        )
 
         return decode_attention(q, k, v, bias)
     if q.device.type != "cpu" or q.shape[2] != 1:
@@ -152,18 +154,28 @@ class Layer(nn.Module):
         s, f = self.spec, self.fused
         B, T, _ = x.shape
         q, k, v = self.qkv.split(self.qkv(h))
-        if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
-            from ..kernels.rope_kv import rope_kv_write  # Triton import only where a GPU path runs
+        if q.is_cuda and T == 1:  # one Triton kernel: RoPE, the cache write and the attention
+            from ..kernels.decode_attention import (
+                rope_decode_attention,  # Triton import only on a GPU
+            )
 
-            q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
+            a = rope_decode_attention(q, k, v, cos, sin, kc[:, :, :kv_len], vc[:, :, :kv_len], slots, bias,
+                                      s.n_heads)
         else:
-            q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-            k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-            v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-            q, k = f.rope(q, k, cos, sin)
-            kc.index_copy_(2, slots, k.to(kc.dtype))
-            vc.index_copy_(2, slots, v.to(vc.dtype))
-        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads)
+            if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
+                from ..kernels.rope_kv import (
+                    rope_kv_write,  # Triton import only where a GPU path runs
+                )
+
+                q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
+            else:
+                q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
+                k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+                v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+                q, k = f.rope(q, k, cos, sin)
+                kc.index_copy_(2, slots, k.to(kc.dtype))
+                vc.index_copy_(2, slots, v.to(vc.dtype))
+            a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads)
         x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
                           self.ln2.weight, self.ln2.eps)
         gate, up = self.gate_up.split(self.gate_up(h))

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from awqconv.kernels.decode_attention import decode_attention
+from awqconv.kernels.decode_attention import decode_attention, rope_decode_attention
+from awqconv.kernels.rope_kv import rope_kv_write
 from awqconv.kernels.workspace import WORKSPACE
 
 
@@ -45,3 +46,31 @@ def test_decode_attention_refuses_several_tokens():
     k = torch.randn(1, 2, 8, 16).half()
     with pytest.raises(ValueError, match="one query token"):
         decode_attention(q, k, k, torch.zeros(1, 1, 3, 8).half())
+
+
+@pytest.mark.parametrize("B,H,HKV,D,S,slot,n_split,early", [(1, 4, 4, 64, 40, 39, 1, False), (2, 4, 2, 32, 200, 77, 3, True),
+                                                          (1, 6, 2, 24, 130, 129, None, True),
+                                                          (2, 2, 1, 128, 256, 5, 16, False)])
+def test_rope_decode_attention_matches_rope_kv_then_attention(B, H, HKV, D, S, slot, n_split, early):
+    """The fused kernel (RoPE + cache write + attention) against rope_kv_write followed by
+    decode_attention on a copy of the cache: the same arithmetic (one fp32 rotation rounded once,
+    the same slices), so the output is bit-equal, and so is the cache afterwards (the
+    new row written once per KV head, nothing else touched), slots in the first, a middle and the
+    last slice, grouped heads, early and late first-block reads."""
+    torch.manual_seed(S + slot)
+    S_max = S + 9
+    kc = torch.randn(B, HKV, S_max, D).half()
+    vc = torch.randn(B, HKV, S_max, D).half()
+    qkv = torch.randn(B, 1, (H + 2 * HKV) * D).half()
+    q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
+    ang = torch.rand(B, 1, 1, D // 2) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+    bias = torch.zeros(B, 1, 1, S).half()
+    bias[0, ..., :3] = float("-inf")
+    slots = torch.tensor([slot])
+    kc2, vc2 = kc.clone(), vc.clone()
+    q_rot = rope_kv_write(q, k, v, cos, sin, kc2, vc2, slots, H, HKV, D)
+    ref = decode_attention(q_rot, kc2[:, :, :S], vc2[:, :, :S], bias, n_split)
+    out = rope_decode_attention(q, k, v, cos, sin, kc[:, :, :S], vc[:, :, :S], slots, bias, H, n_split, early)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert out.shape == (B, H, 1, D) and torch.equal(out, ref)
