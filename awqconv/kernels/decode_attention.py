@@ -39,15 +39,26 @@ def _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs, fresh=None):
 
 
 @triton.jit
-def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc):
-    """One block of the online softmax: scores, running max/sum and the fp32 accumulator."""
+def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc, slot, s_new, v_new, ROPE: tl.constexpr):
+    """One block of the online softmax: scores, running max/sum and the fp32 accumulator. ROPE: the
+    row at ``slot`` takes score ``s_new`` and value ``v_new`` (this step's token, computed in
+    registers) instead of the cache's copy, which may not be written yet; done on the score vector
+    and one extra FMA row, so the K/V tiles stay as loaded (fewer registers than patching them)."""
     bias = tl.load(bias_row + rs, mask=rs < hi, other=float("-inf")).to(tl.float32)
     sc = tl.sum(k.to(tl.float32) * q[None, :], axis=1) + bias
+    if ROPE:
+        now = rs == slot
+        sc = tl.where(now, s_new + bias, sc)
     m_new = tl.maximum(m_i, tl.max(sc, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked block adds nothing
     p = tl.exp(sc - m_ref)
     alpha = tl.exp(m_i - m_ref)
-    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+    if ROPE:
+        pv = tl.sum(tl.where(now, 0.0, p)[:, None] * v.to(tl.float32), axis=0)
+        pv += tl.sum(tl.where(now, p, 0.0), axis=0) * v_new
+    else:
+        pv = tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + pv
 
 
 @triton.jit
@@ -73,8 +84,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_pt
                             USE_PDL: tl.constexpr = False):
     """ROPE: q, k, v are this step's raw QKV rows (``q_ptr``, ``ks_ptr``, ``vs_ptr``, row stride
     ``stride_qb``): q is rotated here, and the program of each KV head's first query head whose slice
-    holds ``slot`` rotates k and stores k and v into the cache at ``slot``; every program of that slice
-    uses the new row from registers, never the cache's copy, so no program waits for the write. Then
+    holds ``slot`` rotates k and stores k and v into the cache at ``slot``; every program uses the new
+    row from registers (``_attend``), never the cache's copy, so no program waits for the write. Then
     the earlier rows are constant during the step and EARLY loads the first block before the PDL wait."""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
@@ -104,22 +115,20 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_pt
         if (h % GROUP == 0) & (slot >= lo) & (slot < hi):
             tl.store(kb + slot * stride_ks + rd, k_new, mask=md)
             tl.store(vb + slot * stride_vs + rd, v_new, mask=md)
-        now = (rs == slot)[:, None]
-        k = tl.where(now, k_new[None, :], k)
-        v = tl.where(now, v_new[None, :], v)
+        s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
+        v_new = v_new.to(tl.float32)
     else:
         q = tl.load(q_ptr + b * stride_qb + h * D + rd, mask=md, other=0.0).to(tl.float32) * scale
+        slot = -1
+        s_new = 0.0
+        v_new = q
     bias_row = bias_ptr + b * stride_bias
     m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, tl.full((), float("-inf"), tl.float32),
-                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32))
+                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32), slot, s_new, v_new, ROPE)
     for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
-        if ROPE:
-            now = (rs == slot)[:, None]
-            k = tl.where(now, k_new[None, :], k)
-            v = tl.where(now, v_new[None, :], v)
-        m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
+        m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc, slot, s_new, v_new, ROPE)
     if SPLIT_P2 == 1:
         tl.store(o_ptr + bh * D + rd, (acc / l_i).to(o_ptr.dtype.element_ty), mask=md)
     else:

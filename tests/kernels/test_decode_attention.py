@@ -53,8 +53,8 @@ def test_decode_attention_refuses_several_tokens():
                                                           (2, 2, 1, 128, 256, 5, 16, False)])
 def test_rope_decode_attention_matches_rope_kv_then_attention(B, H, HKV, D, S, slot, n_split, early):
     """The fused kernel (RoPE + cache write + attention) against rope_kv_write followed by
-    decode_attention on a copy of the cache: the same arithmetic (one fp32 rotation rounded once,
-    the same slices), so the output is bit-equal, and so is the cache afterwards (the
+    decode_attention on a copy of the cache: the same output within 2e-3 (as above; the new row's
+    score and value are summed in a different order), and the cache bit-equal afterwards (the
     new row written once per KV head, nothing else touched), slots in the first, a middle and the
     last slice, grouped heads, early and late first-block reads."""
     torch.manual_seed(S + slot)
@@ -73,4 +73,5 @@ def test_rope_decode_attention_matches_rope_kv_then_attention(B, H, HKV, D, S, s
     ref = decode_attention(q_rot, kc2[:, :, :S], vc2[:, :, :S], bias, n_split)
     out = rope_decode_attention(q, k, v, cos, sin, kc[:, :, :S], vc[:, :, :S], slots, bias, H, n_split, early)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
-    assert out.shape == (B, H, 1, D) and torch.equal(out, ref)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert out.shape == (B, H, 1, D) and err < 2e-3, err
