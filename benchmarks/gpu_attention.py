@@ -1,8 +1,8 @@
 """Single-token attention on a GPU: awqconv's split-KV kernel (kernels/decode_attention.py) against
 torch SDPA, Llama-2-7B heads (32 x 128, batch 1), over 32 layers' distinct caches (so the cache is
 read from HBM, not L2), in one CUDA graph; us per layer and the cache read rate.
-Variants: cache slots per slice; the fused RoPE + cache write + attention kernel with and without
-early cache reads (before the PDL wait; here the previous kernel is the previous layer's attention).
+Variants: cache slots per slice, with and without early cache reads (before the PDL wait; here the
+previous kernel is the previous layer's attention).
 Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048]
 """
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from awqconv.kernels.decode_attention import decode_attention, rope_decode_attention  # noqa: E402
-from gpu_kernels import time_graph  # noqa: E402
+from gpu_kernels import time_graph
+
+from awqconv.kernels.decode_attention import decode_attention
 
 DEV = torch.device("cuda")
 H, D, LAYERS, MAX_LEN = 32, 128, 32, 2112
@@ -39,21 +40,15 @@ def main() -> None:
         slot = torch.tensor([S - 1], device=DEV)
         q = torch.randn(1, H, 1, D, dtype=torch.float16, device=DEV)
         variants = {"sdpa": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)}
-        qkv = torch.randn(1, 1, 3 * H * D, dtype=torch.float16, device=DEV)
-        qs, ks, vs = qkv.split(H * D, -1)
-        cos = torch.ones(1, 1, 1, D, dtype=torch.float16, device=DEV)
-        sin = torch.zeros(1, 1, 1, D, dtype=torch.float16, device=DEV)  # identity rotation: same reference
+        variants["awq_default"] = lambda k, v: decode_attention(q, k, v, bias, slot=slot)
         for slice_ in (32, 64, 128):
             n = -(-S // slice_)
-            variants[f"awq_slice{slice_}"] = lambda k, v, n=n: decode_attention(q, k, v, bias, n, max_split=64)
             for early in (False, True):
-                variants[f"awq_rope_slice{slice_}" + ("_early" if early else "")] = (
-                    lambda k, v, n=n, early=early: rope_decode_attention(qs, ks, vs, cos, sin, k, v, slot, bias, H,
-                                                                         n, early, max_split=64))
+                variants[f"awq_slice{slice_}" + ("_early" if early else "")] = (
+                    lambda k, v, n=n, early=early: decode_attention(q, k, v, bias, n, slot, early, max_split=64))
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
-            qq = q if "rope" not in name else qs.view(1, H, 1, D)  # the fused kernel reads raw QKV rows
-            ref = F.scaled_dot_product_attention(qq.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),
+            ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),
                                                  attn_mask=bias.float())
             err = ((out.float() - ref).norm() / ref.norm()).item()
             us = time_graph(lambda fn=fn: [fn(k[:, :, :S], v[:, :, :S]) for k, v in zip(kcs, vcs)], LAYERS)[0]

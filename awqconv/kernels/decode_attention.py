@@ -7,8 +7,8 @@ the split-K GEMVs) merges them in slice order, so the result is deterministic. G
 read their KV head directly (no repeat). ``bias`` is the runtime's additive mask (0 or -inf) for the
 step. It replaces SDPA for T = 1 on the GPU (H100, Llama-2-7B shape, benchmarks/gpu_attention.py:
 9.1 against SDPA's 10.3 us per layer at 512 slots, 17.4 against 18.5 at 2048) and joins the PDL
-chain. ``rope_decode_attention`` also does the step's RoPE and KV-cache write (one kernel fewer per
-layer than rope_kv.py + this) and may start reading the cache before the previous kernel ends.
+chain; given the step's cache slot it may start reading the cache before the previous kernel ends.
+(RoPE and the cache write folded in here, one kernel fewer per layer, measured slower: notes, run Y.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .workspace import WORKSPACE
 MAX_SPLIT = 32
 MAX_BLOCK_S = 128
 SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots, benchmarks/gpu_attention.py)
-EARLY_MAX_S = 512  # early cache reads help up to here (rope_decode_attention)
+EARLY_MAX_S = 512  # early cache reads help up to here (see decode_attention)
 
 
 @triton.jit
@@ -39,60 +39,31 @@ def _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs, fresh=None):
 
 
 @triton.jit
-def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc, slot, s_new, v_new, ROPE: tl.constexpr):
-    """One block of the online softmax: scores, running max/sum and the fp32 accumulator. ROPE: the
-    row at ``slot`` takes score ``s_new`` and value ``v_new`` (this step's token, computed in
-    registers) instead of the cache's copy, which may not be written yet; done on the score vector
-    and one extra FMA row, so the K/V tiles stay as loaded (fewer registers than patching them)."""
+def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc):
+    """One block of the online softmax: scores, running max/sum and the fp32 accumulator."""
     bias = tl.load(bias_row + rs, mask=rs < hi, other=float("-inf")).to(tl.float32)
     sc = tl.sum(k.to(tl.float32) * q[None, :], axis=1) + bias
-    if ROPE:
-        now = rs == slot
-        sc = tl.where(now, s_new + bias, sc)
     m_new = tl.maximum(m_i, tl.max(sc, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked block adds nothing
     p = tl.exp(sc - m_ref)
     alpha = tl.exp(m_i - m_ref)
-    if ROPE:
-        pv = tl.sum(tl.where(now, 0.0, p)[:, None] * v.to(tl.float32), axis=0)
-        pv += tl.sum(tl.where(now, p, 0.0), axis=0) * v_new
-    else:
-        pv = tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + pv
+    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
 
 
 @triton.jit
-def _rope_row(src, cs, sn, rd, D: tl.constexpr):
-    """One head row rotated (x cos + rotate_half(x) sin, fp32, rounded once: as rope_kv.py)."""
-    HALF: tl.constexpr = D // 2
-    md = rd < D
-    pair = tl.where(rd < HALF, rd + HALF, rd - HALF)
-    x = tl.load(src + rd, mask=md, other=0.0).to(tl.float32)
-    xp = tl.load(src + pair, mask=md, other=0.0).to(tl.float32)
-    c = tl.load(cs + rd, mask=md, other=0.0).to(tl.float32)
-    s = tl.load(sn + rd, mask=md, other=0.0).to(tl.float32)
-    return (x * c + tl.where(rd < HALF, -xp, xp) * s).to(src.dtype.element_ty)
-
-
-@triton.jit
-def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_ptr,
-                            S, CHUNK, N_SPLIT, H, GROUP, scale, stride_qb,
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_ptr, cnt_ptr,
+                            S, CHUNK, N_SPLIT, H, GROUP, scale,
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
-                            ks_ptr, vs_ptr, cos_ptr, sin_ptr, slot_ptr, stride_cb,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                            SPLIT_P2: tl.constexpr, ROPE: tl.constexpr = False, EARLY: tl.constexpr = False,
-                            USE_PDL: tl.constexpr = False):
-    """ROPE: q, k, v are this step's raw QKV rows (``q_ptr``, ``ks_ptr``, ``vs_ptr``, row stride
-    ``stride_qb``): q is rotated here, and the program of each KV head's first query head whose slice
-    holds ``slot`` rotates k and stores k and v into the cache at ``slot``; every program uses the new
-    row from registers (``_attend``), never the cache's copy, so no program waits for the write. Then
-    the earlier rows are constant during the step and EARLY loads the first block before the PDL wait."""
+                            SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False):
+    """EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
+    earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
+    which the previous kernel (RoPE + cache write) just stored, is read again after the wait."""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // H
-    h = bh % H
-    kh = h // GROUP
+    kh = (bh % H) // GROUP
     rd = tl.arange(0, BLOCK_D)
     md = rd < D
     kb = k_ptr + b * stride_kb + kh * stride_kh
@@ -102,33 +73,22 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_pt
     rs = lo + tl.arange(0, BLOCK_S)
     if EARLY:
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
-    pdl_wait(USE_PDL)  # q (or the raw QKV rows), the mask and, without ROPE, the cache are this step's
-    if not EARLY:
-        k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
-    if ROPE:
-        cs = cos_ptr + b * stride_cb
-        sn = sin_ptr + b * stride_cb
-        q = _rope_row(q_ptr + b * stride_qb + h * D, cs, sn, rd, D).to(tl.float32) * scale
-        slot = tl.load(slot_ptr)
-        k_new = _rope_row(ks_ptr + b * stride_qb + kh * D, cs, sn, rd, D)
-        v_new = tl.load(vs_ptr + b * stride_qb + kh * D + rd, mask=md, other=0.0)
-        if (h % GROUP == 0) & (slot >= lo) & (slot < hi):
-            tl.store(kb + slot * stride_ks + rd, k_new, mask=md)
-            tl.store(vb + slot * stride_vs + rd, v_new, mask=md)
-        s_new = tl.sum(k_new.to(tl.float32) * q, axis=0)
-        v_new = v_new.to(tl.float32)
+        pdl_wait(USE_PDL)
+        now = rs == tl.load(slot_ptr)
+        k2, v2 = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs, now)
+        k = tl.where(now[:, None], k2, k)
+        v = tl.where(now[:, None], v2, v)
     else:
-        q = tl.load(q_ptr + b * stride_qb + h * D + rd, mask=md, other=0.0).to(tl.float32) * scale
-        slot = -1
-        s_new = 0.0
-        v_new = q
+        pdl_wait(USE_PDL)  # q, the cache and the mask are this step's
+        k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
+    q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
     bias_row = bias_ptr + b * stride_bias
     m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, tl.full((), float("-inf"), tl.float32),
-                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32), slot, s_new, v_new, ROPE)
+                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32))
     for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
-        m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc, slot, s_new, v_new, ROPE)
+        m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
     if SPLIT_P2 == 1:
         tl.store(o_ptr + bh * D + rd, (acc / l_i).to(o_ptr.dtype.element_ty), mask=md)
     else:
@@ -153,33 +113,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ws_ptr, cnt_pt
             tl.atomic_xchg(cnt_ptr + bh, 0)
 
 
-def _launch(q, q_row_stride, k, v, bias, rope: tuple | None, n_split: int | None, early: bool,
-            max_split: int) -> Tensor:
-    B, HKV, S, D = k.shape
-    H = q.shape[1] if rope is None else rope[-1]
-    if n_split is None:
-        n_split = triton.cdiv(S, SLICE)
-    n_split = max(1, min(n_split, max_split, S))
-    chunk = triton.cdiv(S, n_split)
-    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
-    chunk = triton.cdiv(chunk, block_s) * block_s
-    n_split = triton.cdiv(S, chunk)  # no empty slices
-    split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
-    block_d = triton.next_power_of_2(D)
-    ws, cnt = WORKSPACE.get(k.device, B * H * split_p2 * (block_d + 2), B * H)
-    out = torch.empty(B, H, 1, D, dtype=k.dtype, device=k.device)
-    ks, vs, cos, sin, slot = rope[:5] if rope is not None else (q, q, q, q, q)  # dummies without RoPE
-    decode_attention_kernel[(B * H, n_split)](
-        q, k, v, bias, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5, q_row_stride,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
-        ks, vs, cos, sin, slot, cos.stride(0),
-        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, ROPE=rope is not None, EARLY=early,
-        num_warps=4 if block_s * block_d <= 8192 else 8, **pdl_launch(k.device))
-    return out
-
-
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
-                     max_split: int = MAX_SPLIT) -> Tensor:
+                     slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT) -> Tensor:
     """softmax(q k^T / sqrt(D) + bias) v for one query token.
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -187,38 +122,34 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     ``n_split`` forces the number of cache slices. By default slices are 64 slots (up to
     ``max_split`` per head): at decode lengths each program then loads its q, K, V and mask once, all
     in flight together (the kernel is latency-bound: a loop of dependent loads cost more than SDPA's
-    launch).
+    launch). ``slot`` (int64 [1], on the device) is the only cache slot the previous kernels of this
+    step wrote; with it, ``early`` (default: S <= EARLY_MAX_S) reads the first cache block before the
+    previous kernel finishes and that slot's row again after. It overlaps the previous kernel's tail
+    at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
+    slots, 11.2 -> 12.6 at 1024).
     """
-    _, H, T, D = q.shape
-    HKV = k.shape[1]
+    B, H, T, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
     if T != 1 or H % HKV or k.stride(3) != 1 or v.stride(3) != 1 or bias.stride(3) != 1:
         raise ValueError("decode_attention: one query token, H a multiple of the KV heads, contiguous last dims")
     q = q.contiguous()
-    return _launch(q, H * D, k, v, bias, None, n_split, False, max_split)
-
-
-def rope_decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                          v_cache: Tensor, slot: Tensor, bias: Tensor, n_heads: int,
-                          n_split: int | None = None, early: bool | None = None,
-                          max_split: int = MAX_SPLIT) -> Tensor:
-    """RoPE, the KV-cache write and single-token attention in one kernel (the decode step's
-    replacement for rope_kv.rope_kv_write + decode_attention).
-
-    ``q, k, v`` [B, 1, heads * D] column slices of one QKV output; ``cos, sin`` [B, 1, 1, D];
-    ``k_cache, v_cache`` [B, HKV, S, D] views of the cache up to the attended length S; ``slot``
-    (int64 [1], on the device, < S) where this token's k and v go; ``bias [B, 1, 1, S]``. ``early``
-    (default: S <= EARLY_MAX_S) reads the first cache block before the previous kernel finishes: it
-    overlaps that kernel's tail at short contexts, and contends with its reads at long ones (H100:
-    9.1 -> 7.1 us per layer at 512 slots, 11.2 -> 12.6 at 1024).
-    """
-    T = q.shape[1]
-    HKV, S = k_cache.shape[1:3]
-    if (T != 1 or n_heads % HKV or q.stride(2) != 1 or k.stride()[:2] != q.stride()[:2]
-            or v.stride()[:2] != q.stride()[:2] or k_cache.stride(3) != 1 or v_cache.stride(3) != 1
-            or bias.stride(3) != 1 or cos.stride(3) != 1 or sin.stride() != cos.stride()):
-        raise ValueError("rope_decode_attention: one token; q, k, v column slices of one QKV row; "
-                         "contiguous last dims")
+    if n_split is None:
+        n_split = triton.cdiv(S, SLICE)
     if early is None:
         early = S <= EARLY_MAX_S
-    return _launch(q, q.stride(0), k_cache, v_cache, bias, (k, v, cos, sin, slot, n_heads), n_split, early,
-                   max_split)
+    early = early and slot is not None
+    n_split = max(1, min(n_split, max_split, S))
+    chunk = triton.cdiv(S, n_split)
+    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
+    chunk = triton.cdiv(chunk, block_s) * block_s
+    n_split = triton.cdiv(S, chunk)  # no empty slices
+    split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
+    block_d = triton.next_power_of_2(D)
+    ws, cnt = WORKSPACE.get(q.device, B * H * split_p2 * (block_d + 2), B * H)
+    out = torch.empty_like(q)
+    decode_attention_kernel[(B * H, n_split)](
+        q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
+        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early,
+        num_warps=4 if block_s * block_d <= 8192 else 8, **pdl_launch(q.device))
+    return out

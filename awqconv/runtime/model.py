@@ -95,7 +95,7 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, slots: Tensor | None = None) -> Tensor:
     """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
     plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
     heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
@@ -154,28 +154,18 @@ class Layer(nn.Module):
         s, f = self.spec, self.fused
         B, T, _ = x.shape
         q, k, v = self.qkv.split(self.qkv(h))
-        if q.is_cuda and T == 1:  # one Triton kernel: RoPE, the cache write and the attention
-            from ..kernels.decode_attention import (
-                rope_decode_attention,  # Triton import only on a GPU
-            )
+        if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
+            from ..kernels.rope_kv import rope_kv_write  # Triton import only where a GPU path runs
 
-            a = rope_decode_attention(q, k, v, cos, sin, kc[:, :, :kv_len], vc[:, :, :kv_len], slots, bias,
-                                      s.n_heads)
+            q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
         else:
-            if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
-                from ..kernels.rope_kv import (
-                    rope_kv_write,  # Triton import only where a GPU path runs
-                )
-
-                q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
-            else:
-                q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-                k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-                v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-                q, k = f.rope(q, k, cos, sin)
-                kc.index_copy_(2, slots, k.to(kc.dtype))
-                vc.index_copy_(2, slots, v.to(vc.dtype))
-            a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads)
+            q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
+            k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+            v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+            q, k = f.rope(q, k, cos, sin)
+            kc.index_copy_(2, slots, k.to(kc.dtype))
+            vc.index_copy_(2, slots, v.to(vc.dtype))
+        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, slots)
         x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
                           self.ln2.weight, self.ln2.eps)
         gate, up = self.gate_up.split(self.gate_up(h))
