@@ -2,8 +2,7 @@
 torch SDPA, Llama-2-7B heads (32 x 128, batch 1), over 32 layers' distinct caches (so the cache is
 read from HBM, not L2), in one CUDA graph; us per layer and the cache read rate.
 Variants: cache slots per slice, with and without early cache reads (before the PDL wait; here the
-previous kernel is the previous layer's attention), and slices read as a loop over smaller blocks,
-each next block loaded before the current one's arithmetic.
+previous kernel is the previous layer's attention).
 Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048]
 """
 
@@ -47,11 +46,6 @@ def main() -> None:
             for early in (False, True):
                 variants[f"awq_slice{slice_}" + ("_early" if early else "")] = (
                     lambda k, v, n=n, early=early: decode_attention(q, k, v, bias, n, slot, early, max_split=64))
-        for slice_, blk in ((64, 32), (128, 32), (128, 64), (256, 64)):  # slices as loops over blocks, prefetched
-            n = -(-S // slice_)
-            variants[f"awq_slice{slice_}_block{blk}_prefetch"] = (
-                lambda k, v, n=n, blk=blk: decode_attention(q, k, v, bias, n, slot, max_split=64, block_s=blk,
-                                                            prefetch=True))
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
             ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),

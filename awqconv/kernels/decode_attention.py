@@ -55,12 +55,10 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
                             S, CHUNK, N_SPLIT, H, GROUP, scale,
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                            SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                            USE_PDL: tl.constexpr = False):
+                            SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
-    which the previous kernel (RoPE + cache write) just stored, is read again after the wait.
-    PREFETCH: slices of several blocks load the next block before computing the current one."""
+    which the previous kernel (RoPE + cache write) just stored, is read again after the wait."""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -85,18 +83,12 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
     q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
     bias_row = bias_ptr + b * stride_bias
-    m_i = tl.full((), float("-inf"), tl.float32)
-    l_i = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for s0 in range(lo, hi, BLOCK_S):  # one block in hand; the next is loaded before (PREFETCH) or after it
+    m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, tl.full((), float("-inf"), tl.float32),
+                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32))
+    for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
-        if PREFETCH:
-            nk, nv = _kv_block(kb, vb, rs + BLOCK_S, hi, rd, md, stride_ks, stride_vs)
+        k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
         m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
-        if PREFETCH:
-            k, v = nk, nv
-        else:
-            k, v = _kv_block(kb, vb, rs + BLOCK_S, hi, rd, md, stride_ks, stride_vs)
     if SPLIT_P2 == 1:
         tl.store(o_ptr + bh * D + rd, (acc / l_i).to(o_ptr.dtype.element_ty), mask=md)
     else:
@@ -122,8 +114,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
-                     slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     block_s: int = MAX_BLOCK_S, prefetch: bool = False) -> Tensor:
+                     slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT) -> Tensor:
     """softmax(q k^T / sqrt(D) + bias) v for one query token.
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -135,9 +126,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     step wrote; with it, ``early`` (default: S <= EARLY_MAX_S) reads the first cache block before the
     previous kernel finishes and that slot's row again after. It overlaps the previous kernel's tail
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
-    slots, 11.2 -> 12.6 at 1024). ``block_s`` caps the cache rows a program holds at once (a slice
-    of more rows is a loop over blocks), ``prefetch`` loads each next block before the current one's
-    arithmetic.
+    slots, 11.2 -> 12.6 at 1024).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
@@ -151,7 +140,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     early = early and slot is not None
     n_split = max(1, min(n_split, max_split, S))
     chunk = triton.cdiv(S, n_split)
-    block_s = min(block_s, max(16, triton.next_power_of_2(chunk)))
+    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
     chunk = triton.cdiv(chunk, block_s) * block_s
     n_split = triton.cdiv(S, chunk)  # no empty slices
     split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
@@ -161,6 +150,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     decode_attention_kernel[(B * H, n_split)](
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
-        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, PREFETCH=prefetch,
+        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early,
         num_warps=4 if block_s * block_d <= 8192 else 8, **pdl_launch(q.device))
     return out
