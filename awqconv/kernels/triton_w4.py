@@ -65,33 +65,48 @@ def _half_offset(dtype: tl.constexpr):
 
 
 @triton.jit
-def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
-                 SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store a tile; under split-K (SPLIT_P2 = next power of two >= SPLIT_K, 1 = no split), park the
-    fp32 partial and let the last program of the tile sum all partials in a fixed order
-    (deterministic), store, and re-arm the tile's ticket. The partials' loads are unrolled and
-    predicated, not a runtime loop, so they are all in flight at once: one L2 round trip, not
-    SPLIT_K of them, at the end of every kernel."""
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+def _merged(acc, rm, rn, M, N, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2: tl.constexpr):
+    """(last, total) of a tile: without split-K (SPLIT_P2 = 1) this program's ``acc``; under split-K
+    (SPLIT_P2 = next power of two >= SPLIT_K) every program parks its fp32 partial and only the last
+    one of the tile (a ticket) gets the sum of all partials in a fixed order (deterministic). Its
+    loads are unrolled and predicated, not a runtime loop, so they are all in flight at once: one L2
+    round trip, not SPLIT_K of them, at the end of every kernel. The caller stores the total and
+    re-arms the ticket (``_rearm``)."""
     if SPLIT_P2 == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        return True, acc
     else:
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
         ws_tile = ws_ptr + rm[:, None] * N + rn[None, :]
         tl.store(ws_tile + pid_k * M * N, acc, mask=mask)
         tl.debug_barrier()  # every warp's partial is written before the release below
         ticket = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:
-            tot = tl.zeros_like(acc)
+        last = ticket == SPLIT_K - 1
+        tot = tl.zeros_like(acc)
+        if last:
             for kk in tl.static_range(SPLIT_P2):
                 live = mask & ((rn * 0 + kk) < SPLIT_K)[None, :]
                 tot += tl.load(ws_tile + kk * M * N, mask=live, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+        return last, tot
+
+
+@triton.jit
+def _rearm(cnt_ptr, tile_id, SPLIT_P2: tl.constexpr):
+    """The last program of a split tile sets its ticket back to zero (after its stores)."""
+    if SPLIT_P2 > 1:
+        tl.atomic_xchg(cnt_ptr + tile_id, 0)
+
+
+@triton.jit
+def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
+                 SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store a tile (bias added, cast once), merging split-K partials first (``_merged``)."""
+    last, tot = _merged(acc, rm, rn, M, N, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2)
+    if last:
+        if HAS_BIAS:
+            tot += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], tot.to(y_ptr.dtype.element_ty), mask=mask)
+        _rearm(cnt_ptr, tile_id, SPLIT_P2)
 
 
 @triton.jit
@@ -303,27 +318,13 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                         M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                         SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
-    """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
-    per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
-    above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
-    issues every load of the next chunk (words, activations, scales, zeros) before computing the
-    current one, so no warp waits on a load it just issued (0: load, then compute); PREFETCH >= 2
-    keeps PREFETCH - 1 chunks in flight through shared memory (Triton's cp.async pipeline), which
-    costs no registers."""
-    _pdl_start(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
+    """The one-row GEMV's K loop over rows [k_lo, k_hi) for columns ``rn``: returns the [KC/8, BN] fp32
+    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads."""
     rw = tl.arange(0, KC // 8)
     mn = rn < N
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory: loads in flight without registers
@@ -349,6 +350,29 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
         for k0 in range(k_lo, k_hi, KC):
             w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
+    return acc2
+
+
+@triton.jit
+def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                         M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                         SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+    """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
+    per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
+    above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
+    issues every load of the next chunk (words, activations, scales, zeros) before computing the
+    current one, so no warp waits on a load it just issued (0: load, then compute); PREFETCH >= 2
+    keeps PREFETCH - 1 chunks in flight through shared memory (Triton's cp.async pipeline), which
+    costs no registers."""
+    _pdl_start(USE_PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * K_SPLIT
+    acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
+                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
     acc = 64.0 * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
