@@ -52,6 +52,7 @@ def tiny_llama_qm(
     tie_word_embeddings: bool = False,
     attention_bias: bool = False,
     seed: int = 0,
+    head_dim: int | None = None,
 ) -> QuantizedModel:
     """A random 2-layer GQA Llama (hidden 64) whose decoder-block linears are IntGrid-packed."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -66,6 +67,7 @@ def tiny_llama_qm(
         max_position_embeddings=128,
         tie_word_embeddings=tie_word_embeddings,
         attention_bias=attention_bias,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()

@@ -65,6 +65,24 @@ class Int4Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self.dense, self.dense_bias)
         return y.reshape(*lead, self.out_features)
 
+    def rope_qkv(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
+                 n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
+        """For one token (``x`` [1, 1, K]), this fused QKV projection with RoPE and the KV-cache write
+        in one kernel (gemv_rope.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
+        that kernel does not apply (then use ``forward`` and the separate RoPE/cache step)."""
+        if self.kw is None or x.numel() != self.in_features:
+            return None
+        from .gemv_rope import (  # Triton import only where a GPU path runs
+            qkv_rope,
+            supports_rope,
+        )
+
+        x2 = x.reshape(1, -1)
+        if not supports_rope(self.kw, x2, head_dim) or self.out_features != (n_heads + 2 * n_kv) * head_dim:
+            return None
+        return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
+                        head_dim)
+
     def split(self, y: Tensor) -> tuple[Tensor, ...]:
         return y.split(self.splits, dim=-1) if len(self.splits) > 1 else (y,)
 

@@ -95,6 +95,17 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     return KernelConfig("dequant")
 
 
+def _split_for(cfg: KernelConfig, n_tiles: int, K: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K rows per split) of a split-K launch over ``n_tiles`` output tiles: ``cfg.split_k``,
+    or for split_k <= 0 about -split_k (default 4) programs per SM; every split whole chunks."""
+    n_chunks = K // cfg.kc
+    split = cfg.split_k
+    if split <= 0:
+        split = max(1, min(n_chunks, triton.cdiv((-split or 4) * _n_sm(device), n_tiles)))
+    k_split = triton.cdiv(n_chunks, split) * cfg.kc
+    return triton.cdiv(K, k_split), k_split
+
+
 def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """Dense ``W [K, N]`` in ``dtype`` (bit-equal to ``PackedLinear.dequantize(dtype).t()``)."""
     K, N = kw.in_features, kw.out_features
@@ -133,13 +144,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     bm = cfg.block_m
     n_tiles_n = triton.cdiv(N, cfg.block_n)
     n_tiles_m = triton.cdiv(M, bm)
-    n_chunks = K // kc
-    split = cfg.split_k
-    if split <= 0:  # fill the GPU: about -split_k (default 4) programs per SM
-        per_sm = -split or 4
-        split = max(1, min(n_chunks, triton.cdiv(per_sm * _n_sm(x.device), n_tiles_n * n_tiles_m)))
-    k_split = triton.cdiv(n_chunks, split) * kc
-    split = triton.cdiv(K, k_split)
+    split, k_split = _split_for(cfg, n_tiles_n * n_tiles_m, K, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws, cnt = WORKSPACE.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,

@@ -153,18 +153,23 @@ class Layer(nn.Module):
         """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, next layer's ln1 input)."""
         s, f = self.spec, self.fused
         B, T, _ = x.shape
-        q, k, v = self.qkv.split(self.qkv(h))
-        if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
-            from ..kernels.rope_kv import rope_kv_write  # Triton import only where a GPU path runs
+        # decode, one row: QKV, RoPE and the cache write in one kernel where it applies (gemv_rope.py)
+        q = self.qkv.rope_qkv(h, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim) if B * T == 1 else None
+        if q is None:
+            q, k, v = self.qkv.split(self.qkv(h))
+            if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
+                from ..kernels.rope_kv import (
+                    rope_kv_write,  # Triton import only where a GPU path runs
+                )
 
-            q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
-        else:
-            q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-            k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-            v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-            q, k = f.rope(q, k, cos, sin)
-            kc.index_copy_(2, slots, k.to(kc.dtype))
-            vc.index_copy_(2, slots, v.to(vc.dtype))
+                q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
+            else:
+                q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
+                k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+                v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
+                q, k = f.rope(q, k, cos, sin)
+                kc.index_copy_(2, slots, k.to(kc.dtype))
+                vc.index_copy_(2, slots, v.to(vc.dtype))
         a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, slots)
         x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
                           self.ln2.weight, self.ln2.eps)

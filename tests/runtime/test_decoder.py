@@ -119,6 +119,30 @@ def test_triton_path_in_interpreter(tiny_qm, gpu_elementwise):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8
 
 
+def test_fused_qkv_rope_decode_step_in_interpreter(make_tiny_llama_qm, monkeypatch):
+    """A decode step through the fused QKV + RoPE + cache-write kernel (head_dim 64, one row, fp16,
+    the interpreter) after an unfused prefill: the step's logits match the HF reference at that
+    position (tolerance as above) and the kernel really ran, once per layer."""
+    from awqconv.kernels import gemv_rope
+
+    calls = []
+    real = gemv_rope.qkv_rope
+    monkeypatch.setattr(gemv_rope, "qkv_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qm = make_tiny_llama_qm(head_dim=64)
+    dec = build_decoder(qm, "cpu", dtype=torch.float16, mode="triton")
+    dec.allocate_cache(1, 32)
+    ids = torch.tensor([PROMPTS[2]])
+    T = ids.shape[1]
+    with torch.no_grad():
+        want = reference_model(qm)(ids).logits[0, -1]
+        dec(ids[:, :-1], torch.arange(T - 1)[None], torch.tensor(0), T - 1)
+        assert not calls  # the prefill takes the unfused path
+        got = dec(ids[:, -1:], torch.tensor([[T - 1]]), torch.tensor(T - 1), T)[0, -1].float()
+    assert len(calls) == qm.hf_config["num_hidden_layers"]
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+    assert got.argmax() == want.argmax()
+
+
 def test_clear_errors(tiny_qm):
     bad = QuantizedModel({**tiny_qm.hf_config, "architectures": ["GPT2LMHeadModel"]}, tiny_qm.quant_config,
                          tiny_qm.linears, tiny_qm.dense)

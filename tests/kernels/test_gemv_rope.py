@@ -1,0 +1,51 @@
+"""The QKV GEMV with RoPE and the KV-cache write as its epilogue (kernels/gemv_rope.py), in the
+interpreter, against the two-kernel path it replaces (``w4_matmul`` then ``rope_kv_write``): the same
+split-K sums in the same order and the same fp32 rotation rounded once, so rotated q and both caches
+must come out bit-equal, whatever the split count, with and without a bias, grouped KV heads, head
+dims 64 and 128."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from awqconv.kernels.gemv_rope import qkv_rope, supports_rope
+from awqconv.kernels.layout import KernelWeight
+from awqconv.kernels.ops import w4_matmul
+from awqconv.kernels.rope_kv import rope_kv_write
+from awqconv.kernels.workspace import WORKSPACE
+
+
+@pytest.mark.parametrize("H,HKV,D,K,g,bias", [(2, 2, 64, 128, 64, False), (4, 2, 64, 256, 128, True),
+                                              (2, 1, 128, 192, 64, False)])
+def test_qkv_rope_matches_gemv_then_rope_kv(make_packed, H, HKV, D, K, g, bias):
+    torch.manual_seed(H + D + K)
+    N = (H + 2 * HKV) * D
+    p = make_packed(N, K, g, bias=bias, seed=N + K)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(1, K).half()
+    S = 24
+    slot = torch.tensor([S - 5])
+    kc, vc = torch.randn(1, HKV, S, D).half(), torch.randn(1, HKV, S, D).half()
+    kc2, vc2 = kc.clone(), vc.clone()
+    ang = torch.rand(1, 1, 1, D // 2) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).half(), torch.cat([ang.sin()] * 2, -1).half()
+
+    y = w4_matmul(x, kw)[:, None]  # [1, T=1, N]
+    q_ref = rope_kv_write(*y.split([H * D, HKV * D, HKV * D], -1), cos, sin, kc2, vc2, slot, H, HKV, D)
+    assert supports_rope(kw, x, D)
+    q = qkv_rope(x, kw, cos[0, 0, 0], sin[0, 0, 0], kc, vc, slot, H, HKV, D)
+    assert q.shape == (1, H, 1, D)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert not WORKSPACE.cnt[torch.device("cpu")].any()  # tickets re-armed
+
+
+def test_qkv_rope_refuses_mismatched_heads(make_packed):
+    p = make_packed(4 * 64, 64, 64)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(1, 64).half()
+    cs = torch.ones(64).half()
+    kc = torch.zeros(1, 1, 8, 64).half()
+    with pytest.raises(ValueError, match="heads"):
+        qkv_rope(x, kw, cs, cs, kc, kc, torch.tensor([0]), 3, 1, 64)  # 3 + 2 heads != 4
