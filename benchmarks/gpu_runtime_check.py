@@ -1,5 +1,6 @@
 """GPU correctness of the runtime: tiny random Llama / Qwen2-style models, greedy tokens of awqconv's
-runtime (Triton INT4 linears, CUDA graphs) against the fake-quant transformers reference on the GPU.
+runtime (Triton INT4 linears, CUDA graphs) against the fake-quant transformers reference on the GPU,
+for a batch of two prompts and for the first prompt alone (one-row decode kernels).
 Usage: python benchmarks/gpu_runtime_check.py
 """
 
@@ -23,16 +24,17 @@ from awqconv.runtime.model import build_decoder
 
 def main() -> None:
     out = []
-    for kw in [dict(group_size=32), dict(group_size=64, attention_bias=True), dict(group_size=32, scale_dtype=torch.bfloat16)]:
+    for kw in [dict(group_size=32), dict(group_size=64, attention_bias=True), dict(group_size=32, scale_dtype=torch.bfloat16),
+               dict(group_size=32, head_dim=64)]:  # head_dim 64: one-row steps take the fused QKV + RoPE kernel
         qm = tiny_llama_qm(**kw)
         dt = qm.dtype
         ref = reference_model(qm, dtype=torch.float32).cuda()
         dec = build_decoder(qm, "cuda")
-        gen = Generator(dec, max_batch=2, max_len=256)
         prompts = [[1, 5, 9, 33, 2, 7, 7], [100, 3, 4]]
-        res = gen.generate(prompts, SamplingParams(max_new_tokens=40))
+        res = Generator(dec, max_batch=2, max_len=256).generate(prompts, SamplingParams(max_new_tokens=40))
+        one = Generator(dec, max_batch=1, max_len=256).generate(prompts[:1], SamplingParams(max_new_tokens=40))
         agree = []
-        for p, r in zip(prompts, res.tokens):
+        for p, r in zip(prompts + prompts[:1], res.tokens + one.tokens):  # a batch of two, then one row alone
             o = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, min_new_tokens=40, do_sample=False)
             rt = o[0, len(p):].tolist()
             first_diff = next((i for i, (a, b) in enumerate(zip(r, rt)) if a != b), None)
