@@ -146,7 +146,7 @@ def main() -> None:
         keep, attn.EARLY_MAX_S = attn.EARLY_MAX_S, 0  # read at every launch; a new Generator recaptures
         results["runs"].append(run_decode(dec, "awqconv_int4_late_kv", 64, 256, 2048))
         attn.EARLY_MAX_S = keep
-    if a.rope_compare:  # the same decode with QKV, RoPE/cache write as two kernels (no gemv_rope epilogue)
+    if a.rope_compare:  # the same decode with QKV, RoPE/cache write as two kernels (no gemv_fused epilogue)
         from awqconv.kernels.linear import Int4Linear
 
         fused = Int4Linear.rope_qkv

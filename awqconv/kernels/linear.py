@@ -68,20 +68,34 @@ class Int4Linear(nn.Module):
     def rope_qkv(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
                  n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
         """For one token (``x`` [1, 1, K]), this fused QKV projection with RoPE and the KV-cache write
-        in one kernel (gemv_rope.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
+        in one kernel (gemv_fused.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
         that kernel does not apply (then use ``forward`` and the separate RoPE/cache step)."""
-        if self.kw is None or x.numel() != self.in_features:
+        x2 = self._one_row(x)
+        if x2 is None or self.out_features != (n_heads + 2 * n_kv) * head_dim or head_dim % 64:
             return None
-        from .gemv_rope import (  # Triton import only where a GPU path runs
-            qkv_rope,
-            supports_rope,
-        )
+        from .gemv_fused import qkv_rope  # Triton import only where a GPU path runs
 
-        x2 = x.reshape(1, -1)
-        if not supports_rope(self.kw, x2, head_dim) or self.out_features != (n_heads + 2 * n_kv) * head_dim:
-            return None
         return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
                         head_dim)
+
+    def silu_gate_up(self, x: Tensor) -> Tensor | None:
+        """For one token (``x`` [1, 1, K]), silu(gate) * up [1, 1, I] of this fused [gate; up]
+        projection in one kernel (gemv_fused.py); None where that kernel does not apply."""
+        x2 = self._one_row(x)
+        if x2 is None or len(self.splits) != 2 or self.splits[0] != self.splits[1] or self.splits[0] % 32:
+            return None
+        from .gemv_fused import gate_up_silu  # Triton import only where a GPU path runs
+
+        return gate_up_silu(x2, self.kw).view(1, 1, -1)
+
+    def _one_row(self, x: Tensor) -> Tensor | None:
+        """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None."""
+        if self.kw is None or x.numel() != self.in_features:
+            return None
+        from .gemv_fused import fits  # Triton import only where a GPU path runs
+
+        x2 = x.reshape(1, -1)
+        return x2 if fits(self.kw, x2) else None
 
     def split(self, y: Tensor) -> tuple[Tensor, ...]:
         return y.split(self.splits, dim=-1) if len(self.splits) > 1 else (y,)

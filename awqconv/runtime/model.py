@@ -153,7 +153,7 @@ class Layer(nn.Module):
         """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, next layer's ln1 input)."""
         s, f = self.spec, self.fused
         B, T, _ = x.shape
-        # decode, one row: QKV, RoPE and the cache write in one kernel where it applies (gemv_rope.py)
+        # decode, one row: QKV, RoPE and the cache write in one kernel where it applies (gemv_fused.py)
         q = self.qkv.rope_qkv(h, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim) if B * T == 1 else None
         if q is None:
             q, k, v = self.qkv.split(self.qkv(h))
@@ -173,8 +173,10 @@ class Layer(nn.Module):
         a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, slots)
         x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
                           self.ln2.weight, self.ln2.eps)
-        gate, up = self.gate_up.split(self.gate_up(h))
-        act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
+        act = self.gate_up.silu_gate_up(h) if B * T == 1 and s.act == "silu" else None  # one kernel, as above
+        if act is None:
+            gate, up = self.gate_up.split(self.gate_up(h))
+            act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
         return x, self.down(act)
 
 

@@ -120,14 +120,15 @@ def test_triton_path_in_interpreter(tiny_qm, gpu_elementwise):
 
 
 def test_fused_qkv_rope_decode_step_in_interpreter(make_tiny_llama_qm, monkeypatch):
-    """A decode step through the fused QKV + RoPE + cache-write kernel (head_dim 64, one row, fp16,
-    the interpreter) after an unfused prefill: the step's logits match the HF reference at that
-    position (tolerance as above) and the kernel really ran, once per layer."""
-    from awqconv.kernels import gemv_rope
+    """A decode step through the fused one-row kernels (QKV + RoPE + cache write, gate/up + SiLU-mul;
+    head_dim 64, fp16, the interpreter) after an unfused prefill: the step's logits match the HF
+    reference at that position (tolerance as above) and both kernels really ran, once per layer."""
+    from awqconv.kernels import gemv_fused
 
     calls = []
-    real = gemv_rope.qkv_rope
-    monkeypatch.setattr(gemv_rope, "qkv_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("qkv_rope", "gate_up_silu"):
+        real = getattr(gemv_fused, name)
+        monkeypatch.setattr(gemv_fused, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     qm = make_tiny_llama_qm(head_dim=64)
     dec = build_decoder(qm, "cpu", dtype=torch.float16, mode="triton")
     dec.allocate_cache(1, 32)
@@ -138,7 +139,8 @@ def test_fused_qkv_rope_decode_step_in_interpreter(make_tiny_llama_qm, monkeypat
         dec(ids[:, :-1], torch.arange(T - 1)[None], torch.tensor(0), T - 1)
         assert not calls  # the prefill takes the unfused path
         got = dec(ids[:, -1:], torch.tensor([[T - 1]]), torch.tensor(T - 1), T)[0, -1].float()
-    assert len(calls) == qm.hf_config["num_hidden_layers"]
+    n_layers = qm.hf_config["num_hidden_layers"]
+    assert sorted(calls) == ["gate_up_silu"] * n_layers + ["qkv_rope"] * n_layers
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
     assert got.argmax() == want.argmax()
 
