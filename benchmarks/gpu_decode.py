@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--rope-compare] [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--layers 32] [--profile [--profile-prompt N]]
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def main() -> None:
                     help="also time 64 + 256 with programmatic dependent launch turned off")
     ap.add_argument("--early-compare", action="store_true",
                     help="also time 64 + 256 with the attention's early cache reads turned off")
-    ap.add_argument("--rope-compare", action="store_true",
-                    help="also time both lengths with the QKV GEMV and RoPE/cache write as separate kernels")
+    ap.add_argument("--fused-compare", action="store_true",
+                    help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -146,14 +146,18 @@ def main() -> None:
         keep, attn.EARLY_MAX_S = attn.EARLY_MAX_S, 0  # read at every launch; a new Generator recaptures
         results["runs"].append(run_decode(dec, "awqconv_int4_late_kv", 64, 256, 2048))
         attn.EARLY_MAX_S = keep
-    if a.rope_compare:  # the same decode with QKV, RoPE/cache write as two kernels (no gemv_fused epilogue)
+    if a.fused_compare:  # the same decode with a fused one-row epilogue kernel (gemv_fused.py) turned off
         from awqconv.kernels.linear import Int4Linear
 
-        fused = Int4Linear.rope_qkv
-        Int4Linear.rope_qkv = lambda *args, **kw: None
-        results["runs"].append(run_decode(dec, "awqconv_int4_unfused_rope", 64, 256, 2048))
-        results["runs"].append(run_decode(dec, "awqconv_int4_unfused_rope", 1792, 256, 2048))
-        Int4Linear.rope_qkv = fused
+        keep = {name: getattr(Int4Linear, name) for name in ("rope_qkv", "silu_gate_up")}
+        for off, lengths in ((("rope_qkv",), (1792,)), (("silu_gate_up",), (1792,)),
+                             (("rope_qkv", "silu_gate_up"), (64, 1792))):
+            for name in off:
+                setattr(Int4Linear, name, lambda *args, **kw: None)
+            for n in lengths:
+                results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
+            for name, fn in keep.items():
+                setattr(Int4Linear, name, fn)
     if a.pdl_compare:
         from awqconv.kernels import launch
 
