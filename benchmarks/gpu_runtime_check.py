@@ -48,6 +48,8 @@ def main() -> None:
                "max_abs_dlogit": (l - lr).abs().max().item(), "logit_absmax": lr.abs().max().item()}
         print(json.dumps(row), flush=True)
         out.append(row)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_runtime_check.json"), "w") as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
