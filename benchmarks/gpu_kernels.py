@@ -83,10 +83,6 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 24, 1), (32, 1, 128, 16, 1),
                                    (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
-        d = default_config(1, kw, DEV)
-        for ahead in (1, 2, 4):  # L2 prefetch of the words `ahead` chunks past the register prefetch
-            out[f"default_l2ahead{ahead}"] = replace(d, l2_ahead=ahead)
-            out[f"h2_bn64_w2_kc128_p8_l2ahead{ahead}"] = KernelConfig("gemv_f16x2", 1, 64, 128, -8, 2, 2, l2_ahead=ahead)
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
                                    (256, 4, 16, 8, 3), (128, 1, 16, 16, 4), (256, 2, 8, 8, 1)]:

@@ -44,7 +44,6 @@ class KernelConfig:
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
-    l2_ahead: int = 0  # gemv_f16x2, M = 1, register prefetch: also prefetch words this many chunks ahead into L2
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -154,8 +153,6 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
-        if bm == 1 and cfg.l2_ahead:
-            extra["L2_AHEAD"] = cfg.l2_ahead
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind == "gemm":

@@ -318,19 +318,10 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at ``ptrs`` (no registers held, nothing returned to use)."""
-    tl.inline_asm_elementwise(asm="prefetch.global.L2 [$1];\n    mov.u32 $0, 0;", constraints="=r,l", args=[ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, L2_AHEAD: tl.constexpr = 0):
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """The one-row GEMV's K loop over rows [k_lo, k_hi) for columns ``rn``: returns the [KC/8, BN] fp32
-    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads.
-    L2_AHEAD (register prefetch only, GPU only): also ask L2 for the words L2_AHEAD chunks ahead, one
-    prefetch per 16 bytes, so more bytes are in flight than the registers hold."""
+    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads."""
     rw = tl.arange(0, KC // 8)
     mn = rn < N
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
@@ -349,12 +340,7 @@ def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N:
         w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
         _pdl_wait(USE_PDL)  # the first weights are on their way; x is the previous kernel's output
         x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw)
-        if L2_AHEAD and USE_ASM:  # every 4th column from the tile's first: one prefetch per 16 bytes of words
-            pf_cols = tl.minimum(tl.min(rn, axis=0) + 4 * tl.arange(0, BLOCK_N // 4), N - 1)
-            pf_ptrs = qw_ptr + rw[:, None] * N + pf_cols[None, :]
         for k0 in range(k_lo, k_hi, KC):
-            if L2_AHEAD and USE_ASM:
-                _prefetch_l2(pf_ptrs + (tl.minimum(k0 + L2_AHEAD * KC, last) // 8) * N)
             nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
                                                               tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
@@ -372,7 +358,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0):
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
@@ -386,7 +372,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
-                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL, L2_AHEAD)
+                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
     acc = 64.0 * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
