@@ -6,8 +6,9 @@ parks (max, sum, accumulator) in the shared workspace and the last one of its he
 the split-K GEMVs) merges them in slice order, so the result is deterministic. Grouped-query heads
 read their KV head directly (no repeat). ``bias`` is the runtime's additive mask (0 or -inf) for the
 step. It replaces SDPA for T = 1 on the GPU (H100, Llama-2-7B shape, benchmarks/gpu_attention.py:
-9.1 against SDPA's 10.3 us per layer at 512 slots, 17.4 against 18.5 at 2048) and joins the PDL
-chain; given the step's cache slot it may start reading the cache before the previous kernel ends.
+7.1 (9.2 without early reads) against SDPA's 10.2 us per layer at 512 slots, 17.5 against 18.6 at
+2048) and joins the PDL chain; given the step's cache slot it may start reading the cache before the
+previous kernel ends.
 (RoPE and the cache write folded in here, one kernel fewer per layer, measured slower: notes, run Y.)
 """
 
@@ -58,7 +59,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
                             SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
-    which the previous kernel (RoPE + cache write) just stored, is read again after the wait."""
+    which the previous kernel (RoPE + cache write, alone or in the QKV GEMV) just stored, is read
+    again after the wait."""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)

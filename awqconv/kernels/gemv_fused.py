@@ -105,6 +105,16 @@ def w4_gemv_silu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, act
         _rearm(cnt_ptr, tl.program_id(0), SPLIT_P2)
 
 
+def rope_shape_ok(n_out: int, n_heads: int, n_kv: int, head_dim: int) -> bool:
+    """Whether a QKV output of ``n_out`` columns is these heads, each a whole number of tiles."""
+    return n_out == (n_heads + 2 * n_kv) * head_dim and head_dim % BLOCK_N == 0
+
+
+def glu_shape_ok(splits: tuple[int, ...]) -> bool:
+    """Whether a fused output split as ``splits`` is [gate; up] halves of whole 32-column runs."""
+    return len(splits) == 2 and splits[0] == splits[1] and splits[0] % (BLOCK_N // 2) == 0
+
+
 def fits(kw: KernelWeight, x: Tensor) -> bool:
     """Whether the fused kernels can take ``x``: one fp16 row whose default kernel is the inline-PTX
     GEMV with the tile width these kernels pair up."""
@@ -140,7 +150,7 @@ def qkv_rope(x: Tensor, kw: KernelWeight, cos: Tensor, sin: Tensor, k_cache: Ten
     ``[1, n_heads, 1, head_dim]`` and stores rotated k and v at ``slot`` (int64 [1], on the device) of
     ``k_cache, v_cache [1, n_kv, S, head_dim]``. ``cos, sin``: this token's ``[head_dim]`` (any view
     with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``."""
-    if kw.out_features != (n_heads + 2 * n_kv) * head_dim or head_dim % BLOCK_N:
+    if not rope_shape_ok(kw.out_features, n_heads, n_kv, head_dim):
         raise ValueError(f"qkv_rope: {kw.out_features} outputs are not {n_heads} + 2 x {n_kv} heads of "
                          f"{head_dim} in whole tiles")
     q = torch.empty(1, n_heads, 1, head_dim, dtype=x.dtype, device=x.device)
@@ -154,7 +164,7 @@ def gate_up_silu(x: Tensor, kw: KernelWeight) -> Tensor:
     """``x [1, K]`` through the fused [gate; up] weight, then silu(gate) * up: ``[1, I]``. Same values
     as ``w4_matmul`` followed by ``norm_act.silu_mul``."""
     inter = kw.out_features // 2
-    if kw.out_features % 2 or inter % (BLOCK_N // 2):
+    if not glu_shape_ok((inter, kw.out_features - inter)):
         raise ValueError(f"gate_up_silu: {kw.out_features} outputs are not two halves of whole half-tiles")
     act = torch.empty(1, inter, dtype=x.dtype, device=x.device)
     _launch(w4_gemv_silu_kernel, x, kw, (act,), (inter,))

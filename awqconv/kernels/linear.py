@@ -71,10 +71,12 @@ class Int4Linear(nn.Module):
         in one kernel (gemv_fused.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
         that kernel does not apply (then use ``forward`` and the separate RoPE/cache step)."""
         x2 = self._one_row(x)
-        if x2 is None or self.out_features != (n_heads + 2 * n_kv) * head_dim or head_dim % 64:
+        if x2 is None:
             return None
-        from .gemv_fused import qkv_rope  # Triton import only where a GPU path runs
+        from .gemv_fused import qkv_rope, rope_shape_ok
 
+        if not rope_shape_ok(self.out_features, n_heads, n_kv, head_dim):
+            return None
         return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
                         head_dim)
 
@@ -82,17 +84,19 @@ class Int4Linear(nn.Module):
         """For one token (``x`` [1, 1, K]), silu(gate) * up [1, 1, I] of this fused [gate; up]
         projection in one kernel (gemv_fused.py); None where that kernel does not apply."""
         x2 = self._one_row(x)
-        if x2 is None or len(self.splits) != 2 or self.splits[0] != self.splits[1] or self.splits[0] % 32:
+        if x2 is None:
             return None
-        from .gemv_fused import gate_up_silu  # Triton import only where a GPU path runs
+        from .gemv_fused import gate_up_silu, glu_shape_ok
 
+        if not glu_shape_ok(self.splits):
+            return None
         return gate_up_silu(x2, self.kw).view(1, 1, -1)
 
     def _one_row(self, x: Tensor) -> Tensor | None:
         """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None."""
-        if self.kw is None or x.numel() != self.in_features:
+        if self.kw is None or x.numel() != self.in_features:  # (kernel weights exist only where Triton runs)
             return None
-        from .gemv_fused import fits  # Triton import only where a GPU path runs
+        from .gemv_fused import fits
 
         x2 = x.reshape(1, -1)
         return x2 if fits(self.kw, x2) else None

@@ -18,11 +18,16 @@ import triton
 from torch import Tensor
 
 from ..errors import ShapeError
-from .layout import KernelWeight
 from .launch import INTERPRET as _INTERPRET
 from .launch import pdl_launch
-from .triton_w4 import (w4_dequant_kernel, w4_gemm_kernel, w4_gemv_f16x2_kernel, w4_gemv_f16x2_rows_kernel,
-                        w4_gemv_kernel)
+from .layout import KernelWeight
+from .triton_w4 import (
+    w4_dequant_kernel,
+    w4_gemm_kernel,
+    w4_gemv_f16x2_kernel,
+    w4_gemv_f16x2_rows_kernel,
+    w4_gemv_kernel,
+)
 from .workspace import WORKSPACE
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
