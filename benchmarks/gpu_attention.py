@@ -46,6 +46,10 @@ def main() -> None:
             for early in (False, True):
                 variants[f"awq_slice{slice_}" + ("_early" if early else "")] = (
                     lambda k, v, n=n, early=early: decode_attention(q, k, v, bias, n, slot, early, max_split=64))
+        for slice_, warps in ((64, 2), (64, 8), (32, 2), (128, 4)):  # other warp counts per program
+            n = -(-S // slice_)
+            variants[f"awq_slice{slice_}_w{warps}"] = (
+                lambda k, v, n=n, warps=warps: decode_attention(q, k, v, bias, n, slot, max_split=64, num_warps=warps))
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
             ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),
