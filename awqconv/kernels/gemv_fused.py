@@ -132,6 +132,8 @@ def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tup
     from .workspace import WORKSPACE
 
     N, K = kw.out_features, kw.in_features
+    if x.data_ptr() % 16 or not x.is_contiguous():  # read as aligned int32 pairs: odd views get a copy
+        x = x.clone(memory_format=torch.contiguous_format)
     cfg = default_config(1, kw, x.device, x.dtype)
     n_tiles = N // BLOCK_N
     split, k_split = _split_for(cfg, n_tiles, K, x.device)

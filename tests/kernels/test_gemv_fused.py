@@ -63,6 +63,8 @@ def test_gate_up_silu_matches_gemv_then_silu_mul(make_packed, inter, K, g, bias)
     assert fits(kw, x)
     got = gate_up_silu(x, kw)
     assert got.shape == (1, inter) and torch.equal(got, want)
+    odd = torch.cat([torch.zeros(1, 1).half(), x], 1)[:, 1:]  # a view 2 bytes off alignment
+    assert torch.equal(gate_up_silu(odd, kw), want)
     assert not WORKSPACE.cnt[torch.device("cpu")].any()
     with pytest.raises(ValueError, match="halves"):
         gate_up_silu(x, KernelWeight.from_packed(make_packed(2 * inter + 16, K, g)))  # halves not whole runs
