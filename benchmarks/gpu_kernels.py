@@ -5,7 +5,8 @@ Every method is checked against a dense fp32 reference on fresh random inputs be
 Timing: one CUDA graph replays the call over R distinct weight sets (>= 400 MB of fp16-equivalent
 weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R (the protocol
 of shared/anchors/gpu_int4_anchors.py). awqconv runs its default config and a small config sweep.
-Usage: python benchmarks/gpu_kernels.py [--quick] [--no-sweep] [--chain] [--ms 1,16] [--out DIR]
+Usage: python benchmarks/gpu_kernels.py [--quick] [--no-sweep] [--chain] [--ms 1,16] [--sweep-ms 16]
+       [--sweep-filter tile_t,swap] [--out DIR]
 """
 
 from __future__ import annotations
@@ -89,14 +90,18 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
             bm = 1 << (M - 1).bit_length()
             out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2,
                                                                             prefetch=pf)
-    if 4 <= M <= 16:  # tile kernels: plain and transposed (unpacked weights as the MMA's register operand)
+    if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
+        for bn, kc, w, pps, pf in [(64, 64, 4, 8, 1), (64, 64, 4, 16, 1), (64, 64, 4, 4, 1), (64, 128, 4, 8, 1),
+                                   (64, 128, 4, 8, 0), (64, 64, 4, 8, 0), (128, 64, 8, 8, 1), (128, 128, 8, 4, 1),
+                                   (128, 64, 4, 8, 1)]:
+            out[f"tile_t_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", 16, bn, kc, -pps, w, 1,
+                                                                          prefetch=pf)
+    if 4 <= M <= 16:  # the older tile kernels: plain, and transposed with gathered word loads
         out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
-        for bn, kc, w, st, pps, pf in [(64, 128, 4, 1, 16, 0), (64, 64, 4, 1, 8, 1), (64, 64, 4, 1, 16, 1),
-                                       (64, 128, 4, 1, 8, 1), (32, 64, 2, 1, 16, 1), (64, 32, 4, 1, 16, 1),
-                                       (128, 64, 4, 1, 8, 1)]:
-            out[f"gemm16_swap_bn{bn}_kc{kc}_w{w}_s{st}_p{pps}_pf{pf}"] = KernelConfig(
-                "gemm", 16, bn, kc, -pps, w, st, swap=True, prefetch=pf)
+        out["gemm16_swap_bn64_kc128_w4_s1_p8_pf0"] = KernelConfig("gemm", 16, 64, 128, -8, 4, 1, swap=True, prefetch=0)
     if 16 < M <= 256:
+        for bm, bn, kc, w, pps in [(64, 64, 64, 4, 8), (64, 128, 64, 8, 4), (min(M, 128), 64, 64, 4, 4)]:
+            out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}"] = KernelConfig("tile_t", bm, bn, kc, -pps, w, 1, prefetch=1)
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:
             out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)
@@ -140,6 +145,8 @@ def main() -> None:
     ap.add_argument("--ms", default=None, help="comma-separated M values (default: all seven)")
     ap.add_argument("--sweep-ms", default=None, type=lambda v: [int(m) for m in v.split(",")],
                     help="sweep configs only at these M (default: every M)")
+    ap.add_argument("--sweep-filter", default=None, type=lambda v: v.split(","),
+                    help="sweep only the variants whose name contains one of these comma-separated strings")
     ap.add_argument("--chain", action="store_true", help="also time the four linears back to back in one graph")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -173,7 +180,8 @@ def main() -> None:
                     if d.kind != "dequant":
                         variants["default_no_pdl"] = replace(d, pdl=False)
                     if not a.no_sweep and (a.sweep_ms is None or M in a.sweep_ms):
-                        variants.update(sweep_configs(M, built[0]))
+                        variants.update({n: c for n, c in sweep_configs(M, built[0]).items()
+                                         if a.sweep_filter is None or any(f in n for f in a.sweep_filter)})
                 for vname, cfg in variants.items():
                     label = mname if not vname else f"awq:{vname}"
                     if cfg is not None:

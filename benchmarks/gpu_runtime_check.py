@@ -1,6 +1,7 @@
 """GPU correctness of the runtime: tiny random Llama / Qwen2-style models, greedy tokens of awqconv's
 runtime (Triton INT4 linears, CUDA graphs) against the fake-quant transformers reference on the GPU,
-for a batch of two prompts and for the first prompt alone (one-row decode kernels).
+for a batch of two prompts and for the first prompt alone (one-row decode kernels); and the
+transposed tile's asm dequantisation checked bit for bit (one-hot rows of x return rows of W).
 Usage: python benchmarks/gpu_runtime_check.py
 """
 
@@ -17,13 +18,42 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import tiny_llama_qm
 
+from awqconv.kernels.layout import KernelWeight
+from awqconv.kernels.ops import KernelConfig, w4_matmul
+from awqconv.packed import PackedLinear
 from awqconv.reference import reference_model
 from awqconv.runtime.generate import Generator, SamplingParams
 from awqconv.runtime.model import build_decoder
 
 
+def tile_t_exact() -> list[dict]:
+    """x = one-hot rows picking 16 input rows k: y must equal those rows of the dequantised W exactly
+    (the asm's (q - z) * s is rounded once; one product per output), for each dtype and variant."""
+    g = torch.Generator().manual_seed(0)
+    N, K, G = 200, 1024, 128
+    rows = []
+    for dt in (torch.float16, torch.bfloat16):
+        p = PackedLinear(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
+                         (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).to(dt),
+                         torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g), K, G)
+        kw = KernelWeight.from_packed(p).to("cuda")
+        W = p.dequantize(dt).t().cuda()
+        for k0 in range(0, K, 16 * 7):
+            ks = torch.arange(k0, k0 + 16 * 7, 7).clamp(max=K - 1).cuda()
+            x = torch.zeros(16, K, dtype=dt, device="cuda")
+            x[torch.arange(16), ks] = 1
+            for cfg in (KernelConfig("tile_t", 16, 64, 64, -8, 4, 1, prefetch=1),
+                        KernelConfig("tile_t", 16, 128, 128, 3, 8, 1, prefetch=0)):
+                y = w4_matmul(x, kw, cfg)
+                rows.append({"dtype": str(dt), "k0": k0, "cfg": f"bn{cfg.block_n}_kc{cfg.kc}",
+                             "exact": bool(torch.equal(y, W[ks]))})
+    bad = [r for r in rows if not r["exact"]]
+    print(json.dumps({"tile_t_exact": len(rows) - len(bad), "of": len(rows), "first_bad": bad[:3]}), flush=True)
+    return rows
+
+
 def main() -> None:
-    out = []
+    out = [{"tile_t_exact": all(r["exact"] for r in tile_t_exact())}]
     for kw in [dict(group_size=32), dict(group_size=64, attention_bias=True), dict(group_size=32, scale_dtype=torch.bfloat16),
                dict(group_size=32, head_dim=64)]:  # head_dim 64: one-row steps take the fused QKV + RoPE kernel
         qm = tiny_llama_qm(**kw)

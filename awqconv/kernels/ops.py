@@ -21,6 +21,7 @@ from ..errors import ShapeError
 from .launch import INTERPRET as _INTERPRET
 from .launch import pdl_launch
 from .layout import KernelWeight
+from .tile_t import w4_tile_t_kernel
 from .triton_w4 import (
     w4_dequant_kernel,
     w4_gemm_kernel,
@@ -37,7 +38,7 @@ _PTX = torch.version.cuda is not None or _INTERPRET
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv" | "gemv_f16x2" (fp16; block_m 1: one row, > 1: the rows kernel) | "gemm" | "dequant"
+    kind: str  # "gemv" | "gemv_f16x2" (fp16; block_m 1: one row, > 1: the rows kernel) | "gemm" | "tile_t" | "dequant"
     block_m: int = 1
     block_n: int = 128
     kc: int = 128  # K rows per chunk; divides the group size
@@ -48,6 +49,7 @@ class KernelConfig:
     swap: bool = False  # gemm: compute W^T x^T (unpacked weights as the register operand of the MMA)
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
+    # (tile_t: 1 = next chunk's loads before this chunk's math, 0 = after)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
 
 
@@ -137,8 +139,10 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         return y if kw.bias is None else y.add_(kw.bias)
     g = kw.group_size
     kc = cfg.kc
-    if g % kc or kc % 8 or (cfg.kind == "gemm" and kc < 16):
-        raise ShapeError(f"chunk kc={kc} must divide group_size={g} (and be >= 16 for gemm)")
+    if g % kc or kc % 8 or (cfg.kind in ("gemm", "tile_t") and kc < 16):
+        raise ShapeError(f"chunk kc={kc} must divide group_size={g} (and be >= 16 for the tensor-core tiles)")
+    if cfg.kind == "tile_t" and cfg.block_m < 16:
+        raise ShapeError(f"the transposed tile needs block_m >= 16 (the MMA's N), got {cfg.block_m}")
     if cfg.kind == "gemv_f16x2":
         if x.dtype != torch.float16:
             raise ShapeError(f"the fp16x2 GEMV takes fp16 activations, got {x.dtype}")
@@ -152,21 +156,23 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     split, k_split = _split_for(cfg, n_tiles_n * n_tiles_m, K, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws, cnt = WORKSPACE.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
-    kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel,
+    kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel, "tile_t": w4_tile_t_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
-    if cfg.kind == "gemm":
+    if cfg.kind == "tile_t":
+        extra = {"GROUP": g, "PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}
+    elif cfg.kind == "gemm":
         extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
-    if _INTERPRET and cfg.kind == "gemm":
+    if _INTERPRET and cfg.kind in ("gemm", "tile_t"):
         extra["DOT_F32"] = True
     extra.update(pdl_launch(x.device, cfg.pdl))
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
     grid = (n_tiles_n, n_tiles_m, split)
-    kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt,
-                 M, N, K, g, k_split, split, x.stride(0), y.stride(0),
+    k_args = (M, N, K) if cfg.kind == "tile_t" else (M, N, K, g)  # the transposed tile takes G as GROUP
+    kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0),
                  BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
                  HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return y

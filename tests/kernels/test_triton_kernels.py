@@ -12,29 +12,8 @@ import torch
 
 from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.ops import KernelConfig, dequantize, w4_matmul
-from awqconv.kernels.workspace import WORKSPACE
 from awqconv.packed import PackedLinear
-
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _reference(x, p):
-    y = x.double() @ p.dequantize(torch.float64).t()
-    return y if p.bias is None else y + p.bias.double()
-
-
-def _check(y, ref, dtype):
-    assert y.dtype == dtype and y.shape == ref.shape
-    assert torch.isfinite(y).all()
-    err = ((y.double() - ref).norm() / ref.norm()).item()
-    assert err < TOL[dtype], f"relative error {err:.2e} over {TOL[dtype]:.1e}"
-
-
-def _workspace_clean(device=torch.device("cpu")):
-    """Split-K tile tickets are re-armed to zero by the last program of each tile."""
-    cnt = WORKSPACE.cnt.get(device)
-    return cnt is None or not cnt.any()
-
+from tests.kernels.kernel_checks import _check, _reference, _workspace_clean
 
 # (N, K, group): N not a multiple of any block, K = one group, per-channel with a non-power-of-two
 # group (576 = 9 * 64), groups of 24 (chunks of 8), and a plain g128 case.
