@@ -91,17 +91,19 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
             out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2,
                                                                             prefetch=pf)
     if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
-        for bn, kc, w, pps, pf in [(64, 64, 4, 8, 1), (64, 64, 4, 16, 1), (64, 64, 4, 4, 1), (64, 128, 4, 8, 1),
-                                   (64, 128, 4, 8, 0), (64, 64, 4, 8, 0), (128, 64, 8, 8, 1), (128, 128, 8, 4, 1),
-                                   (128, 64, 4, 8, 1)]:
+        # pf >= 2: a cp.async ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16)
+        for bn, kc, w, pps, pf in [(64, 128, 4, 8, 3), (64, 128, 4, 8, 4), (64, 128, 4, 8, 5), (64, 128, 4, 6, 4),
+                                   (64, 128, 4, 12, 4), (64, 64, 4, 8, 6), (128, 128, 4, 4, 3), (128, 128, 4, 6, 4),
+                                   (64, 128, 4, 4, 6)]:
             out[f"tile_t_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", 16, bn, kc, -pps, w, 1,
                                                                           prefetch=pf)
-    if 4 <= M <= 16:  # the older tile kernels: plain, and transposed with gathered word loads
+    if 4 <= M <= 16:  # the plain tile kernel (x as the MMA's first operand)
         out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
-        out["gemm16_swap_bn64_kc128_w4_s1_p8_pf0"] = KernelConfig("gemm", 16, 64, 128, -8, 4, 1, swap=True, prefetch=0)
     if 16 < M <= 256:
-        for bm, bn, kc, w, pps in [(64, 64, 64, 4, 8), (64, 128, 64, 8, 4), (min(M, 128), 64, 64, 4, 4)]:
-            out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}"] = KernelConfig("tile_t", bm, bn, kc, -pps, w, 1, prefetch=1)
+        for bm, bn, kc, w, pps, pf in [(64, 64, 128, 4, 8, 3), (64, 128, 64, 8, 4, 3), (64, 64, 64, 4, 8, 4),
+                                       (min(M, 128), 128, 64, 8, 2, 3), (min(M, 128), 64, 128, 4, 4, 3)]:
+            out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", bm, bn, kc, -pps, w, 1,
+                                                                              prefetch=pf)
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:
             out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)

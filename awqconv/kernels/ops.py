@@ -1,10 +1,10 @@
 """Launchers for the Triton INT4 kernels: config choice per M bucket, split-K workspace, dispatch.
 
-``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMVs (M <= 4, fp16; the fp32 CUDA-core
-GEMV for bf16 and for M <= 16 when groups are too small for a tensor-core K tile), the split-K
-tensor-core tile kernel (M <= 16), else dequantise once (Triton) + ``torch.matmul`` (cuBLAS);
-``DEQUANT_MIN_M`` moves that last threshold (the tile GEMM serves the M between). A ``KernelConfig``
-may be passed to force a variant (the benchmarks sweep them). The split-K partials and tile tickets
+``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMV (M = 1, fp16; the fp32 CUDA-core
+GEMV for bf16 and when groups are too small for a tensor-core K tile), the transposed split-K
+tensor-core tile (tile_t.py, 2 <= M < DEQUANT_MIN_M), else dequantise once (Triton) + ``torch.matmul``
+(cuBLAS). The plain tile kernel and the fp16x2 rows kernel stay as variants: a ``KernelConfig`` may be
+passed to force one (the benchmarks sweep them). The split-K partials and tile tickets
 live in workspace.py. The kernels use programmatic dependent launch where supported (launch.py).
 """
 
@@ -31,7 +31,7 @@ from .triton_w4 import (
 )
 from .workspace import WORKSPACE
 
-DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "128"))
+DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "512"))
 # the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
 _PTX = torch.version.cuda is not None or _INTERPRET
 
@@ -46,7 +46,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     expand: bool = True  # gemm: load each packed word once and expand in registers
-    swap: bool = False  # gemm: compute W^T x^T (unpacked weights as the register operand of the MMA)
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     # (tile_t: 1 = next chunk's loads before this chunk's math, 0 = after)
@@ -68,37 +67,31 @@ def _n_sm(device: torch.device) -> int:
 
 def default_config(m: int, kw: KernelWeight, device: torch.device,
                    dtype: torch.dtype = torch.float16) -> KernelConfig:
-    """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md.
+    """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md (runs N-AE).
 
-    M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps, ~16 programs per SM), the fp32 CUDA-core
-    GEMV for bf16. 2 <= M <= 4, fp16: the fp16x2 rows kernel (one dequantisation per word shared by
-    the rows, chunks through a 3-stage shared-memory ring: 122 us/layer at M = 4 against 145 for the
-    transposed tile and 200 for the plain one). Otherwise M <= 16: the transposed tensor-core tile
-    kernel (the unpacked weights are the MMA's register operand; 1.46x the plain tile at M = 16). 16 < M < DEQUANT_MIN_M: the tile
-    kernel with BLOCK_M 64 (beat dequantise + cuBLAS at M = 64). Larger M: dequantise once + cuBLAS,
-    which beat the in-loop-dequant tile kernel at M >= 256 there.
+    M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps, ~16 programs per SM: 64 us per 7B layer),
+    the fp32 CUDA-core GEMV for bf16. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
+    tensor-core tile (tile_t.py; a 4-stage cp.async ring: 85-87 us per layer at M = 2..16 against
+    97-150 for the rows kernel and the old tiles; BM 64 at M = 64: 141 us, 0.82x cuBLAS's time).
+    Smaller groups stay on the CUDA-core GEMV. From DEQUANT_MIN_M: dequantise once + cuBLAS.
     """
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
-    f16x2 = dtype == torch.float16 and _PTX
-    if m == 1 and f16x2:
+    if m == 1 and dtype == torch.float16 and _PTX:
         # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM, register
         # prefetch (a cp.async ring and wide, shallow tiles were slower)
         return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64), split_k=-16, num_warps=2,
                             num_stages=2)
-    if 2 <= m <= 4 and f16x2:  # H100: rows 4 x 256 columns x 2 warps, 16-row chunks, 3 smem stages
-        return KernelConfig("gemv_f16x2", block_m=1 << (m - 1).bit_length(), block_n=256,
-                            kc=_pow2_divisor(g, 16), split_k=-8, num_warps=2, num_stages=2, prefetch=3)
-    if m == 1 or (m <= 16 and kc < 16):  # groups too small for a tensor-core K tile: stay on CUDA cores
+    if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # bf16 rows / groups too small for a tensor-core K tile
         wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
                             block_n=128 if wide else 64, kc=kc, split_k=-8, num_warps=4 if wide else 2,
                             num_stages=2)
-    if m <= 16:  # H100: the transposed tile (weights as the MMA register operand), 64 columns, 1 stage
-        return KernelConfig("gemm", block_m=16, block_n=64, kc=kc, split_k=-8, num_warps=4, num_stages=1,
-                            swap=True, prefetch=0)
-    if m < DEQUANT_MIN_M:
-        return KernelConfig("gemm", block_m=64, block_n=128, kc=kc, split_k=-2, num_warps=4, num_stages=3)
+    if m <= 16:  # H100 run AE: 64 columns x 4 warps, ~6 programs per SM, 4 stages
+        return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=-6, num_warps=4, prefetch=4)
+    if m < DEQUANT_MIN_M:  # run AE: BM 64 at M = 64 (141 us/layer), BM 128 at M = 256 (350 against 417)
+        return KernelConfig("tile_t", block_m=64 if m <= 64 else 128, block_n=64, kc=kc, split_k=-4, num_warps=4,
+                            prefetch=3)
     return KernelConfig("dequant")
 
 
@@ -161,7 +154,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     if cfg.kind == "tile_t":
         extra = {"GROUP": g, "PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}
     elif cfg.kind == "gemm":
-        extra = {"EXPAND": cfg.expand, "SWAP": cfg.swap, "PREFETCH": int(cfg.prefetch) if cfg.swap else 0}
+        extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
     else:

@@ -442,82 +442,15 @@ def w4_gemv_f16x2_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
 
 
 @triton.jit
-def _swapped_weights(qw_ptr, s_ptr, z_ptr, k0, rk, rn, mn, N, G):
-    """A chunk's words as the [BN, KC] gather W^T needs (each word read by its 8 nibbles' lanes, L1
-    hits), and the chunk's scales and zeros as fp32 [BN]."""
-    wt = tl.load(qw_ptr + ((k0 + rk) // 8)[None, :] * N + rn[:, None], mask=mn[:, None], other=0)
-    g = k0 // G
-    s = tl.load(s_ptr + g * N + rn, mask=mn, other=0.0).to(tl.float32)
-    return wt, s, tl.load(z_ptr + g * N + rn, mask=mn, other=0).to(tl.float32)
-
-
-@triton.jit
-def _swapped_chunk(acc, qt, s, z, xt, DOT_F32: tl.constexpr):
-    """acc [BN, BM] += s * (Q^T x^T - z sum_k x) for one chunk: qt the unpacked weights [BN, KC],
-    xt [KC, BM], s and z (offset included) fp32 [BN]."""
-    if DOT_F32:  # interpreter only: it multiplies bf16 operands as raw integers
-        qx = tl.dot(qt.to(tl.float32), xt.to(tl.float32))
-    else:
-        qx = tl.dot(qt, xt)  # [BN, BM], fp32 accumulate
-    xs = tl.sum(xt.to(tl.float32), axis=0)  # [BM]
-    return acc + s[:, None] * (qx - z[:, None] * xs[None, :])
-
-
-@triton.jit
-def _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
-                  stride_xm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                  SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr):
-    """w4_gemm_kernel with SWAP: acc^T [BN, BM] += s * (Q^T x^T - z sum_k x). PREFETCH loads the next
-    chunk's words, scales and zeros before this chunk's dot."""
-    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, KC)
-    shift = _nibble_shift(rk % 8)[None, :]
-    mm = rm < M
-    mn = rn < N
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    off = _half_offset(x_ptr.dtype.element_ty)
-    if PREFETCH:
-        last = k_hi - KC  # the prefetch past the end re-reads the last chunk (cache hits), no masks
-        wt, s, z = _swapped_weights(qw_ptr, s_ptr, z_ptr, k_lo, rk, rn, mn, N, G)
-        for k0 in range(k_lo, k_hi, KC):
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None], mask=mm[None, :], other=0.0)
-            nwt, ns, nz = _swapped_weights(qw_ptr, s_ptr, z_ptr, tl.minimum(k0 + KC, last), rk, rn, mn, N, G)
-            acc = _swapped_chunk(acc, _nibbles_half(wt, shift, x_ptr.dtype.element_ty), s, z + off, xt, DOT_F32)
-            wt, s, z = nwt, ns, nz
-    else:  # this order (x, words, unpack, then scales and zeros) keeps it at 84 registers (sm_90, 4 warps)
-        for k0 in range(k_lo, k_hi, KC):
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + rk)[:, None], mask=mm[None, :], other=0.0)
-            wt = tl.load(qw_ptr + ((k0 + rk) // 8)[None, :] * N + rn[:, None], mask=mn[:, None], other=0)
-            qt = _nibbles_half(wt, shift, x_ptr.dtype.element_ty)
-            s = tl.load(s_ptr + (k0 // G) * N + rn, mask=mn, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + (k0 // G) * N + rn, mask=mn, other=0).to(tl.float32) + off
-            acc = _swapped_chunk(acc, qt, s, z, xt, DOT_F32)
-    tile_id = _tile_id()
-    _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
-                 SPLIT_P2, HAS_BIAS)
-
-
-@triton.jit
 def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                    SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, EXPAND: tl.constexpr = True,
-                   DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False, SWAP: tl.constexpr = False,
-                   PREFETCH: tl.constexpr = 0):
+                   DOT_F32: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """Tensor-core tiles: unpack a [KC, BN] chunk (one group) in registers, dot, then scale.
-
-    SWAP computes the transposed tile, W^T x^T: the unpacked weights are the dot's first operand,
-    which the tensor cores may take straight from registers (each thread loads the words of its own
-    fragment, L1-served; no shared-memory round trip), and x^T comes through shared memory; PREFETCH
-    (swap only) loads the next chunk's weights before this chunk's dot."""
+    (tile_t.py has the transposed form that serves small M by default.)"""
     _pdl_start(USE_PDL)
     _pdl_wait(USE_PDL)
-    if SWAP:
-        _gemm_swapped(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, G, K_SPLIT, SPLIT_K,
-                      stride_xm, stride_ym, BLOCK_M, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, DOT_F32, PREFETCH)
-        return
     pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, KC)
     shift = _nibble_shift(rk % 8)[:, None]

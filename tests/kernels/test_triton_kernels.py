@@ -112,18 +112,14 @@ def test_gemv_f16x2_refuses_other_inputs(make_packed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,bm,split,expand,swap,prefetch", [(5, 16, 0, True, False, 0), (16, 16, 2, False, False, 0),
-                                                            (33, 32, 1, True, False, 0), (7, 16, 3, True, True, 0),
-                                                            (16, 16, 1, True, True, 0), (9, 16, 2, True, True, 1),
-                                                            (3, 16, 1, True, True, 1)])
-def test_gemm_kernel(make_packed, dtype, m, bm, split, expand, swap, prefetch):
-    """Tensor-core tile kernel, split-K and not, both weight-load styles, and the transposed (swap)
-    form with and without the next-chunk prefetch; TOL[dtype]."""
+@pytest.mark.parametrize("m,bm,split,expand", [(5, 16, 0, True), (16, 16, 2, False), (33, 32, 1, True),
+                                               (7, 16, 3, True)])
+def test_gemm_kernel(make_packed, dtype, m, bm, split, expand):
+    """Tensor-core tile kernel, split-K and not, both weight-load styles; TOL[dtype]."""
     p = make_packed(72, 256, 64, dtype=dtype, bias=True, seed=m)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(m, 256).to(dtype)
-    cfg = KernelConfig("gemm", block_m=bm, block_n=32, kc=32, split_k=split, expand=expand, swap=swap,
-                       prefetch=prefetch)
+    cfg = KernelConfig("gemm", block_m=bm, block_n=32, kc=32, split_k=split, expand=expand)
     _check(w4_matmul(x, kw, cfg), _reference(x, p), dtype)
     assert _workspace_clean()
 
@@ -146,18 +142,31 @@ def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g):
     assert torch.equal(w, p.dequantize(dtype).t())
 
 
-@pytest.mark.parametrize("m", [1, 4, 9, 40, 130])
+@pytest.mark.parametrize("m", [1, 4, 9, 40, 130, 600])
 def test_default_dispatch(make_packed, m):
-    """The default config of every M bucket (fp16x2 GEMVs, split-K tile kernel, dequant+matmul); TOL fp16."""
+    """The default config of every M bucket (fp16x2 GEMV, transposed tile at BM 16/64/128, dequant +
+    matmul), and bf16's; TOL fp16."""
     from awqconv.kernels import ops
 
     p = make_packed(48, 128, 32, bias=True, seed=m)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(m, 128).half()
     cfg = ops.default_config(m, kw, x.device)
-    assert cfg.kind == ("gemv_f16x2" if m <= 4 else "gemm" if m < ops.DEQUANT_MIN_M else "dequant")
-    if m <= 4:  # bf16 stays on the fp32 paths (bf16x2 products would keep 8 bits)
-        assert ops.default_config(m, kw, x.device, torch.bfloat16).kind in ("gemv", "gemm")
+    assert cfg.kind == ("gemv_f16x2" if m == 1 else "tile_t" if m < ops.DEQUANT_MIN_M else "dequant")
+    bf16 = ops.default_config(m, kw, x.device, torch.bfloat16).kind  # one bf16 row: the fp32 GEMV (bf16x2
+    assert bf16 == ("gemv" if m == 1 else cfg.kind)  # products would keep 8 bits); the tiles take bf16
+    _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
+
+
+def test_small_groups_stay_on_cuda_cores(make_packed):
+    """Groups of 8 are below a tensor-core K tile: every M under DEQUANT_MIN_M takes the CUDA-core
+    GEMV (several row blocks at M = 20); TOL fp16."""
+    from awqconv.kernels import ops
+
+    p = make_packed(24, 64, 8, seed=4)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(20, 64).half()
+    assert ops.default_config(20, kw, x.device).kind == "gemv"
     _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
 
 
