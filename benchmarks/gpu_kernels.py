@@ -92,18 +92,18 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                                                             prefetch=pf)
     if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
         # pf >= 2: a cp.async ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16)
-        for bn, kc, w, pps, pf in [(64, 128, 4, 8, 3), (64, 128, 4, 8, 4), (64, 128, 4, 8, 5), (64, 128, 4, 6, 4),
-                                   (64, 128, 4, 12, 4), (64, 64, 4, 8, 6), (128, 128, 4, 4, 3), (128, 128, 4, 6, 4),
-                                   (64, 128, 4, 4, 6)]:
+        for bn, kc, w, pps, pf in [(64, 128, 4, 6, 4), (64, 128, 4, 5, 4), (64, 128, 4, 4, 4), (64, 128, 4, 5, 3),
+                                   (64, 128, 4, 6, 3), (64, 64, 4, 6, 4), (64, 64, 4, 6, 5), (64, 128, 4, 8, 3)]:
             out[f"tile_t_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", 16, bn, kc, -pps, w, 1,
                                                                           prefetch=pf)
     if 4 <= M <= 16:  # the plain tile kernel (x as the MMA's first operand)
         out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
-    if 16 < M <= 256:
+    if 16 < M <= 512:
         for bm, bn, kc, w, pps, pf in [(64, 64, 128, 4, 8, 3), (64, 128, 64, 8, 4, 3), (64, 64, 64, 4, 8, 4),
                                        (min(M, 128), 128, 64, 8, 2, 3), (min(M, 128), 64, 128, 4, 4, 3)]:
             out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", bm, bn, kc, -pps, w, 1,
                                                                               prefetch=pf)
+    if 16 < M <= 256:
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:
             out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)
