@@ -31,7 +31,7 @@ from .triton_w4 import (
 )
 from .workspace import WORKSPACE
 
-DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "512"))
+DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "384"))
 # the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
 _PTX = torch.version.cuda is not None or _INTERPRET
 
@@ -89,7 +89,8 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
                             num_stages=2)
     if m <= 16:  # H100 run AE: 64 columns x 4 warps, ~6 programs per SM, 4 stages
         return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=-6, num_warps=4, prefetch=4)
-    if m < DEQUANT_MIN_M:  # run AE: BM 64 at M = 64 (141 us/layer), BM 128 at M = 256 (350 against 417)
+    if m < DEQUANT_MIN_M:  # runs AE/AF: BM 64 at M = 64 (141 us/layer), BM 128 at M = 256 (350 against 417);
+        # at M = 384 the tile and dequantise + cuBLAS tie (498 / 490)
         return KernelConfig("tile_t", block_m=64 if m <= 64 else 128, block_n=64, kc=kc, split_k=-4, num_warps=4,
                             prefetch=3)
     return KernelConfig("dequant")
