@@ -50,6 +50,7 @@ class KernelConfig:
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
     # (tile_t: 1 = next chunk's loads before this chunk's math, 0 = after)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
+    maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -163,6 +164,8 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     if _INTERPRET and cfg.kind in ("gemm", "tile_t"):
         extra["DOT_F32"] = True
     extra.update(pdl_launch(x.device, cfg.pdl))
+    if cfg.maxnreg and not _INTERPRET:
+        extra["maxnreg"] = cfg.maxnreg
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
     grid = (n_tiles_n, n_tiles_m, split)
     k_args = (M, N, K) if cfg.kind == "tile_t" else (M, N, K, g)  # the transposed tile takes G as GROUP
