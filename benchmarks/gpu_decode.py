@@ -5,8 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--l2-compare 0,0.5,1]
-       [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--layers 32] [--profile [--profile-prompt N]]
 """
 
 from __future__ import annotations
@@ -111,8 +110,6 @@ def main() -> None:
                     help="also time 64 + 256 with the attention's early cache reads turned off")
     ap.add_argument("--fused-compare", action="store_true",
                     help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
-    ap.add_argument("--l2-compare", default=None, type=lambda v: [float(r) for r in v.split(",")],
-                    help="also time 64 + 256 and 1792 + 256 with these L2-prefetch budgets (l2_prefetch.RATIO)")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -161,15 +158,6 @@ def main() -> None:
                 results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
             for name, fn in keep.items():
                 setattr(Int4Linear, name, fn)
-    if a.l2_compare:  # the next linear's first bytes prefetched into L2: budget per run (0 = off)
-        from awqconv.kernels import l2_prefetch
-
-        keep = l2_prefetch.RATIO
-        for r in a.l2_compare:
-            l2_prefetch.RATIO = r  # read at every launch; a new Generator recaptures
-            for n in (64, 1792):
-                results["runs"].append(run_decode(dec, f"awqconv_int4_l2pf{r:g}", n, 256, 2048))
-        l2_prefetch.RATIO = keep
     if a.pdl_compare:
         from awqconv.kernels import launch
 

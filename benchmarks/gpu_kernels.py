@@ -29,7 +29,6 @@ from awqconv.kernels.ops import KernelConfig, default_config, w4_matmul
 from awqconv.packed import PackedLinear
 
 G = 128
-L2_RATIOS = (0.25, 0.5, 1.0, 2.0)  # --chain: cross-kernel L2 prefetch budgets (kernels/l2_prefetch.py)
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
 DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
 
@@ -235,8 +234,6 @@ def layer_chain(Ms: list[int], base: dict) -> list[dict]:
     L = 3
     layers = [{s: make_set(K, N) for s, (K, N) in SHAPES.items()} for _ in range(L)]
     methods = {"fp16_cublas": base["fp16_cublas"], "awq_default": base["awq_default"],
-               **{f"awq_default_l2next{r:g}": m_awq(lambda x, kw: default_config(x.shape[0], kw, x.device))
-                  for r in L2_RATIOS},
                "awq_default_no_pdl": m_awq(lambda x, kw: replace(default_config(x.shape[0], kw, x.device), pdl=False))}
     if "gemlite_a16w4" in base:
         methods["gemlite_a16w4"] = base["gemlite_a16w4"]
@@ -250,18 +247,9 @@ def layer_chain(Ms: list[int], base: dict) -> list[dict]:
         for M in Ms:
             xs = {K: torch.randn(M, K, dtype=torch.float16, device=DEV) for K, _ in SHAPES.values()}
             order = list(SHAPES.items())
-            if "_l2next" in mname:  # each linear prefetches the next one's first bytes into L2
-                from awqconv.kernels import l2_prefetch
 
-                l2_prefetch.RATIO = float(mname.split("_l2next")[1])
-                flat = [(K, b[s]) for b in built for s, (K, N) in order]
-                nexts = [kw for _, kw in flat[1:] + flat[:1]]
-
-                def step():
-                    return [w4_matmul(xs[K], kw, prefetch=nk) for (K, kw), nk in zip(flat, nexts)]
-            else:
-                def step():
-                    return [call(xs[K], b[s]) for b in built for s, (K, N) in order]
+            def step():
+                return [call(xs[K], b[s]) for b in built for s, (K, N) in order]
             try:
                 ys = step()
                 ok = all(rel_err(y, xs[K], lay[s]["W"]) < 1e-2 for y, (lay, (s, (K, N))) in

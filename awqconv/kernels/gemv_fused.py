@@ -19,8 +19,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .l2_prefetch import l2_prefetch as _l2_prefetch
-from .l2_prefetch import prefetch_args
 from .launch import pdl_launch
 from .launch import pdl_start as _pdl_start
 from .layout import KernelWeight
@@ -56,12 +54,9 @@ def _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, first, secon
 def w4_gemv_rope_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr,
                         cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                         N, K, G, K_SPLIT, SPLIT_K, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs,
-                        pf_ptr, pf_bytes,
                         HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr, SPLIT_P2: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False,
-                        HAS_PF: tl.constexpr = False):
+                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     _pdl_start(USE_PDL)
-    _l2_prefetch(pf_ptr, pf_bytes, HAS_PF)
     P: tl.constexpr = BLOCK_N // 2
     HALF: tl.constexpr = HEAD_D // 2
     t = tl.program_id(0)
@@ -95,12 +90,10 @@ def w4_gemv_rope_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr,
 
 @triton.jit
 def w4_gemv_silu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, act_ptr,
-                        N, K, G, K_SPLIT, SPLIT_K, I, pf_ptr, pf_bytes,
+                        N, K, G, K_SPLIT, SPLIT_K, I,
                         BLOCK_N: tl.constexpr, KC: tl.constexpr, SPLIT_P2: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False,
-                        HAS_PF: tl.constexpr = False):
+                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     _pdl_start(USE_PDL)
-    _l2_prefetch(pf_ptr, pf_bytes, HAS_PF)
     P: tl.constexpr = BLOCK_N // 2
     j0 = tl.program_id(0) * P
     last, g, u = _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, j0, I + j0, N, K, G, K_SPLIT,
@@ -131,11 +124,9 @@ def fits(kw: KernelWeight, x: Tensor) -> bool:
     return x.shape[0] == 1 and x.dtype == torch.float16 and cfg.kind == "gemv_f16x2" and cfg.block_n == BLOCK_N and _PTX
 
 
-def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tuple, nxt: KernelWeight | None,
-            **constexprs) -> None:
+def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tuple, **constexprs) -> None:
     """Run ``kernel`` over the N / BLOCK_N tiles with the default decode config's split-K: arguments
-    (inputs, weight, scratch, ``outputs``, sizes and split, ``shape_args``, constexprs); ``nxt`` is the
-    weight to prefetch into L2 (l2_prefetch.py)."""
+    (inputs, weight, scratch, ``outputs``, sizes and split, ``shape_args``, constexprs)."""
     from .launch import INTERPRET
     from .ops import _PTX, _split_for, default_config
     from .workspace import WORKSPACE
@@ -152,32 +143,31 @@ def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tup
         x, kw.qw, kw.scales, kw.zeros, bias, ws, cnt, *outputs, N, K, kw.group_size, k_split, split, *shape_args,
         BLOCK_N=BLOCK_N, KC=cfg.kc, SPLIT_P2=triton.next_power_of_2(split) if split > 1 else 1,
         HAS_BIAS=kw.bias is not None, USE_ASM=_PTX and not INTERPRET, num_warps=cfg.num_warps,
-        **constexprs, **pdl_launch(x.device, cfg.pdl), **prefetch_args(kw, nxt, x.device))
+        **constexprs, **pdl_launch(x.device, cfg.pdl))
 
 
 def qkv_rope(x: Tensor, kw: KernelWeight, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-             slot: Tensor, n_heads: int, n_kv: int, head_dim: int, prefetch: KernelWeight | None = None) -> Tensor:
+             slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
     """``x [1, K]`` through the fused QKV weight, then RoPE and the cache write: returns rotated q as
     ``[1, n_heads, 1, head_dim]`` and stores rotated k and v at ``slot`` (int64 [1], on the device) of
     ``k_cache, v_cache [1, n_kv, S, head_dim]``. ``cos, sin``: this token's ``[head_dim]`` (any view
-    with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``.
-    ``prefetch``: the weight run next (its first bytes go to L2)."""
+    with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``."""
     if not rope_shape_ok(kw.out_features, n_heads, n_kv, head_dim):
         raise ValueError(f"qkv_rope: {kw.out_features} outputs are not {n_heads} + 2 x {n_kv} heads of "
                          f"{head_dim} in whole tiles")
     q = torch.empty(1, n_heads, 1, head_dim, dtype=x.dtype, device=x.device)
     _launch(w4_gemv_rope_kernel, x, kw, (cos, sin, q, k_cache, v_cache, slot),
-            (n_heads, n_kv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2)), prefetch,
+            (n_heads, n_kv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2)),
             HEAD_D=head_dim)
     return q
 
 
-def gate_up_silu(x: Tensor, kw: KernelWeight, prefetch: KernelWeight | None = None) -> Tensor:
+def gate_up_silu(x: Tensor, kw: KernelWeight) -> Tensor:
     """``x [1, K]`` through the fused [gate; up] weight, then silu(gate) * up: ``[1, I]``. Same values
-    as ``w4_matmul`` followed by ``norm_act.silu_mul``; ``prefetch`` as in ``qkv_rope``."""
+    as ``w4_matmul`` followed by ``norm_act.silu_mul``."""
     inter = kw.out_features // 2
     if not glu_shape_ok((inter, kw.out_features - inter)):
         raise ValueError(f"gate_up_silu: {kw.out_features} outputs are not two halves of whole half-tiles")
     act = torch.empty(1, inter, dtype=x.dtype, device=x.device)
-    _launch(w4_gemv_silu_kernel, x, kw, (act,), (inter,), prefetch)
+    _launch(w4_gemv_silu_kernel, x, kw, (act,), (inter,))
     return act

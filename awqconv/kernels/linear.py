@@ -26,7 +26,6 @@ class Int4Linear(nn.Module):
         self.splits = splits
         self.in_features = in_features
         self.out_features = sum(splits)
-        self.next_kw: KernelWeight | None = None  # the linear a decode step runs next (L2 prefetch)
 
     @classmethod
     def from_packed(cls, parts: list[PackedLinear], device: torch.device | str = "cpu",
@@ -57,7 +56,7 @@ class Int4Linear(nn.Module):
         if self.kw is not None:
             from .ops import w4_matmul  # Triton import only where a GPU path runs
 
-            y = w4_matmul(x2, self.kw, prefetch=self.next_kw if x2.shape[0] == 1 else None)
+            y = w4_matmul(x2, self.kw)
         elif self.cpu_parts is not None:
             ys = [f(x2) for f in self.cpu_parts]
             y = ys[0] if len(ys) == 1 else torch.cat(ys, -1)
@@ -79,7 +78,7 @@ class Int4Linear(nn.Module):
         if not rope_shape_ok(self.out_features, n_heads, n_kv, head_dim):
             return None
         return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
-                        head_dim, self.next_kw)
+                        head_dim)
 
     def silu_gate_up(self, x: Tensor) -> Tensor | None:
         """For one token (``x`` [1, 1, K]), silu(gate) * up [1, 1, I] of this fused [gate; up]
@@ -91,7 +90,7 @@ class Int4Linear(nn.Module):
 
         if not glu_shape_ok(self.splits):
             return None
-        return gate_up_silu(x2, self.kw, self.next_kw).view(1, 1, -1)
+        return gate_up_silu(x2, self.kw).view(1, 1, -1)
 
     def _one_row(self, x: Tensor) -> Tensor | None:
         """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None."""

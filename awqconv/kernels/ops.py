@@ -18,7 +18,6 @@ import triton
 from torch import Tensor
 
 from ..errors import ShapeError
-from .l2_prefetch import prefetch_args
 from .launch import INTERPRET as _INTERPRET
 from .launch import pdl_launch
 from .layout import KernelWeight
@@ -120,10 +119,8 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None) 
     return out
 
 
-def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None,
-              prefetch: KernelWeight | None = None) -> Tensor:
-    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16), W the INT4 weight in kernel layout.
-    ``prefetch``: the weight the caller runs next; the one-row GEMV starts its L2 prefetch (l2_prefetch.py)."""
+def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:
+    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16), W the INT4 weight in kernel layout."""
     if x.dim() != 2 or x.shape[1] != kw.in_features:
         raise ShapeError(f"w4_matmul: x must be [M, {kw.in_features}], got {tuple(x.shape)}")
     if x.stride(1) != 1:
@@ -162,8 +159,6 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None,
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
-        if bm == 1:
-            extra.update(prefetch_args(kw, prefetch, x.device))
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind in ("gemm", "tile_t"):

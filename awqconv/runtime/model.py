@@ -260,14 +260,6 @@ class Decoder(nn.Module):
         return F.linear(x, head)
 
 
-def _chain_prefetch(layers: list[Layer]) -> None:
-    """Tell each linear which one a decode step runs after it (qkv -> o -> gate_up -> down -> the next
-    layer's qkv), so one-row kernels can prefetch its first weights into L2 (kernels/l2_prefetch.py)."""
-    order = [lin for layer in layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    for lin, nxt in zip(order, order[1:]):
-        lin.next_kw = nxt.kw
-
-
 def build_decoder(qm: QuantizedModel, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   mode: str = "auto") -> Decoder:
     """A Decoder on ``device``: fp32 on the CPU, the scales' dtype (fp16/bf16) on a GPU by default.
@@ -312,7 +304,6 @@ def build_decoder(qm: QuantizedModel, device: torch.device | str = "cpu", dtype:
             RMSNorm(dense(f"{p}.post_attention_layernorm.weight"), spec.eps),
             spec,
         ))
-    _chain_prefetch(layers)
     embed = dense("model.embed_tokens.weight")
     if "lm_head" in qm.linears:
         head = qm.linears["lm_head"].dequantize(dtype).to(device)
