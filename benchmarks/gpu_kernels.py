@@ -92,21 +92,22 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                                                             prefetch=pf)
     if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
         # pf >= 2: a cp.async ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16);
-        # mo: k in the MMA fragments' order (no shared-memory change of the weight operand's layout)
-        for bn, kc, w, pps, pf, mo in [(64, 128, 4, 6, 4, True), (64, 128, 4, 6, 4, False), (64, 128, 4, 8, 3, True),
-                                       (64, 128, 4, 8, 3, False), (64, 64, 4, 8, 4, True), (64, 64, 4, 8, 4, False),
-                                       (64, 128, 4, 5, 4, True), (64, 128, 4, 8, 4, True), (64, 128, 4, 6, 5, True),
-                                       (128, 128, 8, 4, 4, True), (64, 128, 4, 10, 3, True)]:
-            out[f"tile_t_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}_mo{int(mo)}"] = KernelConfig(
-                "tile_t", 16, bn, kc, -pps, w, 1, prefetch=pf, mma_order=mo)
+        # "fit c": at most c programs per SM in one wave (split = floor(c * SMs / tiles)), registers capped
+        tiles = triton.cdiv(kw.out_features, 64)
+        for c, pf, mr in [(5, 4, None), (5, 3, None), (6, 3, 80), (7, 3, 64), (6, 4, 80), (5, 3, 64), (7, 3, 72)]:
+            split = max(1, c * torch.cuda.get_device_properties(0).multi_processor_count // tiles)
+            out[f"tile_t_bn64_kc128_fit{c}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, split, 4, 1,
+                                                                         prefetch=pf, maxnreg=mr)
+        for pps, pf, mr in [(6, 4, None), (6, 3, 64), (8, 3, 64), (7, 3, 64)]:
+            out[f"tile_t_bn64_kc128_p{pps}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, -pps, 4, 1,
+                                                                         prefetch=pf, maxnreg=mr)
     if 4 <= M <= 16:  # the plain tile kernel (x as the MMA's first operand)
         out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
     if 16 < M <= 512:
-        for bm, bn, kc, w, pps, pf, mo in [(64, 64, 128, 4, 4, 3, True), (64, 64, 128, 4, 4, 3, False),
-                                           (32, 64, 128, 4, 6, 4, True), (min(M, 128), 128, 64, 8, 2, 3, False),
-                                           (min(M, 128), 64, 128, 4, 4, 3, False)]:
-            out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}_mo{int(mo)}"] = KernelConfig(
-                "tile_t", bm, bn, kc, -pps, w, 1, prefetch=pf, mma_order=mo)
+        for bm, bn, kc, w, pps, pf in [(64, 64, 128, 4, 8, 3), (64, 128, 64, 8, 4, 3), (64, 64, 64, 4, 8, 4),
+                                       (min(M, 128), 128, 64, 8, 2, 3), (min(M, 128), 64, 128, 4, 4, 3)]:
+            out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", bm, bn, kc, -pps, w, 1,
+                                                                              prefetch=pf)
     if 16 < M <= 256:
         for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
                                       (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:

@@ -51,7 +51,6 @@ class KernelConfig:
     # (tile_t: 1 = next chunk's loads before this chunk's math, 0 = after)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
-    mma_order: bool | None = None  # tile_t: k in the MMA fragments' order (tile_t.py); None = block_m <= 16
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -155,8 +154,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel, "tile_t": w4_tile_t_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "tile_t":
-        extra = {"GROUP": g, "PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET,
-                 "MMA_ORDER": cfg.block_m <= 16 if cfg.mma_order is None else cfg.mma_order}
+        extra = {"GROUP": g, "PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}
     elif cfg.kind == "gemm":
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":

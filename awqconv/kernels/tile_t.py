@@ -48,23 +48,9 @@ def _pairs(v):
 
 
 @triton.jit
-def _mma_k_order(v, KC: tl.constexpr, ON: tl.constexpr):
-    """Reorder the chunk's k axis (axis 1 of [R, KC] or [R, KC/8, 2, 2, 2]) from physical 8 j + v
-    (word j, value v = 4 v2 + 2 v1 + v0) to k' = 32 (j // 4) + 16 v2 + 8 v1 + 2 (j % 4) + v0 when
-    KC % 32 == 0. In k' order the 8 weights of one word are exactly the k that one thread's MMA
-    fragments hold (lane c = j % 4 holds k 2c, 2c+1, 2c+8, 2c+9 of every 16), so the register operand
-    reaches the tensor cores without a shared-memory layout change; x^T gets the same order."""
-    R: tl.constexpr = v.shape[0]
-    if ON and KC % 32 == 0:
-        v = tl.reshape(v, (R, KC // 32, 4, 2, 2, 2))
-        v = tl.permute(v, (0, 1, 3, 4, 2, 5))
-    return tl.reshape(v, (R, KC))
-
-
-@triton.jit
-def _dequant_words(w, s, z, dtype: tl.constexpr, USE_ASM: tl.constexpr, MMA_ORDER: tl.constexpr):
+def _dequant_words(w, s, z, dtype: tl.constexpr, USE_ASM: tl.constexpr):
     """Words [BN, C] (C = KC/8), scales (as ``dtype``) and int32 zeros [BN, 1] -> [BN, 8C] weights
-    (q - z) * s in ``dtype``, value v of word j at k = 8 j + v, then in ``_mma_k_order``."""
+    (q - z) * s in ``dtype``, k = 8c + j from nibble j of word c."""
     if USE_ASM:
         sbits = _pairs(s.to(tl.int16, bitcast=True).to(tl.int32)) + w * 0
         if dtype == tl.bfloat16:
@@ -77,12 +63,12 @@ def _dequant_words(w, s, z, dtype: tl.constexpr, USE_ASM: tl.constexpr, MMA_ORDE
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 asm=_WORD_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args=[w, zz, sbits],
                 dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-        # nested joins add the minor dims (c1, c2, c3); flat index 4 c1 + 2 c2 + c3 must be v
+        # nested joins add the minor dims (c1, c2, c3); flat index 4 c1 + 2 c2 + c3 must be j
         v = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
     else:  # the same values in plain Triton: (q - z) * s exact in fp32, rounded once
         q = (w[:, :, None] >> _nibble_shift(tl.arange(0, 8))[None, None, :]) & 15
         v = _round_to((q - z[:, :, None]).to(tl.float32) * s.to(tl.float32)[:, :, None], dtype)
-    return _mma_k_order(v, 8 * w.shape[1], MMA_ORDER)
+    return tl.reshape(v, (w.shape[0], 8 * w.shape[1]))
 
 
 @triton.jit
@@ -96,10 +82,9 @@ def _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _chunk_dot(acc, w, s, z, xt, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, MMA_ORDER: tl.constexpr):
-    """acc [BN, BM] += W^T (one chunk, dequantised) @ x^T [KC, BM], both in ``_mma_k_order``."""
-    wt = _dequant_words(w, s, z, xt.dtype, USE_ASM, MMA_ORDER)
-    xt = tl.trans(_mma_k_order(tl.trans(xt), xt.shape[0], MMA_ORDER))
+def _chunk_dot(acc, w, s, z, xt, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc [BN, BM] += W^T (one chunk, dequantised) @ x^T [KC, BM]."""
+    wt = _dequant_words(w, s, z, xt.dtype, USE_ASM)
     if DOT_F32:  # interpreter only: it multiplies bf16 operands as raw integers
         return acc + tl.dot(wt.to(tl.float32), xt.to(tl.float32))
     else:
@@ -111,12 +96,10 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                      M, N, K, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr, GROUP: tl.constexpr,
                      SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                     DOT_F32: tl.constexpr = False, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False,
-                     MMA_ORDER: tl.constexpr = True):
+                     DOT_F32: tl.constexpr = False, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """y = x W + b for M <= BLOCK_M rows (BLOCK_M >= 16), BLOCK_N columns and one K split per
     program. PREFETCH = 1 issues the next chunk's loads before this chunk's math (0: after it), the
-    first chunk's before the PDL wait; PREFETCH >= 2 is a cp.async ring of that many stages.
-    MMA_ORDER: k in ``_mma_k_order`` (x^T is reordered in registers too: worth it for small BLOCK_M)."""
+    first chunk's before the PDL wait; PREFETCH >= 2 is a cp.async ring of that many stages."""
     _pdl_start(USE_PDL)
     pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, KC)
@@ -133,7 +116,7 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
             w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP)
             xt = tl.load(x_ptrs + k0, mask=mm[None, :], other=0.0)
-            acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM, MMA_ORDER)
+            acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
     else:
         w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k_lo, rn, mn, N, GROUP)
         _pdl_wait(USE_PDL)  # x is the previous kernel's output
@@ -142,10 +125,10 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             nxt = tl.minimum(k0 + KC, last)
             if PREFETCH:
                 nw, ns, nz = _load_chunk(w_ptrs, s_ptr, z_ptr, nxt, rn, mn, N, GROUP)
-                acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM, MMA_ORDER)
+                acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
                 w, s, z = nw, ns, nz
             else:
-                acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM, MMA_ORDER)
+                acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
                 w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, nxt, rn, mn, N, GROUP)
     _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)
