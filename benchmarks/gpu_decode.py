@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
 """
 
 from __future__ import annotations
@@ -58,22 +58,23 @@ def random_qm(layers: int) -> QuantizedModel:
     return QuantizedModel(hf_config=cfg, quant_config=QuantConfig(method="rtn"), linears=linears, dense=dense)
 
 
-def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int) -> dict:
-    gen = Generator(dec, max_batch=1, max_len=max_len)
-    prompt = torch.randint(0, 32000, (prompt_len,)).tolist()
+def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int, batch: int = 1) -> dict:
+    """Greedy decode of ``batch`` random prompts; tok/s counts every row's tokens."""
+    gen = Generator(dec, max_batch=batch, max_len=max_len)
+    prompts = [torch.randint(0, 32000, (prompt_len,)).tolist() for _ in range(batch)]
     p = SamplingParams(max_new_tokens=new)
-    gen.generate([prompt], SamplingParams(max_new_tokens=8))  # warm-up: compile, capture
+    gen.generate(prompts, SamplingParams(max_new_tokens=8))  # warm-up: compile, capture
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     best = None
     for _ in range(2):
-        res = gen.generate([prompt], p)
+        res = gen.generate(prompts, p)
         if best is None or res.decode_s < best.decode_s:
             best = res
-    r = {"label": label, "prompt": prompt_len, "new": new, "ctx_end": prompt_len + new,
-         "decode_tok_s": round(best.decode_steps / best.decode_s, 1),
-         "ms_per_token": round(best.decode_s / best.decode_steps * 1e3, 3),
-         "prefill_tok_s": round(prompt_len / best.prefill_s, 1),
+    r = {"label": label, "batch": batch, "prompt": prompt_len, "new": new, "ctx_end": prompt_len + new,
+         "decode_tok_s": round(batch * best.decode_steps / best.decode_s, 1),
+         "ms_per_step": round(best.decode_s / best.decode_steps * 1e3, 3),
+         "prefill_tok_s": round(batch * prompt_len / best.prefill_s, 1),
          "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
     print(json.dumps(r), flush=True)
     return r
@@ -108,6 +109,8 @@ def main() -> None:
                     help="also time 64 + 256 with programmatic dependent launch turned off")
     ap.add_argument("--early-compare", action="store_true",
                     help="also time 64 + 256 with the attention's early cache reads turned off")
+    ap.add_argument("--batch", default=None, type=lambda v: [int(b) for b in v.split(",")],
+                    help="also decode these batch sizes (64 + 256 and 1792 + 256 per row)")
     ap.add_argument("--fused-compare", action="store_true",
                     help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
     a = ap.parse_args()
@@ -140,6 +143,9 @@ def main() -> None:
         return
     results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048))
     results["runs"].append(run_decode(dec, "awqconv_int4", 1792, 256, 2048))
+    for b in a.batch or []:
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4", n, 256, 2048, batch=b))
     if a.early_compare:  # the same decode with attention reading the cache only after the PDL wait
         from awqconv.kernels import decode_attention as attn
 
