@@ -66,6 +66,9 @@ def _n_sm(device: torch.device) -> int:
     return 4
 
 
+_DEQUANT = KernelConfig("dequant", block_n=128, kc=32)  # the dense tile of dequantize()
+
+
 def default_config(m: int, kw: KernelWeight, device: torch.device,
                    dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md (runs N-AE).
@@ -94,7 +97,7 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
         # at M = 384 the tile and dequantise + cuBLAS tie (498 / 490)
         return KernelConfig("tile_t", block_m=64 if m <= 64 else 128, block_n=64, kc=kc, split_k=-4, num_warps=4,
                             prefetch=3)
-    return KernelConfig("dequant")
+    return _DEQUANT
 
 
 def _split_for(cfg: KernelConfig, n_tiles: int, K: int, device: torch.device) -> tuple[int, int]:
@@ -108,14 +111,20 @@ def _split_for(cfg: KernelConfig, n_tiles: int, K: int, device: torch.device) ->
     return triton.cdiv(K, k_split), k_split
 
 
-def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """Dense ``W [K, N]`` in ``dtype`` (bit-equal to ``PackedLinear.dequantize(dtype).t()``)."""
+def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None,
+               config: KernelConfig | None = None) -> Tensor:
+    """Dense ``W [K, N]`` in ``dtype`` (bit-equal to ``PackedLinear.dequantize(dtype).t()``).
+    ``config`` (kind "dequant"): tile ``kc`` x ``block_n`` (``expand``: each word loaded once, when
+    ``kc`` divides the group), warps; default ``default_config``'s."""
     K, N = kw.in_features, kw.out_features
     if out is None:
         out = torch.empty(K, N, dtype=dtype, device=kw.qw.device)
-    bk, bn = 32, 128
+    cfg = config or _DEQUANT
+    bk, bn = cfg.kc, cfg.block_n
+    expand = cfg.expand and kw.group_size % bk == 0 and bk % 8 == 0
     grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
-    w4_dequant_kernel[grid](kw.qw, kw.scales, kw.zeros, out, N, K, kw.group_size, BLOCK_K=bk, BLOCK_N=bn)
+    w4_dequant_kernel[grid](kw.qw, kw.scales, kw.zeros, out, N, K, kw.group_size, BLOCK_K=bk, BLOCK_N=bn,
+                            EXPAND=expand, num_warps=cfg.num_warps)
     return out
 
 
@@ -129,7 +138,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     N = kw.out_features
     cfg = config or default_config(M, kw, x.device, x.dtype)
     if cfg.kind == "dequant":
-        w = dequantize(kw, x.dtype)
+        w = dequantize(kw, x.dtype, config=cfg)
         y = torch.matmul(x, w)
         return y if kw.bias is None else y.add_(kw.bias)
     g = kw.group_size

@@ -134,11 +134,14 @@ def test_gemm_per_channel_odd_group(make_packed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,g", [(72, 256, 64), (24, 96, 24)])
-def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g):
-    """Dequantise kernel: tolerance zero, equal to PackedLinear.dequantize(dtype) bit for bit."""
+@pytest.mark.parametrize("n,k,g", [(72, 256, 64), (24, 96, 24), (40, 576, 576)])
+@pytest.mark.parametrize("kc,bn,expand", [(32, 128, True), (8, 32, True), (64, 64, True), (32, 128, False)])
+def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g, kc, bn, expand):
+    """Dequantise kernel, both load styles (expand only where kc divides the group; else the gather
+    form runs): tolerance zero, equal to PackedLinear.dequantize(dtype) bit for bit."""
     p = make_packed(n, k, g, dtype=dtype, seed=n)
-    w = dequantize(KernelWeight.from_packed(p), dtype)
+    cfg = KernelConfig("dequant", block_n=bn, kc=kc, expand=expand)
+    w = dequantize(KernelWeight.from_packed(p), dtype, config=cfg)
     assert torch.equal(w, p.dequantize(dtype).t())
 
 
