@@ -114,7 +114,7 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
             out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)
     if M > 256:
         out["gemm128_bn256_kc64_w8_s3"] = KernelConfig("gemm", 128, 256, 64, 1, 8, 3)
-    out["dequant+cublas"] = KernelConfig("dequant", block_n=128, kc=32)
+    out["dequant+cublas"] = KernelConfig("dequant", block_n=256, kc=32)
     if M >= 1024:  # the dequantise tile: rows x columns, each word loaded once (expand) or per element
         for kc, bn, ex, w in [(32, 128, False, 4), (64, 128, True, 4), (128, 128, True, 8), (32, 256, True, 4),
                               (64, 256, True, 8), (16, 256, True, 4), (128, 64, True, 4)]:

@@ -66,7 +66,7 @@ def _n_sm(device: torch.device) -> int:
     return 4
 
 
-_DEQUANT = KernelConfig("dequant", block_n=128, kc=32)  # the dense tile of dequantize()
+_DEQUANT = KernelConfig("dequant", block_n=256, kc=32)  # dequantize()'s tile (run AJ, notes)
 
 
 def default_config(m: int, kw: KernelWeight, device: torch.device,
