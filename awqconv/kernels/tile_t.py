@@ -1,14 +1,16 @@
 """The transposed tensor-core tile for small batches: y^T [BN, BM] = W^T x^T, weights as the MMA's
 register operand.
 
-Per chunk of KC input rows a program loads its packed words as [BN, KC/8] (four words per 16-byte
-load), turns each word into its 8 dequantised fp16/bf16 weights in one asm block (mask into an
-fp16 1024 + q / bf16 128 + q, subtract the zero, multiply by the scale: 1.9 instructions per
-weight; the product is rounded once, so the operand is exactly the dequantised weight), and joins
-the 8 values of each word along k, so the register tile goes to the MMA operand layout through one
-16-byte shared-memory store per word. x^T [KC, BM] is the MMA's shared-memory operand and the fp32
-accumulator runs over the whole K slice (no per-chunk rescale). Split-K partials merge as in
-triton_w4.py. The interpreter runs a plain-Triton emulation that yields the same operand bits.
+Per chunk of KC input rows a program takes its packed words as [BN, KC/8] (16-byte loads, by
+default through a cp.async ring of PREFETCH stages: the ring, not the instruction count, took M = 16
+from ~120 to ~87 us per 7B layer on an H100), turns each word into its 8 dequantised fp16/bf16
+weights in one asm block (mask into an fp16 1024 + q / bf16 128 + q, subtract the zero, multiply by
+the scale: 1.9 instructions per weight; the product is rounded once, so the operand is exactly the
+dequantised weight), and joins the 8 values of each word along k, so the register tile reaches the
+MMA operand layout through 16-byte shared-memory stores. x^T [KC, BM] is the MMA's shared-memory
+operand and the fp32 accumulator runs over the whole K slice (no per-chunk rescale). Split-K
+partials merge as in triton_w4.py. The interpreter runs a plain-Triton emulation that yields the
+same operand bits. Measured alternatives and the profile: notes/gpu_notes.md, runs AC-AK.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def _dequant_word_ptx(magic: int, sub: str, mul: str) -> str:
     return "\n".join(lines + ["}"])
 
 
-_F16_MAGIC = 0x64006400  # fp16 1024 + q in each half
-_BF16_MAGIC = 0x43004300  # bf16 128 + q
-_WORD_F16 = tl.constexpr(_dequant_word_ptx(_F16_MAGIC, "sub.f16x2", "mul.rn.f16x2"))
-_WORD_BF16 = tl.constexpr(_dequant_word_ptx(_BF16_MAGIC, "sub.bf16x2", "mul.rn.bf16x2"))
+_F16_MAGIC = tl.constexpr(0x64006400)  # fp16 1024 + q in each half
+_BF16_MAGIC = tl.constexpr(0x43004300)  # bf16 128 + q
+_WORD_F16 = tl.constexpr(_dequant_word_ptx(_F16_MAGIC.value, "sub.f16x2", "mul.rn.f16x2"))
+_WORD_BF16 = tl.constexpr(_dequant_word_ptx(_BF16_MAGIC.value, "sub.bf16x2", "mul.rn.bf16x2"))
 
 
 @triton.jit
@@ -54,12 +56,12 @@ def _dequant_words(w, s, z, dtype: tl.constexpr, USE_ASM: tl.constexpr):
     if USE_ASM:
         sbits = _pairs(s.to(tl.int16, bitcast=True).to(tl.int32)) + w * 0
         if dtype == tl.bfloat16:
-            zz = z * 0x10001 + 0x43004300 + w * 0
+            zz = z * 0x10001 + _BF16_MAGIC + w * 0
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 asm=_WORD_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args=[w, zz, sbits],
                 dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else:
-            zz = z * 0x10001 + 0x64006400 + w * 0
+            zz = z * 0x10001 + _F16_MAGIC + w * 0
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 asm=_WORD_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", args=[w, zz, sbits],
                 dtype=(tl.float16,) * 8, is_pure=True, pack=1)
