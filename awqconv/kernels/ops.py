@@ -143,10 +143,8 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         return y if kw.bias is None else y.add_(kw.bias)
     g = kw.group_size
     kc = cfg.kc
-    whole_groups = cfg.kind == "tile_t" and kc % g == 0 and g % 8 == 0  # tile_t: chunks of several groups
-    if (g % kc and not whole_groups) or kc % 8 or (cfg.kind in ("gemm", "tile_t") and kc < 16):
-        raise ShapeError(f"chunk kc={kc} must divide group_size={g} (tile_t: or be whole groups), be a multiple "
-                         f"of 8, and >= 16 for the tensor-core tiles")
+    if g % kc or kc % 8 or (cfg.kind in ("gemm", "tile_t") and kc < 16):
+        raise ShapeError(f"chunk kc={kc} must divide group_size={g} (and be >= 16 for the tensor-core tiles)")
     if cfg.kind == "tile_t" and cfg.block_m < 16:
         raise ShapeError(f"the transposed tile needs block_m >= 16 (the MMA's N), got {cfg.block_m}")
     if cfg.kind == "gemv_f16x2":

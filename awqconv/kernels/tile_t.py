@@ -51,8 +51,8 @@ def _pairs(v):
 
 @triton.jit
 def _dequant_words(w, s, z, dtype: tl.constexpr, USE_ASM: tl.constexpr):
-    """Words [BN, C] (C = KC/8), scales (as ``dtype``) and int32 zeros ([BN, 1] or per word [BN, C])
-    -> [BN, 8C] weights (q - z) * s in ``dtype``, k = 8c + j from nibble j of word c."""
+    """Words [BN, C] (C = KC/8), scales (as ``dtype``) and int32 zeros [BN, 1] -> [BN, 8C] weights
+    (q - z) * s in ``dtype``, k = 8c + j from nibble j of word c."""
     if USE_ASM:
         sbits = _pairs(s.to(tl.int16, bitcast=True).to(tl.int32)) + w * 0
         if dtype == tl.bfloat16:
@@ -75,17 +75,11 @@ def _dequant_words(w, s, z, dtype: tl.constexpr, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP: tl.constexpr):
-    """A chunk's words [BN, C] and its scales and zeros: [BN, 1] when the chunk lies in one group,
-    else (chunks of several whole groups) [BN, C], each word's group's, broadcast in registers."""
+    """A chunk's words [BN, KC/8] and its scales and zeros as [BN, 1]."""
     w = tl.load(w_ptrs + (k0 // 8) * N, mask=mn[:, None], other=0, eviction_policy="evict_first")
-    C: tl.constexpr = w.shape[1]
-    NG: tl.constexpr = max(1, 8 * C // GROUP)  # groups in the chunk
-    g = (k0 // GROUP + tl.arange(0, NG))[None, :] * N + rn[:, None]
-    s = tl.load(s_ptr + g, mask=mn[:, None], other=0.0)
-    z = tl.load(z_ptr + g, mask=mn[:, None], other=0).to(tl.int32)
-    if NG > 1:
-        s = tl.reshape(tl.broadcast_to(s[:, :, None], (w.shape[0], NG, C // NG)), (w.shape[0], C))
-        z = tl.reshape(tl.broadcast_to(z[:, :, None], (w.shape[0], NG, C // NG)), (w.shape[0], C))
+    g = (k0 // GROUP) * N + rn
+    s = tl.load(s_ptr + g, mask=mn, other=0.0)[:, None]
+    z = tl.load(z_ptr + g, mask=mn, other=0).to(tl.int32)[:, None]
     return w, s, z
 
 
