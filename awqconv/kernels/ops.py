@@ -2,7 +2,7 @@
 
 ``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMV (M = 1, fp16; the fp32 CUDA-core
 GEMV for bf16 and when groups are too small for a tensor-core K tile), the transposed split-K
-tensor-core tile (tile_t.py, 2 <= M < DEQUANT_MIN_M), else dequantise once (Triton) + ``torch.matmul``
+tensor-core tile (tile_t.py, 2 <= M < DEQUANT_MIN_M = 257), else dequantise once (Triton) + ``torch.matmul``
 (cuBLAS). The plain tile kernel and the fp16x2 rows kernel stay as variants: a ``KernelConfig`` may be
 passed to force one (the benchmarks sweep them). The split-K partials and tile tickets
 live in workspace.py. The kernels use programmatic dependent launch where supported (launch.py).
@@ -31,7 +31,7 @@ from .triton_w4 import (
 )
 from .workspace import WORKSPACE
 
-DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "384"))
+DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "257"))  # tile_t up to 256 rows (run AM)
 # the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
 _PTX = torch.version.cuda is not None or _INTERPRET
 
@@ -93,8 +93,8 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
                             num_stages=2)
     if m <= 16:  # H100 run AE: 64 columns x 4 warps, ~6 programs per SM, 4 stages
         return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=-6, num_warps=4, prefetch=4)
-    if m < DEQUANT_MIN_M:  # runs AE/AF: BM 64 at M = 64 (141 us/layer), BM 128 at M = 256 (350 against 417);
-        # at M = 384 the tile and dequantise + cuBLAS tie (498 / 490)
+    if m < DEQUANT_MIN_M:  # runs AE/AM: BM 64 at M = 64 (141 us/layer), BM 128 at M = 192-256 (350-354
+        # against 383-389 for dequantise + cuBLAS); at M = 320 the tile loses (509 against 426)
         return KernelConfig("tile_t", block_m=64 if m <= 64 else 128, block_n=64, kc=kc, split_k=-4, num_warps=4,
                             prefetch=3)
     return _DEQUANT
