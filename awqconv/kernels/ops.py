@@ -194,12 +194,15 @@ def _tile_t_tma(x: Tensor, kw: KernelWeight, cfg: KernelConfig, y: Tensor, ws: T
 
     M, K = x.shape
     N = kw.out_features
-    if N % 4 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows
-        raise ShapeError("the TMA tile needs N % 4 == 0 and 16-byte aligned activation rows")
+    if N % 16 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows (the zeros are bytes)
+        raise ShapeError("the TMA tile needs N % 16 == 0 and 16-byte aligned activation rows")
+    G = kw.group_size
     w_desc = TensorDescriptor(kw.qw, [K // 8, N], [N, 1], [cfg.kc // 8, cfg.block_n])
+    s_desc = TensorDescriptor(kw.scales, [K // G, N], [N, 1], [1, cfg.block_n])
+    z_desc = TensorDescriptor(kw.zeros, [K // G, N], [N, 1], [1, cfg.block_n])
     x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [cfg.block_m, cfg.kc])
     bias = kw.bias if kw.bias is not None else kw.scales
-    w4_tile_t_tma_kernel[grid](x_desc, w_desc, kw.scales, kw.zeros, bias, y, ws, cnt, M, N, K, k_split, split,
+    w4_tile_t_tma_kernel[grid](x_desc, w_desc, s_desc, z_desc, bias, y, ws, cnt, M, N, K, k_split, split,
                                y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KC=cfg.kc,
                                SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=kw.bias is not None,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
