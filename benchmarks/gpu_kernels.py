@@ -91,13 +91,16 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
             out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2,
                                                                             prefetch=pf)
     if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
-        # pf >= 2: a ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16), filled by
-        # per-thread cp.async or (tma) by the tensor-memory accelerator
-        for bn, kc, w, pps, pf, tma in [(64, 128, 4, 6, 4, False), (64, 128, 4, 6, 4, True), (64, 128, 4, 6, 3, True),
-                                        (64, 128, 4, 6, 5, True), (64, 128, 4, 8, 4, True), (64, 64, 4, 8, 6, True),
-                                        (64, 128, 4, 4, 4, True)]:
-            out[f"tile_t_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}{'_tma' if tma else ''}"] = KernelConfig(
-                "tile_t", 16, bn, kc, -pps, w, 1, prefetch=pf, tma=tma)
+        # pf >= 2: a cp.async ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16);
+        # "fit c": at most c programs per SM in one wave (split = floor(c * SMs / tiles)), registers capped
+        tiles = triton.cdiv(kw.out_features, 64)
+        for c, pf, mr in [(5, 4, None), (5, 3, None), (6, 3, 80), (7, 3, 64), (6, 4, 80), (5, 3, 64), (7, 3, 72)]:
+            split = max(1, c * torch.cuda.get_device_properties(0).multi_processor_count // tiles)
+            out[f"tile_t_bn64_kc128_fit{c}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, split, 4, 1,
+                                                                         prefetch=pf, maxnreg=mr)
+        for pps, pf, mr in [(6, 4, None), (6, 3, 64), (8, 3, 64), (7, 3, 64)]:
+            out[f"tile_t_bn64_kc128_p{pps}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, -pps, 4, 1,
+                                                                         prefetch=pf, maxnreg=mr)
     if 4 <= M <= 16:  # the plain tile kernel (x as the MMA's first operand)
         out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
     if 16 < M <= 512:

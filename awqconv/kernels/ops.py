@@ -21,7 +21,7 @@ from ..errors import ShapeError
 from .launch import INTERPRET as _INTERPRET
 from .launch import pdl_launch
 from .layout import KernelWeight
-from .tile_t import w4_tile_t_kernel, w4_tile_t_tma_kernel
+from .tile_t import w4_tile_t_kernel
 from .triton_w4 import (
     w4_dequant_kernel,
     w4_gemm_kernel,
@@ -51,7 +51,6 @@ class KernelConfig:
     # (tile_t: 1 = next chunk's loads before this chunk's math, 0 = after)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
-    tma: bool = False  # tile_t: word and activation tiles through the tensor-memory accelerator
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -178,34 +177,10 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         extra["maxnreg"] = cfg.maxnreg
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
     grid = (n_tiles_n, n_tiles_m, split)
-    if cfg.kind == "tile_t" and cfg.tma:
-        return _tile_t_tma(x, kw, cfg, y, ws, cnt, grid, split, k_split, extra)
     k_args = (M, N, K) if cfg.kind == "tile_t" else (M, N, K, g)  # the transposed tile takes G as GROUP
     kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0),
                  BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
                  HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
-    return y
-
-
-def _tile_t_tma(x: Tensor, kw: KernelWeight, cfg: KernelConfig, y: Tensor, ws: Tensor, cnt: Tensor, grid: tuple,
-                split: int, k_split: int, extra: dict) -> Tensor:
-    """The transposed tile over host tensor descriptors (Hopper's TMA; the interpreter emulates them)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    M, K = x.shape
-    N = kw.out_features
-    if N % 16 or x.stride(0) % 8 or x.data_ptr() % 16:  # TMA: 16-byte aligned rows (the zeros are bytes)
-        raise ShapeError("the TMA tile needs N % 16 == 0 and 16-byte aligned activation rows")
-    G = kw.group_size
-    w_desc = TensorDescriptor(kw.qw, [K // 8, N], [N, 1], [cfg.kc // 8, cfg.block_n])
-    s_desc = TensorDescriptor(kw.scales, [K // G, N], [N, 1], [1, cfg.block_n])
-    z_desc = TensorDescriptor(kw.zeros, [K // G, N], [N, 1], [1, cfg.block_n])
-    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [cfg.block_m, cfg.kc])
-    bias = kw.bias if kw.bias is not None else kw.scales
-    w4_tile_t_tma_kernel[grid](x_desc, w_desc, s_desc, z_desc, bias, y, ws, cnt, M, N, K, k_split, split,
-                               y.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KC=cfg.kc,
-                               SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=kw.bias is not None,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     return y
 
 

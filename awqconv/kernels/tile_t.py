@@ -134,31 +134,3 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, nxt, rn, mn, N, GROUP)
     _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)
-
-
-@triton.jit
-def w4_tile_t_tma_kernel(x_desc, w_desc, s_desc, z_desc, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-                         M, N, K, K_SPLIT, SPLIT_K, stride_ym,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr, GROUP: tl.constexpr,
-                         SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 4,
-                         DOT_F32: tl.constexpr = False, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
-    """``w4_tile_t_kernel`` with every tile of the K loop (words, scales, zeros, activations) brought
-    in by the tensor-memory accelerator (host tensor descriptors over qw [K/8, N], scales and zeros
-    [K/G, N] and x [M, K]): one copy instruction per tile and ring stage instead of per-thread
-    cp.async (whose 4-byte minimum leaves the 1-2 byte scale/zero loads synchronous)."""
-    _pdl_start(USE_PDL)
-    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
-    n0 = tl.program_id(0) * BLOCK_N
-    m0 = tl.program_id(1) * BLOCK_M
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    _pdl_wait(USE_PDL)
-    for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
-        w = tl.trans(w_desc.load([k0 // 8, n0]))  # [BN, KC/8]; columns past N read as zeros
-        s = tl.reshape(s_desc.load([k0 // GROUP, n0]), (BLOCK_N,))[:, None]
-        z = tl.reshape(z_desc.load([k0 // GROUP, n0]), (BLOCK_N,)).to(tl.int32)[:, None]
-        xt = tl.trans(x_desc.load([m0, k0]))  # [KC, BM]; rows past M read as zeros
-        acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
-    _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
-                 SPLIT_P2, HAS_BIAS)
