@@ -48,7 +48,7 @@ class KernelConfig:
     expand: bool = True  # gemm: load each packed word once and expand in registers
     late_reduce: bool = False  # gemv, M = 1: one cross-thread reduction per program, not per chunk
     prefetch: int = 1  # gemv_f16x2: 1 = next chunk's loads into registers first; n >= 2: n-stage smem pipeline
-    # (tile_t: 1 = next chunk's loads before this chunk's math, 0 = after)
+    # (tile_t: stages of its cp.async ring, 1 = none)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
 
@@ -163,7 +163,7 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel, "tile_t": w4_tile_t_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "tile_t":
-        extra = {"GROUP": g, "PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}
+        extra = {"GROUP": g, "PREFETCH": max(1, int(cfg.prefetch)), "USE_ASM": _PTX and not _INTERPRET}
     elif cfg.kind == "gemm":
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":

@@ -97,11 +97,11 @@ def _chunk_dot(acc, w, s, z, xt, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr):
 def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                      M, N, K, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr, GROUP: tl.constexpr,
-                     SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                     SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 4,
                      DOT_F32: tl.constexpr = False, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """y = x W + b for M <= BLOCK_M rows (BLOCK_M >= 16), BLOCK_N columns and one K split per
-    program. PREFETCH = 1 issues the next chunk's loads before this chunk's math (0: after it), the
-    first chunk's before the PDL wait; PREFETCH >= 2 is a cp.async ring of that many stages."""
+    program; the chunks come through a cp.async ring of PREFETCH stages (1: none). (A one-chunk
+    register prefetch instead of the ring ran 119-126 against 85-87 us per layer: notes, runs AC-AD.)"""
     _pdl_start(USE_PDL)
     pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, KC)
@@ -111,26 +111,11 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    last = k_hi - KC  # loads past the end re-read the last chunk (cache hits), so no masks on k
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PREFETCH >= 2:  # Triton's cp.async pipeline, PREFETCH stages: loads in flight without registers
-        _pdl_wait(USE_PDL)
-        for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
-            w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP)
-            xt = tl.load(x_ptrs + k0, mask=mm[None, :], other=0.0)
-            acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
-    else:
-        w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k_lo, rn, mn, N, GROUP)
-        _pdl_wait(USE_PDL)  # x is the previous kernel's output
-        for k0 in range(k_lo, k_hi, KC):
-            xt = tl.load(x_ptrs + k0, mask=mm[None, :], other=0.0)
-            nxt = tl.minimum(k0 + KC, last)
-            if PREFETCH:
-                nw, ns, nz = _load_chunk(w_ptrs, s_ptr, z_ptr, nxt, rn, mn, N, GROUP)
-                acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
-                w, s, z = nw, ns, nz
-            else:
-                acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
-                w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, nxt, rn, mn, N, GROUP)
+    _pdl_wait(USE_PDL)  # x is the previous kernel's output
+    for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):  # a cp.async ring of PREFETCH stages
+        w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP)
+        xt = tl.load(x_ptrs + k0, mask=mm[None, :], other=0.0)
+        acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
     _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)
