@@ -128,19 +128,27 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None,
     return out
 
 
-def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:
-    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16), W the INT4 weight in kernel layout."""
-    if x.dim() != 2 or x.shape[1] != kw.in_features:
-        raise ShapeError(f"w4_matmul: x must be [M, {kw.in_features}], got {tuple(x.shape)}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+@dataclass
+class MatmulLaunch:
+    """One Triton launch of ``w4_matmul``: ``kernel[grid](*args, **meta)`` writes ``y``."""
+
+    kernel: object  # a triton.JITFunction
+    grid: tuple[int, int, int]
+    args: tuple  # the kernel's runtime arguments, in order
+    meta: dict  # constexprs and launch options (num_warps, num_stages, launch_pdl, maxnreg)
+    y: Tensor
+
+    def __call__(self) -> Tensor:
+        self.kernel[self.grid](*self.args, **self.meta)
+        return self.y
+
+
+def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> MatmulLaunch:
+    """The launch ``w4_matmul`` makes for a tile kind (not "dequant"): kernel, grid, arguments,
+    constexprs, and the output it writes. Benchmarks reuse it to launch the same kernel otherwise
+    compiled (benchmarks/gpu_aot_triton.py)."""
     M, K = x.shape
     N = kw.out_features
-    cfg = config or default_config(M, kw, x.device, x.dtype)
-    if cfg.kind == "dequant":
-        w = dequantize(kw, x.dtype, config=cfg)
-        y = torch.matmul(x, w)
-        return y if kw.bias is None else y.add_(kw.bias)
     g = kw.group_size
     kc = cfg.kc
     if g % kc or kc % 8 or (cfg.kind in ("gemm", "tile_t") and kc < 16):
@@ -176,12 +184,25 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
     if cfg.maxnreg and not _INTERPRET:
         extra["maxnreg"] = cfg.maxnreg
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
-    grid = (n_tiles_n, n_tiles_m, split)
     k_args = (M, N, K) if cfg.kind == "tile_t" else (M, N, K, g)  # the transposed tile takes G as GROUP
-    kernel[grid](x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0),
-                 BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
-                 HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
-    return y
+    args = (x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0))
+    meta = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
+                HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+    return MatmulLaunch(kernel, (n_tiles_n, n_tiles_m, split), args, meta, y)
+
+
+def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:
+    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16), W the INT4 weight in kernel layout."""
+    if x.dim() != 2 or x.shape[1] != kw.in_features:
+        raise ShapeError(f"w4_matmul: x must be [M, {kw.in_features}], got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or default_config(x.shape[0], kw, x.device, x.dtype)
+    if cfg.kind == "dequant":
+        w = dequantize(kw, x.dtype, config=cfg)
+        y = torch.matmul(x, w)
+        return y if kw.bias is None else y.add_(kw.bias)
+    return plan_matmul(x, kw, cfg)()
 
 
 def with_split(cfg: KernelConfig, split_k: int) -> KernelConfig:
