@@ -6,6 +6,9 @@ its logits against the same runtime with dequantised fp16 weights, then times gr
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
+       [--bf16 [--fp32-gemv-compare]]
+(--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
+one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AP.)
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def llama2_7b_config(layers: int) -> dict:
             "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False}
 
 
-def random_qm(layers: int) -> QuantizedModel:
+def random_qm(layers: int, dtype: torch.dtype = torch.float16) -> QuantizedModel:
     cfg = llama2_7b_config(layers)
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
@@ -47,14 +50,14 @@ def random_qm(layers: int) -> QuantizedModel:
             # scales ~ 1/(8 sqrt(k)) keep activations O(1) through the random network
             s = (torch.rand(out, k // G, device=DEV) * 0.5 + 0.75) / (8 * k ** 0.5)
             linears[f"model.layers.{i}.{n}"] = PackedLinear(
-                torch.randint(0, 256, (out, k // 2), dtype=torch.uint8, device=DEV), s.half(),
+                torch.randint(0, 256, (out, k // 2), dtype=torch.uint8, device=DEV), s.to(dtype),
                 torch.randint(7, 9, (out, k // G), dtype=torch.uint8, device=DEV),
                 k, G)
-        dense[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h, dtype=torch.float16, device=DEV)
-        dense[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16, device=DEV)
-    dense["model.embed_tokens.weight"] = (torch.randn(cfg["vocab_size"], h, device=DEV) * 0.5).half()
-    dense["model.norm.weight"] = torch.ones(h, dtype=torch.float16, device=DEV)
-    dense["lm_head.weight"] = (torch.randn(cfg["vocab_size"], h, device=DEV) / h ** 0.5).half()
+        dense[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h, dtype=dtype, device=DEV)
+        dense[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype, device=DEV)
+    dense["model.embed_tokens.weight"] = (torch.randn(cfg["vocab_size"], h, device=DEV) * 0.5).to(dtype)
+    dense["model.norm.weight"] = torch.ones(h, dtype=dtype, device=DEV)
+    dense["lm_head.weight"] = (torch.randn(cfg["vocab_size"], h, device=DEV) / h ** 0.5).to(dtype)
     return QuantizedModel(hf_config=cfg, quant_config=QuantConfig(method="rtn"), linears=linears, dense=dense)
 
 
@@ -113,16 +116,19 @@ def main() -> None:
                     help="also decode these batch sizes (64 + 256 and 1792 + 256 per row)")
     ap.add_argument("--fused-compare", action="store_true",
                     help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
+    ap.add_argument("--bf16", action="store_true", help="bf16 scales and activations (default fp16)")
+    ap.add_argument("--fp32-gemv-compare", action="store_true",
+                    help="with --bf16: also time one-row linears on the fp32 CUDA-core GEMV")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
-    qm = random_qm(a.layers)
+    qm = random_qm(a.layers, torch.bfloat16 if a.bf16 else torch.float16)
     dec = build_decoder(qm, DEV)
     wbytes = sum(p.qweight.numel() + p.scales.numel() * 2 + p.zeros.numel() for p in qm.linears.values())
     print(f"built in {time.time() - t0:.1f}s; int4 linear bytes {wbytes / 1e9:.2f} GB; "
           f"allocated {torch.cuda.memory_allocated() / 1e9:.2f} GB", flush=True)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": str(qm.dtype), "runs": []}
     # correctness: INT4 runtime vs the same runtime on dequantised fp16 weights, one prefill
     ids = torch.randint(0, 32000, (1, 32), device=DEV)
     pos = torch.arange(32, device=DEV)[None]
@@ -164,6 +170,21 @@ def main() -> None:
                 results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
             for name, fn in keep.items():
                 setattr(Int4Linear, name, fn)
+    if a.fp32_gemv_compare:  # one-row linears on the fp32 GEMV (then the fused epilogues are off too)
+        from awqconv.kernels import ops
+
+        keep = ops.default_config
+
+        def fp32_gemv_for_one_row(m, kw, device, dtype=torch.float16):
+            if m != 1:
+                return keep(m, kw, device, dtype)
+            wide = kw.out_features > 16384
+            return ops.KernelConfig("gemv", block_n=128 if wide else 64, kc=128, split_k=-8,
+                                    num_warps=4 if wide else 2, num_stages=2)
+        ops.default_config = fp32_gemv_for_one_row
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4_fp32_gemv", n, 256, 2048))
+        ops.default_config = keep
     if a.pdl_compare:
         from awqconv.kernels import launch
 

@@ -6,7 +6,8 @@ Timing: one CUDA graph replays the call over R distinct weight sets (>= 400 MB o
 weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R (the protocol
 of shared/anchors/gpu_int4_anchors.py). awqconv runs its default config and a small config sweep.
 Usage: python benchmarks/gpu_kernels.py [--quick] [--no-sweep] [--chain] [--ms 1,16] [--sweep-ms 16]
-       [--sweep-filter tile_t,swap] [--out DIR]
+       [--sweep-filter tile_t,swap] [--dtype bf16] [--out DIR]
+(--dtype bf16: bf16 activations and scales; cuBLAS in bf16; GemLite, fp16-only here, is left out.)
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ from awqconv.packed import PackedLinear
 G = 128
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
 DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
+DT = torch.float16  # activations, scales and the cuBLAS baseline (--dtype)
 
 
 def make_set(K: int, N: int) -> dict:
     qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV)
     zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV)
-    scales = (torch.rand(N, K // G, device=DEV) * 0.01 + 0.001).half()
+    scales = (torch.rand(N, K // G, device=DEV) * 0.01 + 0.001).to(DT)
     p = PackedLinear(qweight, scales, zeros, K, G)
-    return {"p": p, "W": p.dequantize(torch.float16)}  # W [N, K]
+    return {"p": p, "W": p.dequantize(DT)}  # W [N, K]
 
 
 # ---- methods: build(set) -> state; call(x, state) -> y -------------------------------------------
@@ -84,6 +86,8 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 24, 1), (32, 1, 128, 16, 1),
                                    (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
+        wide = kw.out_features > 16384  # the fp32 CUDA-core GEMV, bf16's one-row default before run AP
+        out["fp32_gemv"] = KernelConfig("gemv", 1, 128 if wide else 64, 128, -8, 4 if wide else 2, 2)
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
                                    (256, 4, 16, 8, 3), (128, 1, 16, 16, 4), (256, 2, 8, 8, 1)]:
@@ -160,18 +164,23 @@ def main() -> None:
     ap.add_argument("--sweep-filter", default=None, type=lambda v: v.split(","),
                     help="sweep only the variants whose name contains one of these comma-separated strings")
     ap.add_argument("--chain", action="store_true", help="also time the four linears back to back in one graph")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     a = ap.parse_args()
+    global DT
+    DT = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": a.dtype}
     print(info, flush=True)
     Ms = [1, 16, 256, 4096] if a.quick else [1, 4, 16, 64, 256, 1024, 4096]
     if a.ms:
         Ms = [int(m) for m in a.ms.split(",")]
-    base = {"fp16_cublas": m_cublas(), "awq_default": m_awq(lambda x, kw: default_config(x.shape[0], kw, x.device)),
+    base = {"fp16_cublas": m_cublas(),
+            "awq_default": m_awq(lambda x, kw: default_config(x.shape[0], kw, x.device, x.dtype)),
             "torch_tinygemm_bf16": m_tinygemm()}
     try:
-        base["gemlite_a16w4"] = m_gemlite()
+        if DT == torch.float16:
+            base["gemlite_a16w4"] = m_gemlite()
     except Exception as e:  # noqa: BLE001
         print("gemlite unavailable:", repr(e)[:200], flush=True)
     rows = []
@@ -188,7 +197,7 @@ def main() -> None:
             for M in Ms:
                 variants = {"": None}
                 if mname == "awq_default":
-                    d = default_config(M, built[0], DEV)
+                    d = default_config(M, built[0], DEV, DT)
                     if d.kind != "dequant":
                         variants["default_no_pdl"] = replace(d, pdl=False)
                     if not a.no_sweep and (a.sweep_ms is None or M in a.sweep_ms):
@@ -201,10 +210,10 @@ def main() -> None:
                     else:
                         fn1 = call
                     try:
-                        x = torch.randn(M, K, dtype=torch.float16, device=DEV)
+                        x = torch.randn(M, K, dtype=DT, device=DEV)
                         y = fn1(x, built[0])
                         err = rel_err(y, x, sets[0]["W"])
-                        x2 = torch.randn(M, K, dtype=torch.float16, device=DEV)  # fresh input, 2nd set
+                        x2 = torch.randn(M, K, dtype=DT, device=DEV)  # fresh input, 2nd set
                         err2 = rel_err(fn1(x2, built[-1]), x2, sets[-1]["W"])
                         again = fn1(x, built[0])
                         stable = bool(torch.equal(again, y)) if cfg is not None or mname == "awq_default" else True
@@ -239,7 +248,8 @@ def layer_chain(Ms: list[int], base: dict) -> list[dict]:
     L = 3
     layers = [{s: make_set(K, N) for s, (K, N) in SHAPES.items()} for _ in range(L)]
     methods = {"fp16_cublas": base["fp16_cublas"], "awq_default": base["awq_default"],
-               "awq_default_no_pdl": m_awq(lambda x, kw: replace(default_config(x.shape[0], kw, x.device), pdl=False))}
+               "awq_default_no_pdl": m_awq(lambda x, kw: replace(default_config(x.shape[0], kw, x.device, x.dtype),
+                                                                pdl=False))}
     if "gemlite_a16w4" in base:
         methods["gemlite_a16w4"] = base["gemlite_a16w4"]
     out = []
@@ -250,7 +260,7 @@ def layer_chain(Ms: list[int], base: dict) -> list[dict]:
             print(f"chain: {mname} build failed: {e!r}"[:300], flush=True)
             continue
         for M in Ms:
-            xs = {K: torch.randn(M, K, dtype=torch.float16, device=DEV) for K, _ in SHAPES.values()}
+            xs = {K: torch.randn(M, K, dtype=DT, device=DEV) for K, _ in SHAPES.values()}
             order = list(SHAPES.items())
 
             def step():

@@ -1,7 +1,9 @@
 """GPU correctness of the runtime: tiny random Llama / Qwen2-style models, greedy tokens of awqconv's
 runtime (Triton INT4 linears, CUDA graphs) against the fake-quant transformers reference on the GPU,
 for a batch of two prompts and for the first prompt alone (one-row decode kernels); and the
-transposed tile's asm dequantisation checked bit for bit (one-hot rows of x return rows of W).
+transposed tile's asm dequantisation checked bit for bit (one-hot rows of x return rows of W); the
+one-row fp16x2 GEMV's inline PTX (fp16 and bf16 activations) bit for bit against its plain-Triton
+emulation (the form the CPU tests check).
 Usage: python benchmarks/gpu_runtime_check.py
 """
 
@@ -52,8 +54,38 @@ def tile_t_exact() -> list[dict]:
     return rows
 
 
+def gemv_asm_exact() -> list[dict]:
+    """The fp16x2 GEMV with its inline PTX and with its plain-Triton emulation (USE_ASM off) must give
+    the same bits, for fp16 and bf16 rows of ordinary, tiny and (bf16) beyond-fp16 magnitudes."""
+    from awqconv.kernels import ops
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for dt, amps in ((torch.float16, (1.0, 1e-3, 3e4)), (torch.bfloat16, (1.0, 1e-3, 3e5))):
+        for N, K, G in ((200, 1024, 128), (4096, 4096, 128), (96, 11008, 64)):
+            p = PackedLinear(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
+                             (torch.rand(N, K // G, generator=g) * 0.02 + 1e-3).to(dt),
+                             torch.randint(0, 16, (N, K // G), dtype=torch.uint8, generator=g), K, G)
+            kw = KernelWeight.from_packed(p).to("cuda")
+            cfg = KernelConfig("gemv_f16x2", 1, 64, 64, -16, 2, 2)
+            for amp in amps:
+                x = (torch.randn(1, K, generator=g) * amp).to(dt).cuda()
+                y = w4_matmul(x, kw, cfg)
+                ops._PTX = False
+                try:
+                    y_emul = w4_matmul(x, kw, cfg)
+                finally:
+                    ops._PTX = True
+                rows.append({"dtype": str(dt), "NK": [N, K], "amp": amp, "exact": bool(torch.equal(y, y_emul)),
+                             "finite": bool(torch.isfinite(y).all())})
+    bad = [r for r in rows if not (r["exact"] and r["finite"])]
+    print(json.dumps({"gemv_asm_exact": len(rows) - len(bad), "of": len(rows), "first_bad": bad[:3]}), flush=True)
+    return rows
+
+
 def main() -> None:
-    out = [{"tile_t_exact": all(r["exact"] for r in tile_t_exact())}]
+    out = [{"tile_t_exact": all(r["exact"] for r in tile_t_exact())},
+           {"gemv_asm_exact": all(r["exact"] and r["finite"] for r in gemv_asm_exact())}]
     for kw in [dict(group_size=32), dict(group_size=64, attention_bias=True), dict(group_size=32, scale_dtype=torch.bfloat16),
                dict(group_size=32, head_dim=64)]:  # head_dim 64: one-row steps take the fused QKV + RoPE kernel
         qm = tiny_llama_qm(**kw)

@@ -3,13 +3,13 @@
 Both kernels run the fp16x2 GEMV (triton_w4) with each program's 64 output columns chosen as two
 32-column runs that the epilogue pairs up; the weights are not permuted, only which columns a
 program takes. The program that completes a tile (the last split-K contributor) rounds its sums to
-fp16 (the values the plain GEMV would store) and then:
+the activations' dtype (the values the plain GEMV would store) and then:
   - QKV + RoPE (``qkv_rope``): the runs are (d, d + D/2) of one head, the pairs RoPE rotates; q and k
     are rotated in fp32 with one rounding (as rope_kv.py), q heads go to ``q [1, H, 1, D]``, k and
     v heads into the caches at this step's slot.
   - gate/up + SiLU (``gate_up_silu``): the runs are gate j and up j of the fused gate_up output; the
     tile stores silu(gate) * up, rounded as norm_act.silu_mul does.
-The fused output itself is never stored. One fp16 row only, and tile-aligned shapes (``fits``).
+The fused output itself is never stored. One fp16 or bf16 row only, and tile-aligned shapes (``fits``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 from .launch import pdl_launch
 from .launch import pdl_start as _pdl_start
 from .layout import KernelWeight
-from .triton_w4 import _gemv_f16x2_loop, _merged, _rearm
+from .triton_w4 import _gemv_f16x2_loop, _gemv_f16x2_unscale, _merged, _rearm
 
 BLOCK_N = 64  # the decode GEMV's tile (ops.default_config, M = 1): two runs of 32 columns
 
@@ -32,7 +32,7 @@ def _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, first, secon
                BLOCK_N: tl.constexpr, KC: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
                USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """The GEMV over columns first + [0, P) and second + [0, P) (P = BLOCK_N / 2): (last, x1, x2), the
-    two runs' fp16-rounded values as fp32 [P], meaningful in the program that completes the tile."""
+    two runs' values rounded to x's dtype, as fp32 [P], meaningful in the program that completes the tile."""
     P: tl.constexpr = BLOCK_N // 2
     t = tl.program_id(0)
     pid_k = tl.program_id(2)
@@ -41,11 +41,11 @@ def _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, first, secon
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
                             BLOCK_N, KC, 1, USE_ASM, USE_PDL)
-    last, tot = _merged((64.0 * tl.sum(acc2, axis=0))[None, :], tl.arange(0, 1), rn, 1, N, ws_ptr, cnt_ptr, t,
+    last, tot = _merged((_gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0))[None, :], tl.arange(0, 1), rn, 1, N, ws_ptr, cnt_ptr, t,
                         pid_k, SPLIT_K, SPLIT_P2)
     if HAS_BIAS:  # (only the completing program's tot is used; the others' loads are L2 hits)
         tot += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    y = tl.reshape(tot.to(tl.float16).to(tl.float32), (BLOCK_N,))  # what the plain GEMV would store
+    y = tl.reshape(tot.to(x_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N,))  # what the plain GEMV would store
     x1, x2 = tl.split(tl.trans(tl.reshape(y, (2, P))))
     return last, x1, x2
 
@@ -116,12 +116,12 @@ def glu_shape_ok(splits: tuple[int, ...]) -> bool:
 
 
 def fits(kw: KernelWeight, x: Tensor) -> bool:
-    """Whether the fused kernels can take ``x``: one fp16 row whose default kernel is the inline-PTX
-    GEMV with the tile width these kernels pair up."""
+    """Whether the fused kernels can take ``x``: one fp16 or bf16 row whose default kernel is the
+    inline-PTX GEMV with the tile width these kernels pair up."""
     from .ops import _PTX, default_config
 
     cfg = default_config(1, kw, x.device, x.dtype)
-    return x.shape[0] == 1 and x.dtype == torch.float16 and cfg.kind == "gemv_f16x2" and cfg.block_n == BLOCK_N and _PTX
+    return x.shape[0] == 1 and cfg.kind == "gemv_f16x2" and cfg.block_n == BLOCK_N and _PTX
 
 
 def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tuple, **constexprs) -> None:

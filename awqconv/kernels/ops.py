@@ -1,7 +1,7 @@
 """Launchers for the Triton INT4 kernels: config choice per M bucket, split-K workspace, dispatch.
 
-``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMV (M = 1, fp16; the fp32 CUDA-core
-GEMV for bf16 and when groups are too small for a tensor-core K tile), the transposed split-K
+``w4_matmul(x [M, K], kw) -> y [M, N]`` picks, by M: the fp16x2 GEMV (M = 1, fp16 or bf16; the fp32
+CUDA-core GEMV without inline PTX and when groups are too small for a tensor-core K tile), the transposed split-K
 tensor-core tile (tile_t.py, 2 <= M < DEQUANT_MIN_M = 257), else dequantise once (Triton) + ``torch.matmul``
 (cuBLAS). The plain tile kernel and the fp16x2 rows kernel stay as variants: a ``KernelConfig`` may be
 passed to force one (the benchmarks sweep them). The split-K partials and tile tickets
@@ -73,20 +73,20 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
                    dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md (runs N-AE).
 
-    M = 1: the fp16x2 GEMV for fp16 (64 columns x 2 warps, ~16 programs per SM: 64 us per 7B layer),
-    the fp32 CUDA-core GEMV for bf16. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
+    M = 1: the fp16x2 GEMV (64 columns x 2 warps, ~16 programs per SM: 64 us per 7B layer; bf16
+    activations enter it as exact fp16 x / 16), else the fp32 CUDA-core GEMV. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
     tensor-core tile (tile_t.py; a 4-stage cp.async ring: 85-87 us per layer at M = 2..16 against
     97-150 for the rows kernel and the old tiles; BM 64 at M = 64: 141 us, 0.82x cuBLAS's time).
     Smaller groups stay on the CUDA-core GEMV. From DEQUANT_MIN_M: dequantise once + cuBLAS.
     """
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
-    if m == 1 and dtype == torch.float16 and _PTX:
+    if m == 1 and dtype in (torch.float16, torch.bfloat16) and _PTX:
         # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM, register
         # prefetch (a cp.async ring and wide, shallow tiles were slower)
         return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64), split_k=-16, num_warps=2,
                             num_stages=2)
-    if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # bf16 rows / groups too small for a tensor-core K tile
+    if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # no inline PTX / groups too small for a tensor-core K tile
         wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
         return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
                             block_n=128 if wide else 64, kc=kc, split_k=-8, num_warps=4 if wide else 2,
@@ -156,8 +156,8 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> MatmulLaunch:
     if cfg.kind == "tile_t" and cfg.block_m < 16:
         raise ShapeError(f"the transposed tile needs block_m >= 16 (the MMA's N), got {cfg.block_m}")
     if cfg.kind == "gemv_f16x2":
-        if x.dtype != torch.float16:
-            raise ShapeError(f"the fp16x2 GEMV takes fp16 activations, got {x.dtype}")
+        if x.dtype != torch.float16 and (cfg.block_m != 1 or x.dtype != torch.bfloat16):
+            raise ShapeError(f"the fp16x2 GEMV takes fp16 activations (one-row: fp16 or bf16), got {x.dtype}")
         if cfg.block_m == 1 and M != 1:
             raise ShapeError(f"the one-row fp16x2 GEMV (block_m=1) takes M=1, got M={M}")
         if x.data_ptr() % 16 or x.stride(0) % 8:  # read as aligned int32 pairs: odd views get a copy

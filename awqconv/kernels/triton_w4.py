@@ -291,19 +291,56 @@ def _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
     return w, s, z
 
 
+# bf16 activations enter the fp16x2 dot as fp16 pairs of x / 16: the bf16 -> fp16 conversion is then
+# exact for 2^-10 <= |x| < 2^20 (fp16's 11 significant bits hold bf16's 8), so the dot is the fp16 one
+_BF16_X_SCALE = tl.constexpr(0.0625)
+_BF16_TO_F16X2_ASM = tl.constexpr("""{ .reg .b32 lo, hi;
+    shl.b32 lo, $1, 16;
+    and.b32 hi, $1, 0xFFFF0000;
+    mul.rn.f32 lo, lo, 0f3D800000;
+    mul.rn.f32 hi, hi, 0f3D800000;
+    cvt.rn.f16x2.f32 $0, hi, lo; }""")
+
+
 @triton.jit
-def _gemv_f16x2_load_x(xw_ptr, k0, rw):
-    """The fp16x2 activation pairs (x[2i], x[2i+1]) of each word row of a chunk, as [KC/8, 1]."""
+def _bf16x2_to_f16x2(v, USE_ASM: tl.constexpr):
+    """int32 bf16 pairs (x[2i], x[2i+1]) -> int32 fp16 pairs of x / 16 (round to nearest)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(asm=_BF16_TO_F16X2_ASM, constraints="=r,r", args=[v], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:  # the same in plain Triton (the interpreter runs no inline PTX)
+        lo = ((v << 16).to(tl.float32, bitcast=True) * _BF16_X_SCALE).to(tl.float16)
+        hi = ((v & -65536).to(tl.float32, bitcast=True) * _BF16_X_SCALE).to(tl.float16)
+        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _gemv_f16x2_unscale(xdt: tl.constexpr):
+    """What the summed fp16x2 word dots are multiplied by: 64 (the weights enter as (q - z) / 64),
+    times 16 for bf16 activations (x / 16)."""
+    if xdt == tl.bfloat16:
+        return 1024.0
+    else:
+        return 64.0
+
+
+@triton.jit
+def _gemv_f16x2_load_x(xw_ptr, k0, rw, xdt: tl.constexpr, USE_ASM: tl.constexpr):
+    """The fp16x2 activation pairs (x[2i], x[2i+1]) of each word row of a chunk, as [KC/8, 1]
+    (``xdt`` bf16: converted, x / 16)."""
     xw = xw_ptr + k0 // 2 + rw * 4
-    return (tl.load(xw)[:, None], tl.load(xw + 1)[:, None], tl.load(xw + 2)[:, None],
-            tl.load(xw + 3)[:, None])
+    x0, x1, x2, x3 = tl.load(xw), tl.load(xw + 1), tl.load(xw + 2), tl.load(xw + 3)
+    if xdt == tl.bfloat16:
+        x0, x1 = _bf16x2_to_f16x2(x0, USE_ASM), _bf16x2_to_f16x2(x1, USE_ASM)
+        x2, x3 = _bf16x2_to_f16x2(x2, USE_ASM), _bf16x2_to_f16x2(x3, USE_ASM)
+    return x0[:, None], x1[:, None], x2[:, None], x3[:, None]
 
 
 @triton.jit
-def _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
+def _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G, xdt: tl.constexpr, USE_ASM: tl.constexpr):
     """Everything one chunk of the one-row GEMV reads: words, activation pairs, scales, zeros."""
     w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
-    x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw)
+    x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw, xdt, USE_ASM)
     return w, x0, x1, x2, x3, s, z
 
 
@@ -326,6 +363,7 @@ def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N:
     mn = rn < N
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
     w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
+    xdt: tl.constexpr = x_ptr.dtype.element_ty
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory: loads in flight without registers
         _pdl_wait(USE_PDL)
@@ -333,22 +371,24 @@ def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N:
             # scales/zeros as row-broadcast tiles: >= 4 contiguous bytes per thread, so they go through
             # cp.async too ([BN] loads of 1-2 bytes per thread stayed synchronous inside the loop)
             w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
-            x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw)
+            x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw, xdt, USE_ASM)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
     elif PREFETCH:
         last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
         w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
         _pdl_wait(USE_PDL)  # the first weights are on their way; x is the previous kernel's output
-        x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw)
+        x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw, xdt, USE_ASM)
         for k0 in range(k_lo, k_hi, KC):
             nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
-                                                              tl.minimum(k0 + KC, last), rw, rn, mn, N, G)
+                                                              tl.minimum(k0 + KC, last), rw, rn, mn, N, G,
+                                                              xdt, USE_ASM)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
             w, x0, x1, x2, x3, s, z = nw, nx0, nx1, nx2, nx3, ns, nz
     else:
         _pdl_wait(USE_PDL)
         for k0 in range(k_lo, k_hi, KC):
-            w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
+            w, x0, x1, x2, x3, s, z = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, k0, rw, rn, mn, N, G,
+                                                       xdt, USE_ASM)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
     return acc2
 
@@ -373,7 +413,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
                             BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
-    acc = 64.0 * tl.sum(acc2, axis=0)
+    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)
