@@ -6,7 +6,7 @@ its logits against the same runtime with dequantised fp16 weights, then times gr
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
-       [--bf16 [--fp32-gemv-compare]]
+       [--bf16 [--fp32-gemv-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
 one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AP.)
 """
@@ -61,20 +61,27 @@ def random_qm(layers: int, dtype: torch.dtype = torch.float16) -> QuantizedModel
     return QuantizedModel(hf_config=cfg, quant_config=QuantConfig(method="rtn"), linears=linears, dense=dense)
 
 
-def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int, batch: int = 1) -> dict:
-    """Greedy decode of ``batch`` random prompts; tok/s counts every row's tokens."""
+def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int, batch: int = 1,
+               host: str = "none") -> dict:
+    """Greedy decode of ``batch`` random prompts; tok/s counts every row's tokens. ``host``: "none"
+    (tokens stay on the GPU until the end), "stream" (every token goes to a streaming callback and
+    is checked against an EOS id, as `awqconv chat` does; the id is outside the vocabulary, so no
+    row stops early), "sample" (the same, sampled at temperature 0.7, top-p 0.9)."""
     gen = Generator(dec, max_batch=batch, max_len=max_len)
     prompts = [torch.randint(0, 32000, (prompt_len,)).tolist() for _ in range(batch)]
-    p = SamplingParams(max_new_tokens=new)
+    extra = {"none": {}, "stream": {"eos_token_ids": (32000,)},
+             "sample": {"eos_token_ids": (32000,), "temperature": 0.7, "top_p": 0.9}}[host]
+    p = SamplingParams(max_new_tokens=new, **extra)
+    callback = (lambda row, tok: None) if host != "none" else None
     gen.generate(prompts, SamplingParams(max_new_tokens=8))  # warm-up: compile, capture
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     best = None
     for _ in range(2):
-        res = gen.generate(prompts, p)
+        res = gen.generate(prompts, p, stream=callback)
         if best is None or res.decode_s < best.decode_s:
             best = res
-    r = {"label": label, "batch": batch, "prompt": prompt_len, "new": new, "ctx_end": prompt_len + new,
+    r = {"label": label + ("" if host == "none" else f"_host_{host}"), "batch": batch, "prompt": prompt_len, "new": new, "ctx_end": prompt_len + new,
          "decode_tok_s": round(batch * best.decode_steps / best.decode_s, 1),
          "ms_per_step": round(best.decode_s / best.decode_steps * 1e3, 3),
          "prefill_tok_s": round(batch * prompt_len / best.prefill_s, 1),
@@ -116,6 +123,9 @@ def main() -> None:
                     help="also decode these batch sizes (64 + 256 and 1792 + 256 per row)")
     ap.add_argument("--fused-compare", action="store_true",
                     help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
+    ap.add_argument("--host-compare", action="store_true",
+                    help="also time 64 + 256 with every token read on the host (streaming + EOS check), greedy "
+                         "and sampled")
     ap.add_argument("--bf16", action="store_true", help="bf16 scales and activations (default fp16)")
     ap.add_argument("--fp32-gemv-compare", action="store_true",
                     help="with --bf16: also time one-row linears on the fp32 CUDA-core GEMV")
@@ -170,6 +180,9 @@ def main() -> None:
                 results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
             for name, fn in keep.items():
                 setattr(Int4Linear, name, fn)
+    if a.host_compare:
+        for host in ("stream", "sample"):
+            results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048, host=host))
     if a.fp32_gemv_compare:  # one-row linears on the fp32 GEMV (then the fused epilogues are off too)
         from awqconv.kernels import ops
 

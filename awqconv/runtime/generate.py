@@ -58,6 +58,26 @@ def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> T
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+class _TokenReader:
+    """Brings one step's tokens to the host without waiting for work queued after them: on a GPU the
+    copy goes to pinned memory and an event marks it, so later steps can be queued first."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.buf = torch.empty(batch, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, tok: Tensor) -> None:
+        self.buf.copy_(tok, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def tokens(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+        return self.buf.tolist()
+
+
 class Generator:
     """Owns the cache size and the per-batch-size CUDA graphs of one Decoder."""
 
@@ -173,13 +193,22 @@ class Generator:
         done = torch.zeros(B, dtype=torch.bool)
         eos = set(p.eos_token_ids)
         need_host = stream is not None or bool(eos)
+        reader = _TokenReader(B, self.model.device) if need_host else None
         n = 0
         for i in range(p.max_new_tokens):
             out[:, i] = tok
             n = i + 1
-            if need_host:
-                host = tok.tolist()
-                for r, t in enumerate(host):
+            if reader is not None:
+                reader.start(tok)
+            last = i + 1 == p.max_new_tokens
+            if not last:  # queue the next step before waiting for this token on the host: the GPU
+                # keeps working while the host streams it and checks for EOS (on an EOS the queued
+                # step is simply not used)
+                logits = self.step(tok, pos, slot + i)
+                pos = pos + 1
+                nxt = _sample(logits, p, gen)
+            if reader is not None:
+                for r, t in enumerate(reader.tokens()):
                     if not done[r]:
                         if stream is not None:
                             stream(r, t)
@@ -187,11 +216,9 @@ class Generator:
                             done[r] = True
                 if bool(done.all()):
                     break
-            if i + 1 == p.max_new_tokens:
+            if last:
                 break
-            logits = self.step(tok, pos, slot + i)
-            pos = pos + 1
-            tok = _sample(logits, p, gen)
+            tok = nxt
         sync()
         t2 = time.perf_counter()
         rows = out[:, :n].tolist()
