@@ -48,14 +48,14 @@ def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> T
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        srt, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) > p.top_p
-        srt = srt.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    if p.top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    # nucleus: the most probable tokens until their mass reaches top_p (the one crossing it kept);
+    # multinomial draws from the kept weights in sorted order (it normalises), then maps back
+    srt, idx = torch.sort(probs, descending=True, dim=-1)
+    srt = srt.masked_fill(srt.cumsum(-1) - srt > p.top_p, 0.0)
+    return idx.gather(-1, torch.multinomial(srt, 1, generator=gen)).squeeze(-1)
 
 
 class _TokenReader:
