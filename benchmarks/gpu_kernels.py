@@ -76,30 +76,6 @@ def m_gemlite():
     return build, (lambda x, L: L(x))
 
 
-def tiled_qw(qw: torch.Tensor, kc: int, bn: int) -> torch.Tensor:
-    """[K/8, N] words with each [kc/8, bn] block stored contiguously (run AS, an experiment)."""
-    r, n = qw.shape
-    return qw.view(r // (kc // 8), kc // 8, n // bn, bn).permute(0, 2, 1, 3).contiguous().view(r, n)
-
-
-def m_awq_tiled(kc: int, bn: int, pps: int):
-    """The one-row GEMV reading the tiled word layout (same kernel, TILED on)."""
-    from awqconv.kernels.ops import plan_matmul
-
-    cfg = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, 2 if bn <= 64 else 4, 2, prefetch=1)
-
-    def build(st):
-        kw = KernelWeight.from_packed(st["p"])
-        kw.qw = tiled_qw(kw.qw, kc, bn)
-        return kw
-
-    def call(x, kw):
-        launch = plan_matmul(x, kw, cfg)
-        launch.meta["TILED"] = True
-        return launch()
-    return build, call
-
-
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     """Named variants per M bucket; split_k=-p asks for ~p programs per SM; prefetch 1 = registers,
     n >= 2 = an n-stage shared-memory (cp.async) ring."""
@@ -189,7 +165,6 @@ def main() -> None:
                     help="sweep only the variants whose name contains one of these comma-separated strings")
     ap.add_argument("--chain", action="store_true", help="also time the four linears back to back in one graph")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    ap.add_argument("--tiled", action="store_true", help="also the M = 1 GEMV on the tiled word layout (run AS)")
     a = ap.parse_args()
     global DT
     DT = torch.bfloat16 if a.dtype == "bf16" else torch.float16
@@ -208,9 +183,6 @@ def main() -> None:
             base["gemlite_a16w4"] = m_gemlite()
     except Exception as e:  # noqa: BLE001
         print("gemlite unavailable:", repr(e)[:200], flush=True)
-    if a.tiled:
-        for kc, bn, pps in [(64, 64, 16), (64, 64, 12), (128, 64, 8), (64, 128, 8)]:
-            base[f"awq_tiled_kc{kc}_bn{bn}_p{pps}"] = m_awq_tiled(kc, bn, pps)
     rows = []
     t_start = time.time()
     for sname, (K, N) in SHAPES.items():

@@ -356,17 +356,13 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, TILED: tl.constexpr = False):
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """The one-row GEMV's K loop over rows [k_lo, k_hi) for columns ``rn``: returns the [KC/8, BN] fp32
-    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads.
-    TILED (experiment, benchmarks only): each [KC/8, BN] block of words is stored contiguously."""
+    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads."""
     rw = tl.arange(0, KC // 8)
     mn = rn < N
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
-    if TILED:
-        w_ptrs = qw_ptr + (rn // BLOCK_N)[None, :] * (KC // 8 * BLOCK_N) + rw[:, None] * BLOCK_N + (rn % BLOCK_N)[None, :]
-    else:
-        w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
+    w_ptrs = qw_ptr + rw[:, None] * N + rn[None, :]
     xdt: tl.constexpr = x_ptr.dtype.element_ty
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     if PREFETCH >= 2:  # a PREFETCH-stage cp.async ring in shared memory: loads in flight without registers
@@ -402,7 +398,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, TILED: tl.constexpr = False):
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
     """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
     per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
@@ -416,7 +412,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
-                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL, TILED)
+                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
     acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
