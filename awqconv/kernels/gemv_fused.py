@@ -41,8 +41,8 @@ def _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, first, secon
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
                             BLOCK_N, KC, 1, USE_ASM, USE_PDL)
-    last, tot = _merged((_gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0))[None, :], tl.arange(0, 1), rn, 1, N, ws_ptr, cnt_ptr, t,
-                        pid_k, SPLIT_K, SPLIT_P2)
+    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0)
+    last, tot = _merged(acc[None, :], tl.arange(0, 1), rn, 1, N, ws_ptr, cnt_ptr, t, pid_k, SPLIT_K, SPLIT_P2)
     if HAS_BIAS:  # (only the completing program's tot is used; the others' loads are L2 hits)
         tot += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     y = tl.reshape(tot.to(x_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N,))  # what the plain GEMV would store

@@ -74,7 +74,8 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md (runs N-AE).
 
     M = 1: the fp16x2 GEMV (64 columns x 2 warps, ~16 programs per SM: 64 us per 7B layer; bf16
-    activations enter it as exact fp16 x / 16), else the fp32 CUDA-core GEMV. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
+    activations enter it as exact fp16 x / 16: 69 us against 93 on the fp32 CUDA-core GEMV, run AQ),
+    else (no inline PTX) the fp32 GEMV. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
     tensor-core tile (tile_t.py; a 4-stage cp.async ring: 85-87 us per layer at M = 2..16 against
     97-150 for the rows kernel and the old tiles; BM 64 at M = 64: 141 us, 0.82x cuBLAS's time).
     Smaller groups stay on the CUDA-core GEMV. From DEQUANT_MIN_M: dequantise once + cuBLAS.

@@ -311,7 +311,8 @@ def _bf16x2_to_f16x2(v, USE_ASM: tl.constexpr):
     else:  # the same in plain Triton (the interpreter runs no inline PTX)
         lo = ((v << 16).to(tl.float32, bitcast=True) * _BF16_X_SCALE).to(tl.float16)
         hi = ((v & -65536).to(tl.float32, bitcast=True) * _BF16_X_SCALE).to(tl.float16)
-        return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo_bits | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
 
 
 @triton.jit
@@ -399,8 +400,9 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
                          USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
-    """Decode GEMV (M = 1, fp16) on packed fp16x2 math (``_word_dot_f16x2``: about 3.3 SASS instructions
-    per weight against 4.3+ for the fp32 GEMV); each word's 8-product sum is rounded to fp16, everything
+    """Decode GEMV (M = 1; fp16, or bf16 read as fp16 x / 16) on packed fp16x2 math
+    (``_word_dot_f16x2``: about 3.3 SASS instructions per weight against 4.3+ for the fp32 GEMV);
+    each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
     issues every load of the next chunk (words, activations, scales, zeros) before computing the
     current one, so no warp waits on a load it just issued (0: load, then compute); PREFETCH >= 2
