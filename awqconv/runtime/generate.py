@@ -2,8 +2,10 @@
 
 Prompts are left-padded into one [B, T] prefill; decode steps then write slot T, T+1, ... for all
 rows. On a GPU the decode step (embedding to logits) is captured once per batch size in a CUDA graph
-and replayed with static token/position/slot buffers; on the CPU it runs eagerly over the filled
-part of the cache only. ``stream(row, token)`` is called as tokens are produced.
+and replayed with static token/position/slot buffers; prefills of up to PREFILL_GRAPH_MAX tokens
+(launch-bound when run op by op) are left-padded to a multiple of PREFILL_STEP and replayed from one
+graph per such length; on the CPU everything runs eagerly over the filled part of the cache only.
+``stream(row, token)`` is called as tokens are produced.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from ..errors import InputError
 from .model import Decoder
 
 log = logging.getLogger(__name__)
+
+PREFILL_GRAPH_MAX = 512  # longer prompts prefill op by op (their kernels outlast the launches)
+PREFILL_STEP = 64  # graphed prefills are left-padded to a multiple of this: one graph per length
 
 
 @dataclass
@@ -124,6 +129,42 @@ class Generator:
         self._graphs[key] = (g, tok, pos, slot, logits)
         return self._graphs[key]
 
+    def prefill_slots(self, T: int, new_tokens: int) -> int:
+        """Cache slots a prefill of ``T``-token prompts takes: T rounded up to PREFILL_STEP where it runs
+        from a CUDA graph (GPU, T <= PREFILL_GRAPH_MAX, and the padding still leaves room for
+        ``new_tokens``), else T."""
+        padded = -(-T // PREFILL_STEP) * PREFILL_STEP
+        if self.use_graph and padded <= PREFILL_GRAPH_MAX and padded + new_tokens <= self.max_len:
+            return padded
+        return T
+
+    def _graphed(self, slots: int) -> bool:
+        return self.use_graph and slots <= PREFILL_GRAPH_MAX and slots % PREFILL_STEP == 0
+
+    def _prefill_graph_for(self, B: int, T: int):
+        """The graph of a [B, T] prefill (tokens, positions and validity in static buffers)."""
+        key = (B, -T)  # negative: apart from the decode graphs' (B, kv_len) keys
+        if key in self._graphs:
+            return self._graphs[key]
+        dev = self.model.device
+        tok = torch.zeros(B, T, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, T, dtype=torch.long, device=dev)
+        valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+        slot = torch.zeros((), dtype=torch.long, device=dev)
+        s = torch.cuda.Stream()  # warm-up and capture write cache slots 0..T-1: the prefill rewrites them
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                self.model(tok, pos, slot, T, valid)
+        torch.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
+            logits = self.model(tok, pos, slot, T, valid)
+        self._graphs[key] = (g, tok, pos, valid, logits)
+        return self._graphs[key]
+
     def capture(self, B: int, first_slot: int, last_slot: int) -> None:
         """Capture the graphs a decode from ``first_slot`` to ``last_slot`` will replay."""
         if self.use_graph:
@@ -147,14 +188,17 @@ class Generator:
 
     # --- prefill -----------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor, int]:
-        """Left-padded prefill. Returns (last logits [B, V], next positions [B], first free slot)."""
+    def prefill(self, prompts: list[list[int]], slots: int | None = None) -> tuple[Tensor, Tensor, int]:
+        """Left-padded prefill into ``slots`` cache slots (default: the longest prompt's length; a
+        ``prefill_slots`` length runs from a CUDA graph). Returns (last logits [B, V], next
+        positions [B], first free slot)."""
         B = len(prompts)
         if not 1 <= B <= self.max_batch:
             raise InputError(f"batch of {B} prompts; this generator holds 1..{self.max_batch}")
         T = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise InputError("empty prompt: give at least one token (a BOS token, say)")
+        T = max(T, slots or 0)
         dev = self.model.device
         toks = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
@@ -163,7 +207,14 @@ class Generator:
             valid[i, T - len(p):] = True
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         self.model.key_valid[:B].zero_()
-        logits = self.model(toks.to(dev), pos.to(dev), torch.tensor(0, device=dev), T, valid.to(dev))
+        if slots is not None and self._graphed(T):
+            g, t_buf, p_buf, v_buf, logits = self._prefill_graph_for(B, T)
+            t_buf.copy_(toks)
+            p_buf.copy_(pos)
+            v_buf.copy_(valid)
+            g.replay()
+        else:
+            logits = self.model(toks.to(dev), pos.to(dev), torch.tensor(0, device=dev), T, valid.to(dev))
         return logits[:, -1], pos[:, -1].to(dev) + 1, T
 
     # --- generation --------------------------------------------------------------------------
@@ -182,10 +233,13 @@ class Generator:
         if p.temperature > 0:
             gen = torch.Generator(device=self.model.device).manual_seed(p.seed)
         sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
-        self.capture(B, T, T + p.max_new_tokens - 2)  # before timing
+        slots = self.prefill_slots(T, p.max_new_tokens)
+        if self._graphed(slots):
+            self._prefill_graph_for(B, slots)  # capture before timing
+        self.capture(B, slots, slots + p.max_new_tokens - 2)
         sync()
         t0 = time.perf_counter()
-        logits, pos, slot = self.prefill(prompts)
+        logits, pos, slot = self.prefill(prompts, slots)
         tok = _sample(logits, p, gen)
         sync()
         t1 = time.perf_counter()

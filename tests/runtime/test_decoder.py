@@ -89,6 +89,18 @@ def test_streaming_sampling_and_eos(tiny_qm):
     assert stopped == greedy[: greedy.index(eos) + 1]
 
 
+def test_prefill_padded_to_more_slots_decodes_the_same(tiny_qm, monkeypatch):
+    """GPU prefills of short prompts are left-padded to a graph's length (Generator.prefill_slots):
+    extra left padding must not change a token; decoding then starts after the padded slots."""
+    gen = Generator(build_decoder(tiny_qm, "cpu"), max_batch=2, max_len=48)
+    p = SamplingParams(max_new_tokens=10)
+    want = gen.generate(PROMPTS[:2], p).tokens
+    monkeypatch.setattr(gen, "prefill_slots", lambda T, new: T + 13)
+    assert gen.generate(PROMPTS[:2], p).tokens == want
+    _, pos, slot = gen.prefill(PROMPTS[:2], 6 + 13)
+    assert slot == 19 and pos.tolist() == [6, 2]  # positions count real tokens only
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7),
                                                      (2.0, 4, 0.8)])
 def test_sampling_draws_the_filtered_distribution(temperature, top_k, top_p):
