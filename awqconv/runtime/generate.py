@@ -162,7 +162,7 @@ class Generator:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
             logits = self.model(tok, pos, slot, T, valid)
-        self._graphs[key] = (g, tok, pos, valid, logits)
+        self._graphs[key] = (g, tok, pos, valid, logits, slot)  # every static input stays alive with the graph
         return self._graphs[key]
 
     def capture(self, B: int, first_slot: int, last_slot: int) -> None:
@@ -208,7 +208,7 @@ class Generator:
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         self.model.key_valid[:B].zero_()
         if slots is not None and self._graphed(T):
-            g, t_buf, p_buf, v_buf, logits = self._prefill_graph_for(B, T)
+            g, t_buf, p_buf, v_buf, logits, _ = self._prefill_graph_for(B, T)
             t_buf.copy_(toks)
             p_buf.copy_(pos)
             v_buf.copy_(valid)
