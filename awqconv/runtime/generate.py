@@ -104,6 +104,21 @@ class Generator:
             b *= 2
         return min(b, self.max_len)
 
+    def _capture(self, run: Callable[[], Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """``run`` warmed up twice on a side stream, then captured in this generator's graph pool."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
+            out = run()
+        return g, out
+
     def _graph_for(self, B: int, kv_len: int):
         key = (B, kv_len)
         if key in self._graphs:
@@ -114,17 +129,7 @@ class Generator:
         # capture on the last cache slot, which prefill never uses; restore the validity mask after
         slot = torch.full((), self.max_len - 1, dtype=torch.long, device=dev)
         saved = self.model.key_valid[:B].clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(2):
-                self.model(tok, pos, slot, kv_len)
-        torch.cuda.current_stream().wait_stream(s)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
-            logits = self.model(tok, pos, slot, kv_len)
+        g, logits = self._capture(lambda: self.model(tok, pos, slot, kv_len))
         self.model.key_valid[:B].copy_(saved)
         self._graphs[key] = (g, tok, pos, slot, logits)
         return self._graphs[key]
@@ -151,17 +156,8 @@ class Generator:
         pos = torch.zeros(B, T, dtype=torch.long, device=dev)
         valid = torch.ones(B, T, dtype=torch.bool, device=dev)
         slot = torch.zeros((), dtype=torch.long, device=dev)
-        s = torch.cuda.Stream()  # warm-up and capture write cache slots 0..T-1: the prefill rewrites them
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(2):
-                self.model(tok, pos, slot, T, valid)
-        torch.cuda.current_stream().wait_stream(s)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool), torch.no_grad():
-            logits = self.model(tok, pos, slot, T, valid)
+        # warm-up and capture write cache slots 0..T-1 of these rows: the prefill rewrites them
+        g, logits = self._capture(lambda: self.model(tok, pos, slot, T, valid))
         self._graphs[key] = (g, tok, pos, valid, logits, slot)  # every static input stays alive with the graph
         return self._graphs[key]
 
