@@ -90,8 +90,9 @@ def gemv_asm_exact() -> list[dict]:
 def main() -> None:
     out = [{"tile_t_exact": all(r["exact"] for r in tile_t_exact())},
            {"gemv_asm_exact": all(r["exact"] and r["finite"] for r in gemv_asm_exact())}]
+    # head_dim 64: one-row steps take the fused QKV + RoPE kernel (fp16, and bf16 through x / 16)
     for kw in [dict(group_size=32), dict(group_size=64, attention_bias=True), dict(group_size=32, scale_dtype=torch.bfloat16),
-               dict(group_size=32, head_dim=64)]:  # head_dim 64: one-row steps take the fused QKV + RoPE kernel
+               dict(group_size=32, head_dim=64), dict(group_size=32, head_dim=64, scale_dtype=torch.bfloat16)]:
         qm = tiny_llama_qm(**kw)
         dt = qm.dtype
         ref = reference_model(qm, dtype=torch.float32).cuda()
