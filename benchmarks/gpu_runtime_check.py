@@ -113,7 +113,14 @@ def main() -> None:
             o = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, min_new_tokens=40, do_sample=False)
             rt = o[0, len(p):].tolist()
             first_diff = next((i for i, (a, b) in enumerate(zip(r, rt)) if a != b), None)
-            agree.append({"match": r == rt, "first_diff": first_diff})
+            entry = {"match": r == rt, "first_diff": first_diff}
+            if first_diff is not None:  # the reference's own margin there: a near-tie, or a real difference?
+                with torch.no_grad():
+                    lg = ref(torch.tensor([p + rt[:first_diff]], device="cuda")).logits[0, -1].float()
+                top2 = lg.topk(2).values
+                entry["ref_margin"] = (top2[0] - top2[1]).item()
+                entry["ours_is_ref_second"] = int(lg.topk(2).indices[1]) == r[first_diff]
+            agree.append(entry)
         ids = torch.tensor([prompts[0]], device="cuda")
         dec.allocate_cache(2, 256)
         with torch.no_grad():
