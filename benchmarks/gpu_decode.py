@@ -8,7 +8,7 @@ fp16 path of the same runtime (``--fp16``) for the speedup over float weights. P
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
        [--bf16 [--fp32-gemv-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
-one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AP.)
+one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AQ.)
 """
 
 from __future__ import annotations
@@ -189,11 +189,7 @@ def main() -> None:
         keep = ops.default_config
 
         def fp32_gemv_for_one_row(m, kw, device, dtype=torch.float16):
-            if m != 1:
-                return keep(m, kw, device, dtype)
-            wide = kw.out_features > 16384
-            return ops.KernelConfig("gemv", block_n=128 if wide else 64, kc=128, split_k=-8,
-                                    num_warps=4 if wide else 2, num_stages=2)
+            return ops.cuda_core_gemv_config(m, kw) if m == 1 else keep(m, kw, device, dtype)
         ops.default_config = fp32_gemv_for_one_row
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_fp32_gemv", n, 256, 2048))

@@ -26,7 +26,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.ops import KernelConfig, default_config, w4_matmul
+from awqconv.kernels.ops import KernelConfig, cuda_core_gemv_config, default_config, w4_matmul
 from awqconv.packed import PackedLinear
 
 G = 128
@@ -86,8 +86,7 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 24, 1), (32, 1, 128, 16, 1),
                                    (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
-        wide = kw.out_features > 16384  # the fp32 CUDA-core GEMV, bf16's one-row default before run AP
-        out["fp32_gemv"] = KernelConfig("gemv", 1, 128 if wide else 64, 128, -8, 4 if wide else 2, 2)
+        out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
                                    (256, 4, 16, 8, 3), (128, 1, 16, 16, 4), (256, 2, 8, 8, 1)]:

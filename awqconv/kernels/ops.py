@@ -69,6 +69,15 @@ def _n_sm(device: torch.device) -> int:
 _DEQUANT = KernelConfig("dequant", block_n=256, kc=32)  # dequantize()'s tile (run AJ, notes)
 
 
+def cuda_core_gemv_config(m: int, kw: KernelWeight) -> KernelConfig:
+    """The fp32 CUDA-core GEMV for ``m`` rows (up to 4 per program): the fallback without inline PTX or
+    with groups too small for a tensor-core K tile (H100 run 3: 128 x 4 warps for gate_up, 64 x 2 elsewhere)."""
+    wide = kw.out_features > 16384
+    return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
+                        block_n=128 if wide else 64, kc=_pow2_divisor(kw.group_size, 128), split_k=-8,
+                        num_warps=4 if wide else 2, num_stages=2)
+
+
 def default_config(m: int, kw: KernelWeight, device: torch.device,
                    dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md (runs N-AE).
@@ -88,10 +97,7 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
         return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64), split_k=-16, num_warps=2,
                             num_stages=2)
     if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # no inline PTX / groups too small for a tensor-core K tile
-        wide = kw.out_features > 16384  # H100 run 3: 128 x 4 warps best for gate_up, 64 x 2 warps elsewhere
-        return KernelConfig("gemv", block_m=1 if m == 1 else min(4, 1 << (m - 1).bit_length()),
-                            block_n=128 if wide else 64, kc=kc, split_k=-8, num_warps=4 if wide else 2,
-                            num_stages=2)
+        return cuda_core_gemv_config(m, kw)
     if m <= 16:  # H100 run AE: 64 columns x 4 warps, ~6 programs per SM, 4 stages
         return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=-6, num_warps=4, prefetch=4)
     if m < DEQUANT_MIN_M:  # runs AE/AM: BM 64 at M = 64 (141 us/layer), BM 128 at M = 192-256 (350-354

@@ -144,6 +144,7 @@ class Generator:
         return T
 
     def _graphed(self, slots: int) -> bool:
+        """Whether a prefill into ``slots`` cache slots replays a graph (a ``prefill_slots`` length)."""
         return self.use_graph and slots <= PREFILL_GRAPH_MAX and slots % PREFILL_STEP == 0
 
     def _prefill_graph_for(self, B: int, T: int):
