@@ -193,13 +193,14 @@ def bench(out: str) -> None:
     print(info, flush=True)
     rows = []
     variants = {"tile_t": None}
-    for pps, pf in [(6, 4), (6, 3), (8, 3), (5, 4)]:
-        variants[f"nm_p{pps}_pf{pf}"] = (pps, pf)
+    for pps, pf, sz in [(6, 4, False), (6, 4, True), (6, 3, True), (8, 3, True), (8, 4, True), (5, 4, True)]:
+        variants[f"nm{'_sz' if sz else ''}_p{pps}_pf{pf}"] = (pps, pf, sz)
     for shape, (K, N) in SHAPES.items():
         R = max(2, math.ceil(400e6 / (K * N * 2)))
         sets = [make_set(K, N) for _ in range(R)]
         kws = [KernelWeight.from_packed(st["p"]) for st in sets]
         qns = [pack_nmajor(kw.qw, 128) for kw in kws]
+        szs = [pack_sz(kw) for kw in kws]
         for M in (4, 16):
             x = torch.randn(M, K, dtype=torch.float16, device=dev)
             base = ops.default_config(M, kws[0], dev)
@@ -209,7 +210,7 @@ def bench(out: str) -> None:
                         return ops.w4_matmul(x, kws[i], base)
                 else:
                     cfg = replace(base, split_k=-v[0], prefetch=v[1])
-                    launches = [nm_launch(x, kws[i], qns[i], cfg) for i in range(R)]
+                    launches = [nm_launch(x, kws[i], qns[i], cfg, szs[i] if v[2] else None) for i in range(R)]
 
                     def call(i, launches=launches):
                         return launches[i]()
