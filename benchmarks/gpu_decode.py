@@ -25,8 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.config import QuantConfig
 from awqconv.model import QuantizedModel
 from awqconv.packed import PackedLinear
+from awqconv.runtime import generate as gen_mod
 from awqconv.runtime.generate import Generator, SamplingParams
 from awqconv.runtime.model import build_decoder
+
+_SAMPLE = gen_mod._sample
 
 DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
 G = 128
@@ -66,11 +69,15 @@ def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int, batch: 
     """Greedy decode of ``batch`` random prompts; tok/s counts every row's tokens. ``host``: "none"
     (tokens stay on the GPU until the end), "stream" (every token goes to a streaming callback and
     is checked against an EOS id, as `awqconv chat` does; the id is outside the vocabulary, so no
-    row stops early), "sample" (the same, sampled at temperature 0.7, top-p 0.9)."""
+    row stops early), "sample" (the same, sampled at temperature 0.7, top-p 0.9), "sample_sorted"
+    (the same through the sort-based torch sampler the one-kernel sampler replaced)."""
     gen = Generator(dec, max_batch=batch, max_len=max_len)
     prompts = [torch.randint(0, 32000, (prompt_len,)).tolist() for _ in range(batch)]
     extra = {"none": {}, "stream": {"eos_token_ids": (32000,)},
-             "sample": {"eos_token_ids": (32000,), "temperature": 0.7, "top_p": 0.9}}[host]
+             "sample": {"eos_token_ids": (32000,), "temperature": 0.7, "top_p": 0.9}}[host.replace("_sorted", "")]
+    if host == "sample_sorted":
+        gen_mod._sample = lambda logits, p, g: logits.argmax(-1) if p.temperature <= 0 else gen_mod._sample_sorted(
+            logits, p, g)
     p = SamplingParams(max_new_tokens=new, **extra)
     callback = (lambda row, tok: None) if host != "none" else None
     gen.generate(prompts, SamplingParams(max_new_tokens=8))  # warm-up: compile, capture
@@ -181,8 +188,9 @@ def main() -> None:
             for name, fn in keep.items():
                 setattr(Int4Linear, name, fn)
     if a.host_compare:
-        for host in ("stream", "sample"):
+        for host in ("stream", "sample", "sample_sorted"):
             results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048, host=host))
+        gen_mod._sample = _SAMPLE
     if a.fp32_gemv_compare:  # one-row linears on the fp32 GEMV (then the fused epilogues are off too)
         from awqconv.kernels import ops
 

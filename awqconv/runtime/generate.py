@@ -49,6 +49,16 @@ def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> T
     """``logits [B, V]`` -> token ids [B] (greedy when temperature == 0)."""
     if p.temperature <= 0:
         return logits.argmax(-1)
+    if logits.is_cuda and p.top_k <= 0:  # one kernel, no sort (kernels/sample.py)
+        from ..kernels.sample import nucleus_sample
+
+        seeds = torch.randint(0, 2**31 - 1, (logits.shape[0],), device=logits.device, generator=gen)
+        return nucleus_sample(logits, p.temperature, p.top_p, seeds)
+    return _sample_sorted(logits, p, gen)
+
+
+def _sample_sorted(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
+    """The torch path of ``_sample`` (temperature > 0): CPU, and top-k on any device."""
     logits = logits.float() / p.temperature
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

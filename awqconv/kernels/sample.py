@@ -1,0 +1,89 @@
+"""Temperature / nucleus (top-p) sampling in one Triton kernel: no sort of the vocabulary.
+
+One program per row. It finds the softmax normaliser, then draws a token by the Gumbel-max race
+(argmax of logit / T + Gumbel noise, Philox keyed by the row's seed), restricted to candidates above
+a pivot. Token j belongs to the nucleus iff the probability mass of the tokens strictly more probable
+than j is below top_p (the token that crosses top_p is kept). An accepted draw is returned; a rejected
+one raises the pivot to its logit, which drops only tokens outside the nucleus, and the race runs
+again. Each race draws from the probabilities restricted to a superset of the nucleus, so the
+accepted token follows them renormalised over the nucleus exactly; the first race is accepted with
+probability >= top_p, and the most probable token is always accepted, so the loop ends.
+
+Against the sort-based torch path (runtime/generate.py) this is 2 launches per step instead of ~10,
+and a few passes over the logits instead of a full sort (BENCHMARKS.md §2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _scaled(base, c, offs, V, inv_t):
+    """One block of logits / T in fp32 (-inf past the end)."""
+    i = c + offs
+    return tl.load(base + i, mask=i < V, other=float("-inf")).to(tl.float32) * inv_t
+
+
+@triton.jit
+def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p,
+                          NUCLEUS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride
+    seed = tl.load(seed_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    # the softmax's max and normaliser, online over blocks
+    m = tl.max(_scaled(base, 0, offs, V, inv_t), 0)
+    for c in range(BLOCK, V, BLOCK):
+        m = tl.maximum(m, tl.max(_scaled(base, c, offs, V, inv_t), 0))
+    z = 0.0
+    for c in range(0, V, BLOCK):
+        z += tl.sum(tl.exp(_scaled(base, c, offs, V, inv_t) - m), 0)
+    pivot = float("-inf")  # candidates: logit / T > pivot
+    tok = -1
+    r = 0
+    while tok < 0:
+        best = float("-inf")
+        best_i = 0
+        for c in range(0, V, BLOCK):
+            sl = _scaled(base, c, offs, V, inv_t)
+            u = tl.rand(seed, r * V + c + offs)
+            g = tl.where(sl > pivot, sl - tl.log(-tl.log(u)), float("-inf"))
+            cm = tl.max(g, 0)
+            ci = tl.argmax(g, 0)
+            best_i = tl.where(cm > best, c + ci, best_i)
+            best = tl.maximum(best, cm)
+        if NUCLEUS:
+            lj = tl.load(base + best_i).to(tl.float32) * inv_t
+            above = 0.0  # the mass strictly more probable than the draw
+            for c in range(0, V, BLOCK):
+                sl = _scaled(base, c, offs, V, inv_t)
+                above += tl.sum(tl.where(sl > lj, tl.exp(sl - m), 0.0), 0)
+            if above < top_p * z:
+                tok = best_i
+            else:
+                pivot = lj
+        else:
+            tok = best_i
+        r += 1
+    tl.store(out_ptr + row, tok.to(tl.int64))
+
+
+def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tensor,
+                   block: int | None = None) -> Tensor:
+    """Token ids [B] drawn from softmax(logits [B, V] / temperature), restricted to the top-p
+    nucleus when ``top_p < 1``; ``seeds`` int32/int64 [B] key each row's Philox stream. ``block``:
+    logits per loop step (default min(V rounded up to a power of two, 4096))."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        logits = logits.reshape(-1, logits.shape[-1]).contiguous()
+    if temperature <= 0 or not 0 < top_p:
+        raise ValueError(f"nucleus_sample needs temperature > 0 and top_p > 0, got {temperature}, {top_p}")
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    block = block or min(triton.next_power_of_2(V), 4096)
+    nucleus_sample_kernel[(B,)](logits, seeds, out, V, logits.stride(0), 1.0 / temperature, float(top_p),
+                                NUCLEUS=top_p < 1.0, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return out

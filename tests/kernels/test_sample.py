@@ -1,0 +1,58 @@
+"""The one-kernel temperature / nucleus sampler (interpreter) against the distribution it names:
+softmax(logits / T), restricted to the smallest most-probable set whose mass reaches top_p (the
+token crossing it kept), renormalised. Each case draws n rows with distinct seeds: nothing may be
+drawn outside the nucleus, and every token's frequency must lie within 4.5 binomial standard
+deviations (+ 2e-3) of its probability (a false failure about once in 10^5 runs per token)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from awqconv.kernels.sample import nucleus_sample
+
+
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    p = (logits / temperature).softmax(-1)
+    want = torch.zeros_like(p)
+    mass = 0.0
+    for i in p.argsort(descending=True).tolist():
+        if mass >= top_p:
+            break
+        want[i] = p[i]
+        mass += p[i].item()
+    return want / want.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p,V,block,n", [
+    (2.0, 0.8, 8, None, 1000),  # the nucleus cuts 2 of 8 tokens
+    (0.7, 1.0, 8, None, 600),  # plain temperature sampling (no nucleus pass)
+    (1.0, 0.9, 40, 16, 300),  # three blocks, the last one masked
+])
+def test_nucleus_sample_draws_its_distribution(temperature, top_p, V, block, n):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(V, generator=g) * 1.5
+    if V == 8:
+        logits = torch.tensor([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0])
+    want = _nucleus(logits, temperature, top_p)
+    seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
+    draws = nucleus_sample(logits.expand(n, V), temperature, top_p, seeds, block=block)
+    freq = torch.bincount(draws, minlength=V).float() / n
+    assert freq.shape == (V,)
+    assert (freq[want == 0] == 0).all(), "drew a token outside the nucleus"
+    bound = 4.5 * (want * (1 - want) / n).sqrt() + 2e-3
+    assert ((freq - want).abs() <= bound).all(), (freq, want)
+
+
+def test_nucleus_sample_seeds_repeat_and_the_top_token_wins_a_small_nucleus():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9, 0.5]] * 6, dtype=torch.float16)
+    seeds = torch.arange(6)
+    a = nucleus_sample(logits, 1.0, 0.95, seeds)
+    assert torch.equal(a, nucleus_sample(logits, 1.0, 0.95, seeds))  # same seeds, same draws
+    assert set(a.tolist()) <= {1, 3, 4}  # mass 0.486 + 0.439 < 0.95, + 0.040 crosses it
+    assert nucleus_sample(logits, 1.0, 0.3, seeds).tolist() == [1] * 6  # token 1 alone has mass >= 0.3
+
+
+def test_nucleus_sample_rejects_greedy_settings():
+    with pytest.raises(ValueError, match="temperature > 0"):
+        nucleus_sample(torch.zeros(1, 4), 0.0, 0.9, torch.zeros(1, dtype=torch.long))
