@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.sample import nucleus_sample
@@ -61,9 +62,29 @@ def time_call(fn, n: int = 300) -> float:
     return a.elapsed_time(b) / n * 1e3
 
 
+def time_graphed(fn, n: int = 20, reps: int = 10) -> float:
+    """GPU time per call: ``n`` calls captured in one CUDA graph, replayed ``reps`` times."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / (n * reps) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--variants", action="store_true", help="also time the kernel alone over block sizes and warps")
     a = ap.parse_args()
     dev = torch.device("cuda")
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
@@ -83,6 +104,13 @@ def main() -> None:
                     rows.append({"V": V, "B": B, "sigma": sigma, "temperature": t, "top_p": top_p,
                                  "kernel_us": round(kern, 1), "sorted_us": round(srt, 1),
                                  "speedup": round(srt / kern, 2)})
+                    if a.variants:  # GPU time of the kernel alone (seeds drawn once, graph replays), block x warps
+                        seeds = torch.randint(0, 2**31 - 1, (B,), device=dev)
+                        for blk, w in [(4096, 8), (8192, 8), (8192, 16), (16384, 16), (16384, 32)]:
+                            blk = min(blk, triton.next_power_of_2(V))
+                            rows[-1][f"k_{blk}_w{w}_us"] = round(time_graphed(
+                                lambda lg=logits, t=t, tp=top_p, sd=seeds, blk=blk, w=w: nucleus_sample(
+                                    lg, t, tp, sd, block=blk, num_warps=w)), 1)
                     print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(a.out, "gpu_sampling.json"), "w") as f:
         json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)

@@ -35,13 +35,15 @@ def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p
     base = logits_ptr + row.to(tl.int64) * stride
     seed = tl.load(seed_ptr + row)
     offs = tl.arange(0, BLOCK)
-    # the softmax's max and normaliser, online over blocks
-    m = tl.max(_scaled(base, 0, offs, V, inv_t), 0)
+    # the softmax's max and normaliser in one pass (the running sum rescaled when the max grows)
+    sl = _scaled(base, 0, offs, V, inv_t)
+    m = tl.max(sl, 0)
+    z = tl.sum(tl.exp(sl - m), 0)
     for c in range(BLOCK, V, BLOCK):
-        m = tl.maximum(m, tl.max(_scaled(base, c, offs, V, inv_t), 0))
-    z = 0.0
-    for c in range(0, V, BLOCK):
-        z += tl.sum(tl.exp(_scaled(base, c, offs, V, inv_t) - m), 0)
+        sl = _scaled(base, c, offs, V, inv_t)
+        m_new = tl.maximum(m, tl.max(sl, 0))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(sl - m_new), 0)
+        m = m_new
     pivot = float("-inf")  # candidates: logit / T > pivot
     tok = -1
     r = 0
@@ -73,7 +75,7 @@ def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p
 
 
 def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tensor,
-                   block: int | None = None) -> Tensor:
+                   block: int | None = None, num_warps: int | None = None) -> Tensor:
     """Token ids [B] drawn from softmax(logits [B, V] / temperature), restricted to the top-p
     nucleus when ``top_p < 1``; ``seeds`` int32/int64 [B] key each row's Philox stream. ``block``:
     logits per loop step (default min(V rounded up to a power of two, 4096))."""
@@ -84,6 +86,7 @@ def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tens
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     block = block or min(triton.next_power_of_2(V), 4096)
+    num_warps = num_warps or (8 if block >= 2048 else 4)
     nucleus_sample_kernel[(B,)](logits, seeds, out, V, logits.stride(0), 1.0 / temperature, float(top_p),
-                                NUCLEUS=top_p < 1.0, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                NUCLEUS=top_p < 1.0, BLOCK=block, num_warps=num_warps)
     return out
