@@ -29,6 +29,15 @@ def _scaled(base, c, offs, V, inv_t):
 
 
 @triton.jit
+def _uniforms(seed, first, BLOCK: tl.constexpr):
+    """BLOCK uniforms in [0, 1) from BLOCK / 4 Philox calls (four words each) at offsets first + i."""
+    r0, r1, r2, r3 = tl.randint4x(seed, first + tl.arange(0, BLOCK // 4))
+    u = tl.join(tl.join(tl.random.uint_to_uniform_float(r0), tl.random.uint_to_uniform_float(r1)),
+                tl.join(tl.random.uint_to_uniform_float(r2), tl.random.uint_to_uniform_float(r3)))
+    return tl.reshape(u, (BLOCK,))
+
+
+@triton.jit
 def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p,
                           NUCLEUS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -47,12 +56,13 @@ def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p
     pivot = float("-inf")  # candidates: logit / T > pivot
     tok = -1
     r = 0
+    calls = tl.cdiv(V, BLOCK) * (BLOCK // 4)  # Philox calls per race
     while tok < 0:
         best = float("-inf")
         best_i = 0
         for c in range(0, V, BLOCK):
             sl = _scaled(base, c, offs, V, inv_t)
-            u = tl.rand(seed, r * V + c + offs)
+            u = _uniforms(seed, r * calls + c // 4, BLOCK)
             g = tl.where(sl > pivot, sl - tl.log(-tl.log(u)), float("-inf"))
             cm = tl.max(g, 0)
             ci = tl.argmax(g, 0)
@@ -85,8 +95,8 @@ def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tens
         raise ValueError(f"nucleus_sample needs temperature > 0 and top_p > 0, got {temperature}, {top_p}")
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.long, device=logits.device)
-    block = block or min(triton.next_power_of_2(V), 4096)
-    num_warps = num_warps or (8 if block >= 2048 else 4)
+    block = block or max(4, min(triton.next_power_of_2(V), 16384))
+    num_warps = num_warps or max(1, min(32, block // 512))  # H100: 16384 x 32 warps (run AX)
     nucleus_sample_kernel[(B,)](logits, seeds, out, V, logits.stride(0), 1.0 / temperature, float(top_p),
                                 NUCLEUS=top_p < 1.0, BLOCK=block, num_warps=num_warps)
     return out
