@@ -3,7 +3,8 @@ runtime (Triton INT4 linears, CUDA graphs) against the fake-quant transformers r
 for a batch of two prompts and for the first prompt alone (one-row decode kernels); and the
 transposed tile's asm dequantisation checked bit for bit (one-hot rows of x return rows of W); the
 one-row fp16x2 GEMV's inline PTX (fp16 and bf16 activations) bit for bit against its plain-Triton
-emulation (the form the CPU tests check); streamed decoding with an EOS returns the same tokens.
+emulation (the form the CPU tests check); streamed decoding with an EOS returns the same tokens;
+seeded GPU sampling repeats, streams what it returns, and with a one-token nucleus decodes greedily.
 Usage: python benchmarks/gpu_runtime_check.py
 """
 
@@ -108,6 +109,25 @@ def main() -> None:
             prompts[:1], SamplingParams(max_new_tokens=40, eos_token_ids=(eos,)), stream=lambda r, t: seen.append(t))
         want = one.tokens[0][: one.tokens[0].index(eos) + 1]
         stream_ok = st.tokens[0] == want and seen == want
+        # sampled on the GPU (kernels/sample.py): a seed repeats its draws, the stream carries them, and a
+        # nucleus of one token (top-p 1e-6) is greedy decoding
+        g1 = Generator(dec, max_batch=1, max_len=256)
+        sp = SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=7)
+        seen_s = []
+        s1 = g1.generate(prompts[:1], sp, stream=lambda r, t: seen_s.append(t)).tokens[0]
+        s2 = g1.generate(prompts[:1], sp).tokens[0]
+        s3 = g1.generate(prompts[:1], SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=8)).tokens[0]
+        narrow = g1.generate(prompts[:1], SamplingParams(max_new_tokens=40, temperature=0.8, top_p=1e-6, seed=7))
+        sample_ok = {"seed_repeats": s1 == s2, "streamed": seen_s == s1, "other_seed_differs": s3 != s1,
+                     "top_p_tiny_is_greedy": narrow.tokens[0] == one.tokens[0]}
+        nd = next((i for i, (a, b) in enumerate(zip(narrow.tokens[0], one.tokens[0])) if a != b), None)
+        if nd is not None:  # a tie of the runtime's own top-2 logits there keeps both in any nucleus
+            g1.generate([prompts[0] + one.tokens[0][:nd]], SamplingParams(max_new_tokens=1))
+            lg, _, _ = g1.prefill([prompts[0] + one.tokens[0][:nd]])
+            top2 = lg[0].float().topk(2)
+            sample_ok["first_diff"] = nd
+            sample_ok["own_top2"] = [top2.values.tolist(), top2.indices.tolist()]
+            sample_ok["tokens_there"] = [narrow.tokens[0][nd], one.tokens[0][nd]]
         agree = []
         for p, r in zip(prompts + prompts[:1], res.tokens + one.tokens):  # a batch of two, then one row alone
             o = ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, min_new_tokens=40, do_sample=False)
@@ -127,6 +147,7 @@ def main() -> None:
             l = dec(ids, torch.arange(ids.shape[1], device="cuda")[None], torch.tensor(0, device="cuda"), ids.shape[1], last_only=False).float()
             lr = ref(ids).logits.float()
         row = {"case": {k: str(v) for k, v in kw.items()}, "dtype": str(dt), "greedy": agree, "stream_eos_ok": stream_ok,
+               "sample": sample_ok,
                "max_abs_dlogit": (l - lr).abs().max().item(), "logit_absmax": lr.abs().max().item()}
         print(json.dumps(row), flush=True)
         out.append(row)
