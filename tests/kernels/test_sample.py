@@ -56,3 +56,13 @@ def test_nucleus_sample_seeds_repeat_and_the_top_token_wins_a_small_nucleus():
 def test_nucleus_sample_rejects_greedy_settings():
     with pytest.raises(ValueError, match="temperature > 0"):
         nucleus_sample(torch.zeros(1, 4), 0.0, 0.9, torch.zeros(1, dtype=torch.long))
+
+
+def test_nucleus_sample_keeps_every_token_tied_with_the_one_crossing_top_p():
+    """Ties at the boundary are all kept (the mass strictly above each is 0 < top_p): a one-token
+    nucleus of two equal top logits draws both, about half each."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0]] * 200)
+    draws = nucleus_sample(logits, 1.0, 1e-6, torch.arange(200))
+    assert set(draws.tolist()) == {1, 2}
+    assert 60 <= (draws == 1).sum().item() <= 140
+
