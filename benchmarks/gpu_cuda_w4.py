@@ -93,6 +93,14 @@ extern "C" __global__ void __launch_bounds__(128) w4_mma16(
     const int XS = KR + 8, NG = KR / GROUP;
     float* sf = (float*)(xs + 16 * XS);
     unsigned* sz = (unsigned*)(sf + NG * 128);
+    const int s = nb * 4 + warp, n0 = s * 32, wc = warp * 32;
+    // the first DEPTH steps' words are requested before x and the scales are staged (they do not depend on them)
+    const int n_it = n0 < N ? kr / 64 : 0, KI = K / 64;
+    const U4* base = qp + ((size_t)s * KI + k_lo / 64) * 64 + lane;
+    U4 buf[DEPTH][2];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d)
+        if (d < n_it) { buf[d][0] = ldg4(base + d * 64); buf[d][1] = ldg4(base + d * 64 + 32); }
     for (int i = threadIdx.x; i < 16 * (KR / 8); i += 128) {
         const int r = i / (KR / 8), c8 = (i % (KR / 8)) * 8;
         U4 v = {0u, 0u, 0u, 0u};
@@ -111,19 +119,12 @@ extern "C" __global__ void __launch_bounds__(128) w4_mma16(
         sz[i] = z;
     }
     __syncthreads();
-    const int s = nb * 4 + warp, n0 = s * 32, wc = warp * 32;
     float acc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     if (n0 < N) {
-        const int n_it = kr / 64, KI = K / 64;
-        const U4* base = qp + ((size_t)s * KI + k_lo / 64) * 64 + lane;
-        U4 buf[DEPTH][2];
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d)
-            if (d < n_it) { buf[d][0] = ldg4(base + d * 64); buf[d][1] = ldg4(base + d * 64 + 32); }
         const int mi = lane >> 3;
         const unsigned xa = smem_u32(xs) + 2u * (((lane & 7) + 8 * (mi & 1)) * XS + 8 * (mi >> 1));
         unsigned zz[4];
@@ -202,7 +203,11 @@ extern "C" __global__ void __launch_bounds__(128) w4_mma16(
         if (threadIdx.x == 0) cnt[nb] = 0u;
     }
 }
-""".replace("DEPTH", str(DEPTH)).replace("GROUPV", str(GROUP))
+"""
+
+
+def source(depth: int = DEPTH) -> str:
+    return SRC.replace("DEPTH", str(depth)).replace("GROUPV", str(GROUP))
 
 
 def prepack(kw: KernelWeight) -> torch.Tensor:
@@ -221,8 +226,8 @@ def prepack(kw: KernelWeight) -> torch.Tensor:
 
 
 class CudaW4:
-    def __init__(self, kr: int):
-        self.fn = torch.cuda._compile_kernel(SRC, "w4_mma16")
+    def __init__(self, kr: int, depth: int = DEPTH):
+        self.fn = torch.cuda._compile_kernel(source(depth), "w4_mma16")
         self.kr = kr
         smem = 16 * (kr + 8) * 2 + (kr // GROUP) * 128 * 8
         if smem >= 48 * 1024:
@@ -254,7 +259,7 @@ def ptx(nvrtc: str, out: str) -> None:
 
     lib = ctypes.CDLL(nvrtc)
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), SRC.encode(), b"w4.cu", 0, None, None) == 0
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source().encode(), b"w4.cu", 0, None, None) == 0
     opts = [b"--gpu-architecture=compute_90", b"-default-device", b"--std=c++17"]
     res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
@@ -287,7 +292,12 @@ def bench(out: str) -> None:
     info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "depth": DEPTH}
     print(info, flush=True)
-    kernels = {kr: CudaW4(kr) for kr in (256, 512, 1024)}
+    kernels = {}
+    for kr, d in [(256, 4), (512, 4), (1024, 4), (512, 6), (1024, 6), (2048, 4)]:
+        try:
+            kernels[f"cuda_kr{kr}_d{d}"] = CudaW4(kr, d)
+        except Exception as e:  # noqa: BLE001 - e.g. no large shared-memory opt-in in this torch
+            print(f"kr {kr} depth {d}: {e}", flush=True)
     rows = []
     for shape, (K, N) in SHAPES.items():
         R = max(2, math.ceil(400e6 / (K * N * 2)))
@@ -297,10 +307,10 @@ def bench(out: str) -> None:
         for M in (1, 4, 16):
             x = torch.randn(M, K, dtype=torch.float16, device=dev)
             base = ops.default_config(M, kws[0], dev)
-            variants = {"default": [lambda i, base=base: ops.w4_matmul(x, kws[i], base) for i in range(R)]}
-            for kr, kern in kernels.items():
+            variants = {"default": [lambda i, base=base, x=x, kws=kws: ops.w4_matmul(x, kws[i], base) for i in range(R)]}
+            for label, kern in kernels.items():
                 calls = [kern.plan(x, kws[i], qps[i]) for i in range(R)]
-                variants[f"cuda_kr{kr}"] = [lambda i, c=c: c() for c in calls]
+                variants[label] = [lambda i, c=c: c() for c in calls]
             for name, fns in variants.items():
                 y = fns[0](0)
                 y2 = fns[0](0).clone()
@@ -312,7 +322,7 @@ def bench(out: str) -> None:
                              "rel_err": float(f"{err:.2e}"), "stable": stable})
                 print(json.dumps(rows[-1]), flush=True)
     summary = {f"M{M}_{v}": round(sum(r["us"] for r in rows if r["M"] == M and r["variant"] == v), 1)
-               for M in (1, 4, 16) for v in ["default"] + [f"cuda_kr{kr}" for kr in kernels]}
+               for M in (1, 4, 16) for v in ["default", *kernels]}
     print(json.dumps(summary, indent=1))
     with open(os.path.join(out, "gpu_cuda_w4.json"), "w") as f:
         json.dump({"info": info, "rows": rows, "per_layer_us": summary}, f, indent=1)
