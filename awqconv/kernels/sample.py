@@ -39,7 +39,7 @@ def _uniforms(seed, first, BLOCK: tl.constexpr):
 
 @triton.jit
 def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p,
-                          NUCLEUS: tl.constexpr, BLOCK: tl.constexpr):
+                          NUCLEUS: tl.constexpr, BLOCK: tl.constexpr, MAX_ROUNDS: tl.constexpr = 256):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     seed = tl.load(seed_ptr + row)
@@ -55,6 +55,8 @@ def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p
         m = m_new
     pivot = float("-inf")  # candidates: logit / T > pivot
     tok = -1
+    if not z > 0.0:  # NaN or all -inf logits: no distribution to draw from (and no loop that could end)
+        tok = 0
     r = 0
     calls = tl.cdiv(V, BLOCK) * (BLOCK // 4)  # Philox calls per race
     while tok < 0:
@@ -81,6 +83,8 @@ def nucleus_sample_kernel(logits_ptr, seed_ptr, out_ptr, V, stride, inv_t, top_p
         else:
             tok = best_i
         r += 1
+        if r >= MAX_ROUNDS:  # each race rejects with probability <= 1 - top_p: never reached in practice
+            tok = best_i
     tl.store(out_ptr + row, tok.to(tl.int64))
 
 
@@ -88,7 +92,8 @@ def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tens
                    block: int | None = None, num_warps: int | None = None) -> Tensor:
     """Token ids [B] drawn from softmax(logits [B, V] / temperature), restricted to the top-p
     nucleus when ``top_p < 1``; ``seeds`` int32/int64 [B] key each row's Philox stream. ``block``:
-    logits per loop step (default min(V rounded up to a power of two, 4096))."""
+    logits per loop step (default V rounded up to a power of two, at most 16 384). Rows of NaN or
+    all -inf logits return token 0."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         logits = logits.reshape(-1, logits.shape[-1]).contiguous()
     if temperature <= 0 or not 0 < top_p:

@@ -66,3 +66,11 @@ def test_nucleus_sample_keeps_every_token_tied_with_the_one_crossing_top_p():
     assert set(draws.tolist()) == {1, 2}
     assert 60 <= (draws == 1).sum().item() <= 140
 
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy: -inf - -inf
+def test_nucleus_sample_ends_on_rows_without_a_distribution():
+    """NaN or all -inf logits must not loop forever on the device: such rows return token 0."""
+    logits = torch.tensor([[float("nan")] * 5, [float("-inf")] * 5, [0.0, 1.0, float("nan"), 2.0, 0.5]])
+    out = nucleus_sample(logits, 1.0, 0.9, torch.arange(3))
+    assert out.shape == (3,) and out[:2].tolist() == [0, 0] and 0 <= out[2].item() < 5
+
