@@ -22,7 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from awqconv.kernels.sample import nucleus_sample
+from awqconv.kernels.sample import nucleus_probs, nucleus_sample
 from awqconv.runtime.generate import SamplingParams, _sample, _sample_sorted
 
 
@@ -30,15 +30,7 @@ def check(dev) -> list[dict]:
     logits = torch.tensor([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0], device=dev)
     rows = []
     for t, top_p in [(1.0, 1.0), (1.0, 0.7), (2.0, 0.8), (0.5, 0.5)]:
-        p = (logits / t).softmax(-1).cpu()
-        want = torch.zeros(8)
-        mass = 0.0
-        for i in p.argsort(descending=True).tolist():
-            if mass >= top_p:
-                break
-            want[i] = p[i]
-            mass += p[i].item()
-        want /= want.sum()
+        want = nucleus_probs(logits, t, top_p)
         n = 200_000
         seeds = torch.randint(0, 2**31 - 1, (n,), device=dev)
         freq = torch.bincount(nucleus_sample(logits.expand(n, 8), t, top_p, seeds), minlength=8).float().cpu() / n

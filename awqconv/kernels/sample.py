@@ -105,3 +105,19 @@ def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tens
     nucleus_sample_kernel[(B,)](logits, seeds, out, V, logits.stride(0), 1.0 / temperature, float(top_p),
                                 NUCLEUS=top_p < 1.0, BLOCK=block, num_warps=num_warps)
     return out
+
+
+def nucleus_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The distribution ``nucleus_sample`` draws from, for one row ``logits [V]`` (a slow torch
+    reference for tests and benchmarks): softmax(logits / T) on the most probable tokens until their
+    mass reaches top_p (the one crossing it kept), renormalised; zero elsewhere."""
+    p = (logits.float() / temperature).softmax(-1).cpu()
+    want = torch.zeros_like(p)
+    mass = 0.0
+    for i in p.argsort(descending=True).tolist():
+        if mass >= top_p:
+            break
+        want[i] = p[i]
+        mass += p[i].item()
+    return want / want.sum()
+

@@ -9,19 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awqconv.kernels.sample import nucleus_sample
-
-
-def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    p = (logits / temperature).softmax(-1)
-    want = torch.zeros_like(p)
-    mass = 0.0
-    for i in p.argsort(descending=True).tolist():
-        if mass >= top_p:
-            break
-        want[i] = p[i]
-        mass += p[i].item()
-    return want / want.sum()
+from awqconv.kernels.sample import nucleus_probs, nucleus_sample
 
 
 @pytest.mark.parametrize("temperature,top_p,V,block,n", [
@@ -34,7 +22,7 @@ def test_nucleus_sample_draws_its_distribution(temperature, top_p, V, block, n):
     logits = torch.randn(V, generator=g) * 1.5
     if V == 8:
         logits = torch.tensor([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0])
-    want = _nucleus(logits, temperature, top_p)
+    want = nucleus_probs(logits, temperature, top_p)
     seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
     draws = nucleus_sample(logits.expand(n, V), temperature, top_p, seeds, block=block)
     freq = torch.bincount(draws, minlength=V).float() / n
@@ -73,4 +61,15 @@ def test_nucleus_sample_ends_on_rows_without_a_distribution():
     logits = torch.tensor([[float("nan")] * 5, [float("-inf")] * 5, [0.0, 1.0, float("nan"), 2.0, 0.5]])
     out = nucleus_sample(logits, 1.0, 0.9, torch.arange(3))
     assert out.shape == (3,) and out[:2].tolist() == [0, 0] and 0 <= out[2].item() < 5
+
+
+def test_nucleus_probs_reference_by_hand():
+    """softmax([2, 1.5, 1.4, 0.3, ...]) = 0.337, 0.204, 0.185, ...: at top-p 0.7 the first two hold 0.541
+    and the third crosses 0.7, so the nucleus is tokens 0-2, renormalised."""
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.3, -0.2, -1.0, 0.9, 0.0])
+    p = logits.softmax(-1)
+    want = torch.zeros(8)
+    want[:3] = p[:3] / p[:3].sum()
+    assert torch.allclose(nucleus_probs(logits, 1.0, 0.7), want)
+    assert torch.allclose(nucleus_probs(logits, 1.0, 1.0), p)
 
