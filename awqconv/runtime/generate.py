@@ -60,9 +60,14 @@ def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> T
 def _sample_sorted(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
     """The torch path of ``_sample`` (temperature > 0): CPU, and top-k on any device."""
     logits = logits.float() / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    V = logits.shape[-1]
+    if p.top_k > 0:  # only the k most probable, sorted (plus up to 8 tied with the k-th: top-k keeps ties)
+        k = min(p.top_k, V)
+        vals, idx = torch.topk(logits, min(k + 8, V), dim=-1)
+        probs = vals.masked_fill(vals < vals[:, k - 1 : k], float("-inf")).softmax(-1)
+        if p.top_p < 1.0:  # nucleus over the renormalised top-k, as below
+            probs = probs.masked_fill(probs.cumsum(-1) - probs > p.top_p, 0.0)
+        return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
     probs = logits.softmax(-1)
     if p.top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

@@ -130,6 +130,21 @@ def test_sampling_draws_the_filtered_distribution(temperature, top_k, top_p):
     assert (freq - want).abs().max().item() < 0.015, (freq, want)
 
 
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """top-k keeps all tokens whose logit equals the k-th largest (transformers' rule), also when the
+    vocabulary is larger than what the fast path looks at (k + 8 candidates)."""
+    from awqconv.runtime.generate import _sample
+
+    logits = torch.full((20,), -1.0)
+    logits[0], logits[1:5] = 3.0, 2.0  # k = 2: the k-th largest is 2.0, held by tokens 1-4
+    n = 20000
+    draws = _sample(logits.expand(n, 20), SamplingParams(temperature=1.0, top_k=2), torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=20).float() / n
+    want = torch.zeros(20)
+    want[:5] = torch.tensor([3.0, 2.0, 2.0, 2.0, 2.0]).softmax(-1)
+    assert (freq[5:] == 0).all() and (freq - want).abs().max().item() < 0.015, freq[:5]
+
+
 def test_runtime_lm_perplexity_equals_reference(tiny_qm):
     from awqconv.evaluate import perplexity_of_ids
 
