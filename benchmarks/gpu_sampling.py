@@ -41,6 +41,16 @@ def check(dev) -> list[dict]:
     return rows
 
 
+def _top_k_full_sort(logits, p, gen):
+    """The top-k path before run BC, for comparison: mask below the k-th, softmax and sort the vocabulary."""
+    lg = logits.float() / p.temperature
+    kth = torch.topk(lg, p.top_k, dim=-1).values[:, -1:]
+    probs = lg.masked_fill(lg < kth, float("-inf")).softmax(-1)
+    srt, idx = torch.sort(probs, descending=True, dim=-1)
+    srt = srt.masked_fill(srt.cumsum(-1) - srt > p.top_p, 0.0)
+    return idx.gather(-1, torch.multinomial(srt, 1, generator=gen)).squeeze(-1)
+
+
 def time_call(fn, n: int = 300) -> float:
     for _ in range(20):
         fn()
@@ -104,6 +114,11 @@ def main() -> None:
                                 lambda lg=logits, t=t, tp=top_p, sd=seeds, blk=blk, w=w: nucleus_sample(
                                     lg, t, tp, sd, block=blk, num_warps=w)), 1)
                     print(json.dumps(rows[-1]), flush=True)
+                pk = SamplingParams(temperature=0.7, top_k=50, top_p=0.9)
+                rows.append({"V": V, "B": B, "sigma": sigma, "top_k": 50, "top_p": 0.9,
+                             "top_k_us": round(time_call(lambda lg=logits: _sample(lg, pk, gen)), 1),
+                             "top_k_full_sort_us": round(time_call(lambda lg=logits: _top_k_full_sort(lg, pk, gen)), 1)})
+                print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(a.out, "gpu_sampling.json"), "w") as f:
         json.dump({"info": info, "checks": checks, "rows": rows}, f, indent=1)
 
