@@ -76,7 +76,7 @@ def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int, batch: 
     extra = {"none": {}, "stream": {"eos_token_ids": (32000,)},
              "sample": {"eos_token_ids": (32000,), "temperature": 0.7, "top_p": 0.9}}[host.replace("_sorted", "")]
     if host == "sample_sorted":
-        gen_mod._sample = lambda logits, p, g: logits.argmax(-1) if p.temperature <= 0 else gen_mod._sample_sorted(
+        gen_mod._sample = lambda logits, p, g: logits.argmax(-1) if p.temperature <= 0 else gen_mod._sample_torch(
             logits, p, g)
     p = SamplingParams(max_new_tokens=new, **extra)
     callback = (lambda row, tok: None) if host != "none" else None

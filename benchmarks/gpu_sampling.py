@@ -1,5 +1,5 @@
 """Sampling one token per row on the GPU: the one-kernel nucleus sampler (kernels/sample.py) beside
-the sort-based torch path it replaced in the runtime (runtime/generate.py ``_sample_sorted``).
+the sort-based torch path it replaced in the runtime (runtime/generate.py ``_sample_torch``).
 
 Checks first: on an 8-token vocabulary, 200 000 rows per setting must reproduce the nucleus
 distribution (nothing outside it; each frequency within 4.5 binomial standard deviations). Then
@@ -24,7 +24,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.sample import nucleus_probs, nucleus_sample
-from awqconv.runtime.generate import SamplingParams, _sample, _sample_sorted
+from awqconv.runtime.generate import SamplingParams, _sample, _sample_torch
 
 
 def check(dev) -> list[dict]:
@@ -103,7 +103,7 @@ def main() -> None:
                 for t, top_p in [(0.7, 0.9), (0.7, 1.0)]:
                     p = SamplingParams(temperature=t, top_p=top_p)
                     kern = time_call(lambda lg=logits, p=p: _sample(lg, p, gen))
-                    srt = time_call(lambda lg=logits, p=p: _sample_sorted(lg, p, gen))
+                    srt = time_call(lambda lg=logits, p=p: _sample_torch(lg, p, gen))
                     rows.append({"V": V, "B": B, "sigma": sigma, "temperature": t, "top_p": top_p,
                                  "kernel_us": round(kern, 1), "sorted_us": round(srt, 1),
                                  "speedup": round(srt / kern, 2)})

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .generate import PREFILL_STEP, Generator, SamplingParams
+from .generate import Generator, SamplingParams, padded_prefill_len
 from .lm import load_quantized
 from .model import build_decoder
 
@@ -31,8 +31,8 @@ def _peak_mem_gb(device: torch.device) -> float:
 
 
 def _bench_one(dec, batch: int, prefill: int, decode: int, device: torch.device, seed: int) -> dict[str, Any]:
-    room = -(-prefill // PREFILL_STEP) * PREFILL_STEP  # a graphed prefill's left padding fits too
-    gen = Generator(dec, max_batch=batch, max_len=room + decode + 1)
+    # room for a graphed prefill's left padding too
+    gen = Generator(dec, max_batch=batch, max_len=padded_prefill_len(prefill) + decode + 1)
     g = torch.Generator().manual_seed(seed)
     vocab = dec.spec.vocab
     prompts = [torch.randint(0, vocab, (prefill,), generator=g).tolist() for _ in range(batch)]

@@ -26,6 +26,11 @@ PREFILL_GRAPH_MAX = 512  # longer prompts prefill op by op (their kernels outlas
 PREFILL_STEP = 64  # graphed prefills are left-padded to a multiple of this: one graph per length
 
 
+def padded_prefill_len(T: int) -> int:
+    """``T`` rounded up to PREFILL_STEP: the cache slots a graphed prefill of ``T``-token prompts takes."""
+    return -(-T // PREFILL_STEP) * PREFILL_STEP
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -54,10 +59,10 @@ def _sample(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> T
 
         seeds = torch.randint(0, 2**31 - 1, (logits.shape[0],), device=logits.device, generator=gen)
         return nucleus_sample(logits, p.temperature, p.top_p, seeds)
-    return _sample_sorted(logits, p, gen)
+    return _sample_torch(logits, p, gen)
 
 
-def _sample_sorted(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
+def _sample_torch(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
     """The torch path of ``_sample`` (temperature > 0): CPU, and top-k on any device."""
     logits = logits.float() / p.temperature
     V = logits.shape[-1]
@@ -65,17 +70,14 @@ def _sample_sorted(logits: Tensor, p: SamplingParams, gen: torch.Generator | Non
         k = min(p.top_k, V)
         vals, idx = torch.topk(logits, min(k + 8, V), dim=-1)
         probs = vals.masked_fill(vals < vals[:, k - 1 : k], float("-inf")).softmax(-1)
-        if p.top_p < 1.0:  # nucleus over the renormalised top-k, as below
-            probs = probs.masked_fill(probs.cumsum(-1) - probs > p.top_p, 0.0)
-        return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
-    probs = logits.softmax(-1)
-    if p.top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-    # nucleus: the most probable tokens until their mass reaches top_p (the one crossing it kept);
+    elif p.top_p < 1.0:
+        probs, idx = torch.sort(logits.softmax(-1), descending=True, dim=-1)
+    else:
+        return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+    if p.top_p < 1.0:  # nucleus: the most probable tokens until their mass reaches top_p (the one crossing it kept)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > p.top_p, 0.0)
     # multinomial draws from the kept weights in sorted order (it normalises), then maps back
-    srt, idx = torch.sort(probs, descending=True, dim=-1)
-    srt = srt.masked_fill(srt.cumsum(-1) - srt > p.top_p, 0.0)
-    return idx.gather(-1, torch.multinomial(srt, 1, generator=gen)).squeeze(-1)
+    return idx.gather(-1, torch.multinomial(probs, 1, generator=gen)).squeeze(-1)
 
 
 class _TokenReader:
@@ -153,7 +155,7 @@ class Generator:
         """Cache slots a prefill of ``T``-token prompts takes: T rounded up to PREFILL_STEP where it runs
         from a CUDA graph (GPU, T <= PREFILL_GRAPH_MAX, and the padding still leaves room for
         ``new_tokens``), else T."""
-        padded = -(-T // PREFILL_STEP) * PREFILL_STEP
+        padded = padded_prefill_len(T)
         if self.use_graph and padded <= PREFILL_GRAPH_MAX and padded + new_tokens <= self.max_len:
             return padded
         return T
