@@ -2,9 +2,10 @@
 
 For each Llama-2-7B linear shape, under the protocol of gpu_kernels.py (CUDA-graph replays over
 >= 400 MB of distinct weights, median), time three things over the same packed words:
-  stream  - a flat read of the words as 16-byte vectors, 8 KB per program (the best case),
-            with two other shapes: stream_loop (16 programs/SM striding, two blocks in flight) and
-            stream_big (32 KB per program, 8 warps),
+  stream  - a flat read of the words as 16-byte vectors, 8 KB per program (the best case);
+            stream_pdl the same launched with PDL, words read before the wait (overlapping the
+            kernel before, as a dependent kernel may); two other shapes: stream_loop (16
+            programs/SM striding, two blocks in flight) and stream_big (32 KB per program, 8 warps),
   words   - the GEMV's grid, tile and chunking over the words only (no scales, zeros, activations),
   tiles   - the GEMV's own access pattern (default grid, tile and chunking) with no arithmetic,
   gemv    - the real fp16x2 GEMV (default config).
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait  # noqa: E402
 from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import _n_sm, default_config, w4_matmul  # noqa: E402
 from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz  # noqa: E402
@@ -39,6 +41,18 @@ def stream_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(w_ptr + r, mask=r < n, other=0, eviction_policy="evict_first")
     tl.store(out_ptr + tl.program_id(0), tl.xor_sum(v, axis=0))
+
+
+@triton.jit
+def stream_pdl_kernel(w_ptr, out_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """The flat read as a dependent kernel can do it under programmatic dependent launch: the next
+    kernel may be scheduled at once, the words (constants) are read before waiting for the kernel
+    before, only the store after: the least any chain of dependent one-row kernels pays."""
+    pdl_start(USE_PDL)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.xor_sum(tl.load(w_ptr + r, mask=r < n, other=0, eviction_policy="evict_first"), axis=0)
+    pdl_wait(USE_PDL)
+    tl.store(out_ptr + tl.program_id(0), v)
 
 
 @triton.jit
@@ -118,6 +132,11 @@ def main() -> None:
         k_split = triton.cdiv(n_chunks, split) * cfg.kc
         split = triton.cdiv(K, k_split)
 
+        def stream_pdl():
+            for kw in kws:
+                stream_pdl_kernel[(triton.cdiv(n_words, block),)](kw.qw, sink, n_words, BLOCK=block, num_warps=4,
+                                                                  **pdl_launch(DEV))
+
         def stream_loop():
             for kw in kws:
                 stream_loop_kernel[(16 * _n_sm(DEV),)](kw.qw, sink, n_words, BLOCK=512, num_warps=4)
@@ -142,7 +161,8 @@ def main() -> None:
 
         nbytes = n_words * 4 + kws[0].scales.numel() * 2 + kws[0].zeros.numel()
         row = {"shape": name, "MB": round(nbytes / 1e6, 1)}
-        for label, fn, b in [("stream", stream, n_words * 4), ("stream_loop", stream_loop, n_words * 4),
+        for label, fn, b in [("stream", stream, n_words * 4), ("stream_pdl", stream_pdl, n_words * 4),
+                             ("stream_loop", stream_loop, n_words * 4),
                              ("stream_big", stream_big, n_words * 4), ("words", words, n_words * 4),
                              ("tiles", tiles, nbytes), ("gemv", gemv, nbytes)]:
             us = time_graph(fn, R)[0]
@@ -153,7 +173,7 @@ def main() -> None:
         del kws
         torch.cuda.empty_cache()
     tot = {k: round(sum(r[k] for r in out["rows"]), 1)
-           for k in ("stream_us", "stream_loop_us", "stream_big_us", "words_us", "tiles_us", "gemv_us")}
+           for k in ("stream_us", "stream_pdl_us", "stream_loop_us", "stream_big_us", "words_us", "tiles_us", "gemv_us")}
     print("one layer (sum of four shapes), us:", tot)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_read_floor.json"), "w") as f:
         json.dump({**out, "layer": tot}, f, indent=1)
