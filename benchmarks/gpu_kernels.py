@@ -6,7 +6,7 @@ Timing: one CUDA graph replays the call over R distinct weight sets (>= 400 MB o
 weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R (the protocol
 of shared/anchors/gpu_int4_anchors.py). awqconv runs its default config and a small config sweep.
 Usage: python benchmarks/gpu_kernels.py [--quick] [--no-sweep] [--chain] [--ms 1,16] [--sweep-ms 16]
-       [--sweep-filter tile_t,swap] [--dtype bf16] [--chain-chunks 2,4] [--out DIR]
+       [--sweep-filter tile_t,swap] [--dtype bf16] [--out DIR]
 (--dtype bf16: bf16 activations and scales; cuBLAS in bf16; GemLite, fp16-only here, is left out.)
 """
 
@@ -118,9 +118,6 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     if M > 256:
         out["gemm128_bn256_kc64_w8_s3"] = KernelConfig("gemm", 128, 256, 64, 1, 8, 3)
     out["dequant+cublas"] = KernelConfig("dequant", block_n=256, kc=32)
-    if M > 256:  # column chunks, chunk j + 1 dequantised on a side stream during chunk j's GEMM (run BD)
-        for c in (2, 3, 4, 6, 8):
-            out[f"dequant_c{c}+cublas"] = KernelConfig("dequant", block_n=256, kc=32, chunks=c)
     if M >= 1024:  # the dequantise tile: rows x columns, each word loaded once (expand) or per element
         for kc, bn, ex, w in [(32, 128, False, 4), (64, 128, True, 4), (128, 128, True, 8), (32, 256, True, 4),
                               (64, 256, True, 8), (16, 256, True, 4), (128, 64, True, 4)]:
@@ -167,8 +164,6 @@ def main() -> None:
                     help="sweep only the variants whose name contains one of these comma-separated strings")
     ap.add_argument("--chain", action="store_true", help="also time the four linears back to back in one graph")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    ap.add_argument("--chain-chunks", default="", type=lambda v: [int(c) for c in v.split(",") if c],
-                    help="chain: also the default with dequantise + cuBLAS in these column chunk counts")
     a = ap.parse_args()
     global DT
     DT = torch.bfloat16 if a.dtype == "bf16" else torch.float16
@@ -238,21 +233,14 @@ def main() -> None:
             torch.cuda.empty_cache()
         del sets
         torch.cuda.empty_cache()
-    chain = layer_chain(Ms, base, a.chain_chunks) if a.chain else []
+    chain = layer_chain(Ms, base) if a.chain else []
     info["elapsed_s"] = round(time.time() - t_start)
     with open(os.path.join(a.out, "gpu_kernels.json"), "w") as f:
         json.dump({"info": info, "rows": rows, "layer_chain": chain}, f, indent=1)
     summarize(rows, Ms)
 
 
-def _default_in_chunks(chunks: int):
-    def cfg(x, kw):
-        d = default_config(x.shape[0], kw, x.device, x.dtype)
-        return replace(d, chunks=chunks) if d.kind == "dequant" else d
-    return cfg
-
-
-def layer_chain(Ms: list[int], base: dict, chunk_counts: list[int] = ()) -> list[dict]:
+def layer_chain(Ms: list[int], base: dict) -> list[dict]:
     """One graph replays qkv -> o -> gate_up -> down (as in a decoder layer, inputs fixed) over 3
     distinct layers of weights (~315 MB of INT4, 1.2 GB fp16): the four linears back to back, so
     launch gaps and any overlap between consecutive kernels count as they would in a model."""
@@ -261,8 +249,6 @@ def layer_chain(Ms: list[int], base: dict, chunk_counts: list[int] = ()) -> list
     methods = {"fp16_cublas": base["fp16_cublas"], "awq_default": base["awq_default"],
                "awq_default_no_pdl": m_awq(lambda x, kw: replace(default_config(x.shape[0], kw, x.device, x.dtype),
                                                                 pdl=False))}
-    for c in chunk_counts:  # only where the default is dequantise + cuBLAS
-        methods[f"awq_default_chunks{c}"] = m_awq(_default_in_chunks(c))
     if "gemlite_a16w4" in base:
         methods["gemlite_a16w4"] = base["gemlite_a16w4"]
     out = []

@@ -32,7 +32,6 @@ from .triton_w4 import (
 from .workspace import WORKSPACE
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "257"))  # tile_t up to 256 rows (run AM)
-DEQUANT_CHUNKS = int(os.environ.get("AWQCONV_DEQUANT_CHUNKS", "1"))  # default column chunks from DEQUANT_MIN_M
 # the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
 _PTX = torch.version.cuda is not None or _INTERPRET
 
@@ -52,7 +51,6 @@ class KernelConfig:
     # (tile_t: stages of its cp.async ring, 1 = none)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
-    chunks: int = 1  # dequant: column chunks; on CUDA chunk j + 1 dequantises on a side stream during chunk j's GEMM
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -68,7 +66,7 @@ def _n_sm(device: torch.device) -> int:
     return 4
 
 
-_DEQUANT = KernelConfig("dequant", block_n=256, kc=32, chunks=DEQUANT_CHUNKS)  # dequantize()'s tile (run AJ)
+_DEQUANT = KernelConfig("dequant", block_n=256, kc=32)  # dequantize()'s tile (run AJ, notes)
 
 
 def cuda_core_gemv_config(m: int, kw: KernelWeight) -> KernelConfig:
@@ -121,61 +119,20 @@ def _split_for(cfg: KernelConfig, n_tiles: int, K: int, device: torch.device) ->
 
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None,
-               config: KernelConfig | None = None, cols: tuple[int, int] | None = None) -> Tensor:
+               config: KernelConfig | None = None) -> Tensor:
     """Dense ``W [K, N]`` in ``dtype`` (bit-equal to ``PackedLinear.dequantize(dtype).t()``).
     ``config`` (kind "dequant"): tile ``kc`` x ``block_n`` (``expand``: each word loaded once, when
-    ``kc`` divides the group), warps; default ``default_config``'s. ``cols = (n0, n1)``: only those
-    output columns, written into ``out[:, n0:n1]``."""
+    ``kc`` divides the group), warps; default ``default_config``'s."""
     K, N = kw.in_features, kw.out_features
     if out is None:
         out = torch.empty(K, N, dtype=dtype, device=kw.qw.device)
-    n0, n1 = cols or (0, N)
     cfg = config or _DEQUANT
     bk, bn = cfg.kc, cfg.block_n
     expand = cfg.expand and kw.group_size % bk == 0 and bk % 8 == 0
-    grid = (triton.cdiv(K, bk), triton.cdiv(n1 - n0, bn))
-    w4_dequant_kernel[grid](kw.qw[:, n0:], kw.scales[:, n0:], kw.zeros[:, n0:], out[:, n0:], n1 - n0, K,
-                            kw.group_size, N, out.stride(0), BLOCK_K=bk, BLOCK_N=bn, EXPAND=expand,
-                            num_warps=cfg.num_warps)
+    grid = (triton.cdiv(K, bk), triton.cdiv(N, bn))
+    w4_dequant_kernel[grid](kw.qw, kw.scales, kw.zeros, out, N, K, kw.group_size, BLOCK_K=bk, BLOCK_N=bn,
+                            EXPAND=expand, num_warps=cfg.num_warps)
     return out
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1)
-    return _SIDE_STREAMS[device]
-
-
-def column_chunks(n: int, chunks: int, align: int) -> list[tuple[int, int]]:
-    """``chunks`` column ranges of ``n`` of about equal width, each a multiple of ``align`` but the last."""
-    width = triton.cdiv(triton.cdiv(n, max(1, chunks)), align) * align
-    return [(n0, min(n0 + width, n)) for n0 in range(0, n, width)]
-
-
-def dequant_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> Tensor:
-    """``x @ W`` by dequantising W (Triton) and multiplying with cuBLAS, over ``cfg.chunks`` column
-    chunks. On CUDA the chunks after the first dequantise on a side stream while cuBLAS multiplies
-    the chunk before, so the memory-bound dequantisation runs under the compute-bound GEMM."""
-    K, N = kw.in_features, kw.out_features
-    w = torch.empty(K, N, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
-    spans = column_chunks(N, cfg.chunks, cfg.block_n)
-    side = _side_stream(x.device) if x.is_cuda and len(spans) > 1 else None
-    if side is not None:
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)  # x, y and w are main's: the side stream starts after their producers
-    for n0, n1 in spans:
-        if side is None:
-            dequantize(kw, x.dtype, w, cfg, (n0, n1))
-        else:
-            with torch.cuda.stream(side):
-                dequantize(kw, x.dtype, w, cfg, (n0, n1))
-            main.wait_stream(side)  # this chunk's GEMM after its dequantisation; the last wait joins
-        torch.mm(x, w[:, n0:n1], out=y[:, n0:n1])  # column views: cuBLAS takes the row stride N
-    return y if kw.bias is None else y.add_(kw.bias)
 
 
 @dataclass
@@ -249,7 +206,9 @@ def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -
         x = x.contiguous()
     cfg = config or default_config(x.shape[0], kw, x.device, x.dtype)
     if cfg.kind == "dequant":
-        return dequant_matmul(x, kw, cfg)
+        w = dequantize(kw, x.dtype, config=cfg)
+        y = torch.matmul(x, w)
+        return y if kw.bias is None else y.add_(kw.bias)
     return plan_matmul(x, kw, cfg)()
 
 

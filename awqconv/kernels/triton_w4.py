@@ -527,12 +527,10 @@ def w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
-def w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, LD, LDW,
+def w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EXPAND: tl.constexpr = True):
     """Dense W [K, N] = (q - z) * s computed in fp32 and rounded once to the output dtype.
 
-    N columns of operands whose rows are LD apart (words, scales, zeros) and of an output whose
-    rows are LDW apart: a column slice of a wider weight dequantises in place of its slice.
     EXPAND (BLOCK_K divides G): each packed word is loaded once and expanded to its 8 rows, and the
     tile's one row of scales and zeros is loaded once; otherwise one (L1-served) word load per
     element and per-row scales."""
@@ -543,9 +541,9 @@ def w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, LD, LDW,
     if EXPAND:
         k0 = pid_k * BLOCK_K
         rw = tl.arange(0, BLOCK_K // 8)
-        w = tl.load(qw_ptr + (k0 // 8 + rw)[:, None] * LD + rn[None, :], mask=mn[None, :], other=0)
+        w = tl.load(qw_ptr + (k0 // 8 + rw)[:, None] * N + rn[None, :], mask=mn[None, :], other=0)
         q = tl.reshape(_nibbles_f32(w[:, None, :], _nibble_shift(tl.arange(0, 8))[None, :, None]), (BLOCK_K, BLOCK_N))
-        g = (k0 // G) * LD + rn
+        g = (k0 // G) * N + rn
         s = tl.load(s_ptr + g, mask=mn, other=0.0).to(tl.float32)[None, :]
         z = tl.load(z_ptr + g, mask=mn, other=0).to(tl.float32)[None, :]
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -553,10 +551,10 @@ def w4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G, LD, LDW,
     else:
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rk < K)[:, None] & mn[None, :]
-        w = tl.load(qw_ptr + (rk // 8)[:, None] * LD + rn[None, :], mask=mask, other=0)
+        w = tl.load(qw_ptr + (rk // 8)[:, None] * N + rn[None, :], mask=mask, other=0)
         q = (w >> _nibble_shift(rk % 8)[:, None]) & 15
-        g = (rk // G)[:, None] * LD + rn[None, :]
+        g = (rk // G)[:, None] * N + rn[None, :]
         s = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32)
-    tl.store(w_ptr + rk[:, None] * LDW + rn[None, :], _round_to((q.to(tl.float32) - z) * s, w_ptr.dtype.element_ty),
+    tl.store(w_ptr + rk[:, None] * N + rn[None, :], _round_to((q.to(tl.float32) - z) * s, w_ptr.dtype.element_ty),
              mask=mask)

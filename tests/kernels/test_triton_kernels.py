@@ -179,36 +179,6 @@ def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g, kc, bn, expand
     assert torch.equal(w, p.dequantize(dtype).t())
 
 
-def test_dequant_column_slice_writes_only_its_columns(make_packed):
-    """``cols`` dequantises a column slice of a wider weight into the same columns of ``out`` (row
-    stride N on both sides) and leaves the other columns alone; tolerance zero."""
-    p = make_packed(600, 64, 32, seed=11)
-    kw = KernelWeight.from_packed(p)
-    out = torch.full((64, 600), 7.0).half()
-    dequantize(kw, torch.float16, out, KernelConfig("dequant", block_n=128, kc=32), cols=(256, 520))
-    ref = p.dequantize(torch.float16).t()
-    assert torch.equal(out[:, 256:520], ref[:, 256:520])
-    assert (out[:, :256] == 7).all() and (out[:, 520:] == 7).all()
-
-
-@pytest.mark.parametrize("n,chunks,bn", [(600, 3, 128), (600, 1, 256), (72, 4, 32), (40, 8, 32)])
-def test_dequant_matmul_in_column_chunks(make_packed, n, chunks, bn):
-    """Dequantise + matmul over column chunks (on the CPU one after another; on CUDA overlapped on a
-    side stream) gives the one-chunk result (TOL 2e-3 abs: the BLAS may block narrower GEMMs
-    differently) and the reference (TOL fp16); chunk bounds cover N once, aligned to the tile."""
-    from awqconv.kernels import ops
-
-    spans = ops.column_chunks(n, chunks, bn)
-    assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    assert all(n0 % bn == 0 for n0, _ in spans) and len(spans) <= chunks
-    p = make_packed(n, 128, 64, bias=True, seed=n + chunks)
-    kw = KernelWeight.from_packed(p)
-    x = torch.randn(5, 128).half()
-    y = w4_matmul(x, kw, KernelConfig("dequant", block_n=bn, kc=32, chunks=chunks))
-    torch.testing.assert_close(y, w4_matmul(x, kw, KernelConfig("dequant", block_n=bn, kc=32)), rtol=0, atol=2e-3)
-    _check(y, _reference(x, p), torch.float16)
-
-
 @pytest.mark.parametrize("m", [1, 4, 9, 40, 130, 600])
 def test_default_dispatch(make_packed, m):
     """The default config of every M bucket (fp16x2 GEMV, transposed tile at BM 16/64/128, dequant +
