@@ -6,7 +6,7 @@ its logits against the same runtime with dequantised fp16 weights, then times gr
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
-       [--bf16 [--fp32-gemv-compare]] [--host-compare]
+       [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
 one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AQ.)
 """
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 scales and activations (default fp16)")
     ap.add_argument("--fp32-gemv-compare", action="store_true",
                     help="with --bf16: also time one-row linears on the fp32 CUDA-core GEMV")
+    ap.add_argument("--x16-compare", action="store_true",
+                    help="with --bf16: also time with the GEMV inputs handed over as bf16 (no X16; the GEMV converts)")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -202,6 +204,11 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_fp32_gemv", n, 256, 2048))
         ops.default_config = keep
+    if a.x16_compare:  # each one-row GEMV converts its bf16 input itself (the path before X16)
+        keep, dec.fused.x16 = dec.fused.x16, False  # read at every forward: a new Generator recaptures
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4_no_x16", n, 256, 2048))
+        dec.fused.x16 = keep
     if a.pdl_compare:
         from awqconv.kernels import launch
 

@@ -20,7 +20,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import pdl_launch, pdl_start, pdl_wait
+from .triton_w4 import x16_from_f32
 from .workspace import WORKSPACE
+from .x16 import X16
 
 MAX_SPLIT = 32
 MAX_BLOCK_S = 128
@@ -52,12 +54,22 @@ def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc):
 
 
 @triton.jit
+def _store_out(ptrs, o, mask, X16: tl.constexpr):
+    if X16:
+        tl.store(ptrs, x16_from_f32(o), mask=mask)
+    else:
+        tl.store(ptrs, o.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_ptr, cnt_ptr,
                             S, CHUNK, N_SPLIT, H, GROUP, scale,
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                            SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False):
-    """EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
+                            SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+                            X16: tl.constexpr = False):
+    """X16: the output (bf16 values) is stored as fp16 o / 16 for the o projection's GEMV (x16.py).
+    EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
     which the previous kernel (RoPE + cache write, alone or in the QKV GEMV) just stored, is read
     again after the wait."""
@@ -92,7 +104,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
         m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
     if SPLIT_P2 == 1:
-        tl.store(o_ptr + bh * D + rd, (acc / l_i).to(o_ptr.dtype.element_ty), mask=md)
+        _store_out(o_ptr + bh * D + rd, acc / l_i, md, X16)
     else:
         W: tl.constexpr = BLOCK_D + 2  # one parked row: accumulator, max, sum
         row = ws_ptr + (bh * SPLIT_P2 + sp) * W
@@ -111,14 +123,14 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
             m_all = tl.max(ms_, axis=0)
             w = tl.exp(ms_ - tl.where(m_all == float("-inf"), 0.0, m_all))
             out = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls_ * w, axis=0)
-            tl.store(o_ptr + bh * D + rd, out.to(o_ptr.dtype.element_ty), mask=md)
+            _store_out(o_ptr + bh * D + rd, out, md, X16)
             tl.atomic_xchg(cnt_ptr + bh, 0)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(D) + bias) v for one query token.
+                     num_warps: int | None = None, x16: bool = False) -> Tensor | X16:
+    """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
     last dim); ``bias [B, 1, 1, S]`` additive, last dim contiguous. Returns ``[B, H, 1, D]``.
@@ -150,10 +162,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
     block_d = triton.next_power_of_2(D)
     ws, cnt = WORKSPACE.get(q.device, B * H * split_p2 * (block_d + 2), B * H)
-    out = torch.empty_like(q)
+    if x16 and q.dtype != torch.bfloat16:
+        raise TypeError(f"X16 output needs bf16 attention, got {q.dtype}")
+    out = torch.empty_like(q, dtype=torch.float16 if x16 else q.dtype)
     decode_attention_kernel[(B * H, n_split)](
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
-        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early,
+        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
         num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device))
-    return out
+    return X16(out) if x16 else out

@@ -10,6 +10,8 @@ the activations' dtype (the values the plain GEMV would store) and then:
   - gate/up + SiLU (``gate_up_silu``): the runs are gate j and up j of the fused gate_up output; the
     tile stores silu(gate) * up, rounded as norm_act.silu_mul does.
 The fused output itself is never stored. One fp16 or bf16 row only, and tile-aligned shapes (``fits``).
+A bf16 row may come as an ``X16`` (x16.py, fp16 x / 16 written by the producer); then the SiLU
+epilogue writes its output as an ``X16`` too, for the down projection's GEMV.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from torch import Tensor
 from .launch import pdl_launch
 from .launch import pdl_start as _pdl_start
 from .layout import KernelWeight
-from .triton_w4 import _gemv_f16x2_loop, _gemv_f16x2_unscale, _merged, _rearm
+from .triton_w4 import (
+    _gemv_f16x2_loop,
+    _gemv_f16x2_unscale,
+    _merged,
+    _rearm,
+    x16_from_f32,
+)
+from .x16 import X16
 
 BLOCK_N = 64  # the decode GEMV's tile (ops.default_config, M = 1): two runs of 32 columns
 
@@ -30,9 +39,10 @@ BLOCK_N = 64  # the decode GEMV's tile (ops.default_config, M = 1): two runs of 
 @triton.jit
 def _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, first, second, N, K, G, K_SPLIT, SPLIT_K,
                BLOCK_N: tl.constexpr, KC: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-               USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
+               USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, X16: tl.constexpr):
     """The GEMV over columns first + [0, P) and second + [0, P) (P = BLOCK_N / 2): (last, x1, x2), the
-    two runs' values rounded to x's dtype, as fp32 [P], meaningful in the program that completes the tile."""
+    two runs' values rounded to the activations' dtype (bf16 for ``X16`` input), as fp32 [P],
+    meaningful in the program that completes the tile."""
     P: tl.constexpr = BLOCK_N // 2
     t = tl.program_id(0)
     pid_k = tl.program_id(2)
@@ -41,11 +51,12 @@ def _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, first, secon
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
                             BLOCK_N, KC, 1, USE_ASM, USE_PDL)
-    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0)
+    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty, X16) * tl.sum(acc2, axis=0)
     last, tot = _merged(acc[None, :], tl.arange(0, 1), rn, 1, N, ws_ptr, cnt_ptr, t, pid_k, SPLIT_K, SPLIT_P2)
     if HAS_BIAS:  # (only the completing program's tot is used; the others' loads are L2 hits)
         tot += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    y = tl.reshape(tot.to(x_ptr.dtype.element_ty).to(tl.float32), (BLOCK_N,))  # what the plain GEMV would store
+    adt: tl.constexpr = tl.bfloat16 if X16 else x_ptr.dtype.element_ty
+    y = tl.reshape(tot.to(adt).to(tl.float32), (BLOCK_N,))  # what the plain GEMV would store
     x1, x2 = tl.split(tl.trans(tl.reshape(y, (2, P))))
     return last, x1, x2
 
@@ -55,7 +66,8 @@ def w4_gemv_rope_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr,
                         cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                         N, K, G, K_SPLIT, SPLIT_K, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs,
                         HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr, SPLIT_P2: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False,
+                        X16: tl.constexpr = False):
     _pdl_start(USE_PDL)
     P: tl.constexpr = BLOCK_N // 2
     HALF: tl.constexpr = HEAD_D // 2
@@ -64,7 +76,7 @@ def w4_gemv_rope_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr,
     i0 = (t % (HALF // P)) * P
     last, x1, x2 = _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, head * HEAD_D + i0,
                               head * HEAD_D + HALF + i0, N, K, G, K_SPLIT, SPLIT_K, BLOCK_N, KC, SPLIT_P2, HAS_BIAS,
-                              USE_ASM, USE_PDL)
+                              USE_ASM, USE_PDL, X16)
     if last:
         i = i0 + tl.arange(0, P)
         c1 = tl.load(cos_ptr + i).to(tl.float32)
@@ -92,16 +104,20 @@ def w4_gemv_rope_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr,
 def w4_gemv_silu_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, act_ptr,
                         N, K, G, K_SPLIT, SPLIT_K, I,
                         BLOCK_N: tl.constexpr, KC: tl.constexpr, SPLIT_P2: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
+                        HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False,
+                        X16: tl.constexpr = False):
     _pdl_start(USE_PDL)
     P: tl.constexpr = BLOCK_N // 2
     j0 = tl.program_id(0) * P
     last, g, u = _pair_tile(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, ws_ptr, cnt_ptr, j0, I + j0, N, K, G, K_SPLIT,
-                            SPLIT_K, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, USE_ASM, USE_PDL)
+                            SPLIT_K, BLOCK_N, KC, SPLIT_P2, HAS_BIAS, USE_ASM, USE_PDL, X16)
     if last:
-        dt = act_ptr.dtype.element_ty
+        dt: tl.constexpr = tl.bfloat16 if X16 else act_ptr.dtype.element_ty
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(act_ptr + j0 + tl.arange(0, P), (a * u).to(dt))
+        if X16:  # the down projection's input, already as fp16 x / 16
+            tl.store(act_ptr + j0 + tl.arange(0, P), x16_from_f32(a * u))
+        else:
+            tl.store(act_ptr + j0 + tl.arange(0, P), (a * u).to(dt))
         _rearm(cnt_ptr, tl.program_id(0), SPLIT_P2)
 
 
@@ -115,21 +131,25 @@ def glu_shape_ok(splits: tuple[int, ...]) -> bool:
     return len(splits) == 2 and splits[0] == splits[1] and splits[0] % (BLOCK_N // 2) == 0
 
 
-def fits(kw: KernelWeight, x: Tensor) -> bool:
-    """Whether the fused kernels can take ``x``: one fp16 or bf16 row whose default kernel is the
-    inline-PTX GEMV with the tile width these kernels pair up."""
+def fits(kw: KernelWeight, x: Tensor | X16) -> bool:
+    """Whether the fused kernels can take ``x``: one fp16 or bf16 (or ``X16``) row whose default
+    kernel is the inline-PTX GEMV with the tile width these kernels pair up."""
     from .ops import _PTX, default_config
 
+    x = x.t if isinstance(x, X16) else x
     cfg = default_config(1, kw, x.device, x.dtype)
     return x.shape[0] == 1 and cfg.kind == "gemv_f16x2" and cfg.block_n == BLOCK_N and _PTX
 
 
-def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tuple, **constexprs) -> None:
+def _launch(kernel, x: Tensor | X16, kw: KernelWeight, outputs: tuple, shape_args: tuple, **constexprs) -> None:
     """Run ``kernel`` over the N / BLOCK_N tiles with the default decode config's split-K: arguments
     (inputs, weight, scratch, ``outputs``, sizes and split, ``shape_args``, constexprs)."""
     from .launch import INTERPRET
     from .ops import _PTX, _split_for, default_config
     from .workspace import WORKSPACE
+
+    if isinstance(x, X16):
+        x, constexprs = x.t, {**constexprs, "X16": True}
 
     N, K = kw.out_features, kw.in_features
     if x.data_ptr() % 16 or not x.is_contiguous():  # read as aligned int32 pairs: odd views get a copy
@@ -146,28 +166,34 @@ def _launch(kernel, x: Tensor, kw: KernelWeight, outputs: tuple, shape_args: tup
         **constexprs, **pdl_launch(x.device, cfg.pdl))
 
 
-def qkv_rope(x: Tensor, kw: KernelWeight, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+def qkv_rope(x: Tensor | X16, kw: KernelWeight, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
     """``x [1, K]`` through the fused QKV weight, then RoPE and the cache write: returns rotated q as
     ``[1, n_heads, 1, head_dim]`` and stores rotated k and v at ``slot`` (int64 [1], on the device) of
     ``k_cache, v_cache [1, n_kv, S, head_dim]``. ``cos, sin``: this token's ``[head_dim]`` (any view
-    with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``."""
+    with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``
+    (an ``X16`` row: those of its bf16 row, q in bf16)."""
     if not rope_shape_ok(kw.out_features, n_heads, n_kv, head_dim):
         raise ValueError(f"qkv_rope: {kw.out_features} outputs are not {n_heads} + 2 x {n_kv} heads of "
                          f"{head_dim} in whole tiles")
-    q = torch.empty(1, n_heads, 1, head_dim, dtype=x.dtype, device=x.device)
+    dt = torch.bfloat16 if isinstance(x, X16) else x.dtype
+    q = torch.empty(1, n_heads, 1, head_dim, dtype=dt, device=k_cache.device)
     _launch(w4_gemv_rope_kernel, x, kw, (cos, sin, q, k_cache, v_cache, slot),
             (n_heads, n_kv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2)),
             HEAD_D=head_dim)
     return q
 
 
-def gate_up_silu(x: Tensor, kw: KernelWeight) -> Tensor:
+def gate_up_silu(x: Tensor | X16, kw: KernelWeight) -> Tensor | X16:
     """``x [1, K]`` through the fused [gate; up] weight, then silu(gate) * up: ``[1, I]``. Same values
-    as ``w4_matmul`` followed by ``norm_act.silu_mul``."""
+    as ``w4_matmul`` followed by ``norm_act.silu_mul``; for an ``X16`` row, an ``X16`` of them."""
     inter = kw.out_features // 2
     if not glu_shape_ok((inter, kw.out_features - inter)):
         raise ValueError(f"gate_up_silu: {kw.out_features} outputs are not two halves of whole half-tiles")
+    if isinstance(x, X16):
+        act = torch.empty(1, inter, dtype=torch.float16, device=x.t.device)
+        _launch(w4_gemv_silu_kernel, x, kw, (act,), (inter,))
+        return X16(act)
     act = torch.empty(1, inter, dtype=x.dtype, device=x.device)
     _launch(w4_gemv_silu_kernel, x, kw, (act,), (inter,))
     return act

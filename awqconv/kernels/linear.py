@@ -2,7 +2,8 @@
 
 CUDA runs the Triton kernels over the kernel layout (``ops.w4_matmul``); the CPU uses the path in
 ``cpu.py`` (``DEFAULT_CPU_PATH``). ``forward`` returns the fused output; ``split`` cuts it back into
-the original projections. Construct with ``Int4Linear.from_packed([q, k, v], device=..., dtype=...)``.
+the original projections. The one-row paths also take an ``X16`` row (x16.py: bf16 activations
+already converted for the fp16x2 GEMV); anything else gets its bf16 row back. Construct with ``Int4Linear.from_packed([q, k, v], device=..., dtype=...)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from ..packed import PackedLinear
 from .cpu import DEFAULT_CPU_PATH, make_cpu_linear
 from .layout import KernelWeight, supports
+from .x16 import X16
 
 
 class Int4Linear(nn.Module):
@@ -50,7 +52,14 @@ class Int4Linear(nn.Module):
                            for p in parts]).to(device)
         return cls(None, None, splits, k, dense=w, bias=b)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | X16) -> Tensor:
+        if isinstance(x, X16):
+            x2 = self._one_row(x)
+            if x2 is None:
+                return self.forward(x.bf16())
+            from .ops import w4_matmul
+
+            return w4_matmul(x2, self.kw).view(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if self.kw is not None:
@@ -65,7 +74,7 @@ class Int4Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self.dense, self.dense_bias)
         return y.reshape(*lead, self.out_features)
 
-    def rope_qkv(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
+    def rope_qkv(self, x: Tensor | X16, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
                  n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
         """For one token (``x`` [1, 1, K]), this fused QKV projection with RoPE and the KV-cache write
         in one kernel (gemv_fused.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
@@ -80,9 +89,10 @@ class Int4Linear(nn.Module):
         return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
                         head_dim)
 
-    def silu_gate_up(self, x: Tensor) -> Tensor | None:
+    def silu_gate_up(self, x: Tensor | X16) -> Tensor | X16 | None:
         """For one token (``x`` [1, 1, K]), silu(gate) * up [1, 1, I] of this fused [gate; up]
-        projection in one kernel (gemv_fused.py); None where that kernel does not apply."""
+        projection in one kernel (gemv_fused.py; an ``X16`` in, an ``X16`` out); None where that
+        kernel does not apply."""
         x2 = self._one_row(x)
         if x2 is None:
             return None
@@ -92,13 +102,14 @@ class Int4Linear(nn.Module):
             return None
         return gate_up_silu(x2, self.kw).view(1, 1, -1)
 
-    def _one_row(self, x: Tensor) -> Tensor | None:
+    def _one_row(self, x: Tensor | X16) -> Tensor | X16 | None:
         """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None."""
-        if self.kw is None or x.numel() != self.in_features:  # (kernel weights exist only where Triton runs)
+        t = x.t if isinstance(x, X16) else x
+        if self.kw is None or t.numel() != self.in_features:  # (kernel weights exist only where Triton runs)
             return None
         from .gemv_fused import fits
 
-        x2 = x.reshape(1, -1)
+        x2 = x.view(1, -1) if isinstance(x, X16) else x.reshape(1, -1)
         return x2 if fits(self.kw, x2) else None
 
     def split(self, y: Tensor) -> tuple[Tensor, ...]:

@@ -4,7 +4,8 @@ On the GPU runtime they sit between the INT4 GEMVs; being Triton kernels they ta
 programmatic-dependent-launch chain (launch.py), so each one's launch overlaps the kernel before.
 Rounding follows the torch reference in runtime/model.py step for step: the residual sum is rounded
 to the activation dtype, the normalised row is rounded before the weight multiply, SiLU is rounded
-before the multiply by ``up``.
+before the multiply by ``up``. With ``x16`` the normalised row (bf16) is written as an ``X16``
+(x16.py) for the one-row GEMV that reads it.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import pdl_launch, pdl_start, pdl_wait
+from .triton_w4 import x16_from_f32
+from .x16 import X16
 
 
 @triton.jit
 def rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, y_ptr, H, eps,
-                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
+                    X16: tl.constexpr = False):
     """One row per program: s = x (+ r), written to ``sum_ptr`` when there is a residual;
-    y = w * (s * rsqrt(mean(s^2) + eps))."""
+    y = w * (s * rsqrt(mean(s^2) + eps)), rounded to x's dtype (``X16``: then stored as fp16 y / 16)."""
     pdl_start(USE_PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     m = c < H
     w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)  # a constant: read before the wait
     pdl_wait(USE_PDL)
-    dt = y_ptr.dtype.element_ty
+    dt = x_ptr.dtype.element_ty
     s = tl.load(x_ptr + row * H + c, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         s = (s + tl.load(r_ptr + row * H + c, mask=m, other=0.0).to(tl.float32)).to(dt)
@@ -36,7 +40,10 @@ def rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, y_ptr, H, eps,
         s = s.to(tl.float32)
     inv = 1.0 / tl.sqrt_rn(tl.sum(s * s, axis=0) / H + eps)
     y = (s * inv).to(dt).to(tl.float32)
-    tl.store(y_ptr + row * H + c, (w * y).to(dt), mask=m)
+    if X16:
+        tl.store(y_ptr + row * H + c, x16_from_f32(w * y), mask=m)
+    else:
+        tl.store(y_ptr + row * H + c, (w * y).to(dt), mask=m)
 
 
 @triton.jit
@@ -63,25 +70,32 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """``w * rmsnorm(x)`` over the last dim (the runtime's ``_rms_norm``)."""
+def _normed(x2: Tensor, x16: bool) -> tuple[Tensor, dict]:
+    """The normalised rows' buffer and the kernel's X16 switch (``x16`` needs bf16 rows)."""
+    if x16 and x2.dtype != torch.bfloat16:
+        raise TypeError(f"X16 output needs bf16 activations, got {x2.dtype}")
+    return torch.empty(x2.shape, dtype=torch.float16 if x16 else x2.dtype, device=x2.device), {"X16": x16}
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float, x16: bool = False) -> Tensor | X16:
+    """``w * rmsnorm(x)`` over the last dim (the runtime's ``_rms_norm``); ``x16``: as an ``X16``."""
     x2 = _rows(x)
-    y = torch.empty_like(x2)
+    y, flag = _normed(x2, x16)
     H = x2.shape[1]
     rms_norm_kernel[(x2.shape[0],)](x2, x2, w, y, y, H, eps, HAS_RES=False, BLOCK=triton.next_power_of_2(H),
-                                    num_warps=_warps(H), **pdl_launch(x.device))
-    return y.view(x.shape)
+                                    num_warps=_warps(H), **flag, **pdl_launch(x.device))
+    return X16(y.view(x.shape)) if x16 else y.view(x.shape)
 
 
-def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``(x + r, w * rmsnorm(x + r))`` (the runtime's ``_add_rms_norm``)."""
+def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False) -> tuple[Tensor, Tensor | X16]:
+    """``(x + r, w * rmsnorm(x + r))`` (the runtime's ``_add_rms_norm``); ``x16``: the second as an ``X16``."""
     x2, r2 = _rows(x), _rows(r)
     s = torch.empty_like(x2)
-    y = torch.empty_like(x2)
+    y, flag = _normed(x2, x16)
     H = x2.shape[1]
     rms_norm_kernel[(x2.shape[0],)](x2, r2, w, s, y, H, eps, HAS_RES=True, BLOCK=triton.next_power_of_2(H),
-                                    num_warps=_warps(H), **pdl_launch(x.device))
-    return s.view(x.shape), y.view(x.shape)
+                                    num_warps=_warps(H), **flag, **pdl_launch(x.device))
+    return s.view(x.shape), (X16(y.view(x.shape)) if x16 else y.view(x.shape))
 
 
 def silu_mul(g: Tensor, u: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from .triton_w4 import (
     w4_gemv_kernel,
 )
 from .workspace import WORKSPACE
+from .x16 import X16
 
 DEQUANT_MIN_M = int(os.environ.get("AWQCONV_DEQUANT_MIN_M", "257"))  # tile_t up to 256 rows (run AM)
 # the fp16x2 kernels' inner loop is inline PTX: NVIDIA only (ROCm builds keep the plain-Triton kernels)
@@ -150,11 +151,14 @@ class MatmulLaunch:
         return self.y
 
 
-def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> MatmulLaunch:
+def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = False) -> MatmulLaunch:
     """The launch ``w4_matmul`` makes for a tile kind (not "dequant"): kernel, grid, arguments,
     constexprs, and the output it writes. Benchmarks reuse it to launch the same kernel otherwise
-    compiled (benchmarks/gpu_aot_triton.py)."""
+    compiled (benchmarks/gpu_aot_triton.py). ``x16``: ``x`` is an ``X16``'s fp16 x / 16 (one row,
+    the fp16x2 GEMV), the output bf16."""
     M, K = x.shape
+    if x16 and (cfg.kind != "gemv_f16x2" or cfg.block_m != 1 or x.dtype != torch.float16):
+        raise ShapeError(f"X16 activations take the one-row fp16x2 GEMV, not {cfg.kind} x {cfg.block_m} rows")
     N = kw.out_features
     g = kw.group_size
     kc = cfg.kc
@@ -173,7 +177,7 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> MatmulLaunch:
     n_tiles_n = triton.cdiv(N, cfg.block_n)
     n_tiles_m = triton.cdiv(M, bm)
     split, k_split = _split_for(cfg, n_tiles_n * n_tiles_m, K, x.device)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=torch.bfloat16 if x16 else x.dtype, device=x.device)
     ws, cnt = WORKSPACE.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel, "tile_t": w4_tile_t_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
@@ -183,6 +187,8 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> MatmulLaunch:
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
+        if x16:
+            extra["X16"] = True
     else:
         extra = {"LATE_REDUCE": cfg.late_reduce and bm == 1}
     if _INTERPRET and cfg.kind in ("gemm", "tile_t"):
@@ -198,13 +204,19 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig) -> MatmulLaunch:
     return MatmulLaunch(kernel, (n_tiles_n, n_tiles_m, split), args, meta, y)
 
 
-def w4_matmul(x: Tensor, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:
-    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16), W the INT4 weight in kernel layout."""
+def w4_matmul(x: Tensor | X16, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:
+    """``y = x @ W + b`` for 2-D ``x [M, K]`` (fp16 or bf16; or one ``X16`` row, giving bf16), W the
+    INT4 weight in kernel layout."""
+    x16 = isinstance(x, X16)
+    if x16:
+        x = x.t
     if x.dim() != 2 or x.shape[1] != kw.in_features:
         raise ShapeError(f"w4_matmul: x must be [M, {kw.in_features}], got {tuple(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or default_config(x.shape[0], kw, x.device, x.dtype)
+    if x16:
+        return plan_matmul(x, kw, cfg, x16=True)()
     if cfg.kind == "dequant":
         w = dequantize(kw, x.dtype, config=cfg)
         y = torch.matmul(x, w)

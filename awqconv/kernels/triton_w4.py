@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .launch import pdl_start as _pdl_start
 from .launch import pdl_wait as _pdl_wait
+from .x16 import X16_SCALE
 
 
 @triton.jit
@@ -293,7 +294,14 @@ def _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G):
 
 # bf16 activations enter the fp16x2 dot as fp16 pairs of x / 16: the bf16 -> fp16 conversion is then
 # exact for 2^-10 <= |x| < 2^20 (fp16's 11 significant bits hold bf16's 8), so the dot is the fp16 one
-_BF16_X_SCALE = tl.constexpr(0.0625)
+_BF16_X_SCALE = tl.constexpr(X16_SCALE)
+
+
+@triton.jit
+def x16_from_f32(v):
+    """An fp32 activation rounded to bf16, then as the fp16 x / 16 the one-row GEMV reads (x16.py):
+    what a producer kernel stores for an ``X16`` output."""
+    return (v.to(tl.bfloat16).to(tl.float32) * _BF16_X_SCALE).to(tl.float16)
 _BF16_TO_F16X2_ASM = tl.constexpr("""{ .reg .b32 lo, hi;
     shl.b32 lo, $1, 16;
     and.b32 hi, $1, 0xFFFF0000;
@@ -316,10 +324,10 @@ def _bf16x2_to_f16x2(v, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_f16x2_unscale(xdt: tl.constexpr):
+def _gemv_f16x2_unscale(xdt: tl.constexpr, X16: tl.constexpr = False):
     """What the summed fp16x2 word dots are multiplied by: 64 (the weights enter as (q - z) / 64),
-    times 16 for bf16 activations (x / 16)."""
-    if xdt == tl.bfloat16:
+    times 16 for bf16 activations (x / 16, converted here or already by the producer: ``X16``)."""
+    if xdt == tl.bfloat16 or X16:
         return 1024.0
     else:
         return 64.0
@@ -399,8 +407,9 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False):
-    """Decode GEMV (M = 1; fp16, or bf16 read as fp16 x / 16) on packed fp16x2 math
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, X16: tl.constexpr = False):
+    """Decode GEMV (M = 1; fp16, or bf16 read as fp16 x / 16, or with ``X16`` fp16 x / 16 already
+    converted by the producer for a bf16 output) on packed fp16x2 math
     (``_word_dot_f16x2``: about 3.3 SASS instructions per weight against 4.3+ for the fp32 GEMV);
     each word's 8-product sum is rounded to fp16, everything
     above it accumulates in fp32 ([KC/8, BN] per program, one reduction at the end). PREFETCH = 1
@@ -415,7 +424,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
                             BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
-    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty) * tl.sum(acc2, axis=0)
+    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty, X16) * tl.sum(acc2, axis=0)
     rm = tl.arange(0, 1)
     _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
                  SPLIT_P2, HAS_BIAS)

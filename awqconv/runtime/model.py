@@ -4,11 +4,13 @@ Built from a QuantizedModel only: q/k/v and gate/up are fused into one Int4Linea
 embeddings and lm_head come from ``qm.dense`` (HF state-dict keys). Caches are
 ``[B, n_kv, max_len, head_dim]``; a forward writes its T tokens at cache slots ``slot .. slot+T-1``
 (``slot`` a 0-d long tensor so the decode step can be captured in a CUDA graph). ``key_valid [B, max_len]``
-marks real (non-padding) slots; RoPE positions are per row (left-padded batches).
+marks real (non-padding) slots; RoPE positions are per row (left-padded batches). A bf16 decode
+step on the GPU hands each one-row GEMV its input already as fp16 x / 16 (``X16``, kernels/x16.py).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedArchitecture
 from ..kernels.linear import Int4Linear
+from ..kernels.x16 import X16
 from ..model import QuantizedModel
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -70,15 +73,16 @@ def rope_inv_freq(cfg: dict[str, Any]) -> tuple[Tensor, float]:
     return inv.float(), float(scale)
 
 
-def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+def _rms_norm(x: Tensor, w: Tensor, eps: float, x16: bool = False) -> Tensor | X16:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    y = w * xf.to(x.dtype)
+    return X16.of(y) if x16 else y
 
 
-def _add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False) -> tuple[Tensor, Tensor | X16]:
     x = x + r
-    return x, _rms_norm(x, w, eps)
+    return x, _rms_norm(x, w, eps, x16)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -95,18 +99,20 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, slots: Tensor | None = None) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bool = False) -> Tensor | X16:
     """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
     plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
     heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
     additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert it in three
-    small kernels per layer."""
+    small kernels per layer. ``x16``: the one-token output as an ``X16``."""
     if q.shape[2] == 1 and q.is_cuda:
         from ..kernels.decode_attention import (
             decode_attention,  # Triton import only where a GPU path runs
         )
 
-        return decode_attention(q, k, v, bias)
+        return decode_attention(q, k, v, bias, x16=x16)
+    if x16:
+        return X16.of(_attention(q, k, v, bias, gqa))
     if q.device.type != "cpu" or q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
     B, H, T, D = q.shape
@@ -119,14 +125,19 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, slots: 
 
 class _Fused:
     """The small elementwise pieces of a layer: Triton kernels on a GPU (kernels/norm_act.py, one
-    launch each, in the GEMVs' programmatic-dependent-launch chain), plain torch on the CPU."""
+    launch each, in the GEMVs' programmatic-dependent-launch chain), plain torch on the CPU.
+    ``x16``: one-token steps pass bf16 GEMV inputs as ``X16`` (GPU with the inline-PTX GEMV only;
+    AWQCONV_X16=0 turns it off)."""
 
-    def __init__(self, gpu: bool):
+    def __init__(self, gpu: bool, x16: bool = False):
         self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
+        self.x16 = False
         if gpu:
             from ..kernels import norm_act  # Triton import only where a GPU path runs
+            from ..kernels.ops import _PTX
 
             self.norm, self.add_norm, self.silu_mul = norm_act.rms_norm, norm_act.add_rms_norm, norm_act.silu_mul
+            self.x16 = x16 and _PTX and os.environ.get("AWQCONV_X16", "1") not in ("", "0")
 
 
 class RMSNorm(nn.Module):
@@ -153,8 +164,10 @@ class Layer(nn.Module):
         """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, next layer's ln1 input)."""
         s, f = self.spec, self.fused
         B, T, _ = x.shape
+        one = B * T == 1
+        x16 = one and f.x16  # (then h is an X16 too)
         # decode, one row: QKV, RoPE and the cache write in one kernel where it applies (gemv_fused.py)
-        q = self.qkv.rope_qkv(h, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim) if B * T == 1 else None
+        q = self.qkv.rope_qkv(h, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim) if one else None
         if q is None:
             q, k, v = self.qkv.split(self.qkv(h))
             if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
@@ -170,10 +183,10 @@ class Layer(nn.Module):
                 q, k = f.rope(q, k, cos, sin)
                 kc.index_copy_(2, slots, k.to(kc.dtype))
                 vc.index_copy_(2, slots, v.to(vc.dtype))
-        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, slots)
-        x, h = f.add_norm(x, self.o(a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)),
-                          self.ln2.weight, self.ln2.eps)
-        act = self.gate_up.silu_gate_up(h) if B * T == 1 and s.act == "silu" else None  # one kernel, as above
+        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16)
+        a = a.view(B, T, -1) if x16 else a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)
+        x, h = f.add_norm(x, self.o(a), self.ln2.weight, self.ln2.eps, x16=x16)
+        act = self.gate_up.silu_gate_up(h) if one and s.act == "silu" else None  # one kernel, as above
         if act is None:
             gate, up = self.gate_up.split(self.gate_up(h))
             act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
@@ -193,7 +206,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Parameter(lm_head, requires_grad=False) if lm_head is not embed else None
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scale = rope_scale
-        self.fused = _Fused(embed.device.type == "cuda")
+        self.fused = _Fused(embed.device.type == "cuda", x16=embed.dtype == torch.bfloat16)
         for layer in self.layers:
             layer.fused = self.fused
         self.k_cache: list[Tensor] = []
@@ -248,13 +261,14 @@ class Decoder(nn.Module):
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
         x = F.embedding(tokens, self.embed)
-        h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps)
+        x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
+        h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
         for i, layer in enumerate(self.layers):
             x, r = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len)
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             if last_only and nxt is self.norm:
                 x, r = x[:, -1:], r[:, -1:]
-            x, h = self.fused.add_norm(x, r, nxt.weight, nxt.eps)
+            x, h = self.fused.add_norm(x, r, nxt.weight, nxt.eps, x16=x16 and nxt is not self.norm)
         x = h
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head)

@@ -201,6 +201,38 @@ def test_fused_qkv_rope_decode_step_in_interpreter(make_tiny_llama_qm, monkeypat
     assert got.argmax() == want.argmax()
 
 
+def test_bf16_decode_step_hands_x16_to_the_gemvs(make_tiny_llama_qm, monkeypatch):
+    """A bf16 decode step on the GPU code path (interpreter) with the GEMV inputs handed over as
+    X16 (kernels/x16.py): logits equal bit for bit to the same step with bf16 inputs, and X16 rows
+    really reach QKV + RoPE, gate/up + SiLU and the o and down GEMVs, once per layer each."""
+    from awqconv.kernels import gemv_fused, ops
+    from awqconv.kernels.x16 import X16
+
+    seen = []
+    for mod, name in ((gemv_fused, "qkv_rope"), (gemv_fused, "gate_up_silu"), (ops, "w4_matmul")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda x, *a, real=real, name=name, **k:
+                            seen.append((name, isinstance(x, X16))) or real(x, *a, **k))
+    qm = make_tiny_llama_qm(head_dim=64, scale_dtype=torch.bfloat16)
+    ids = torch.tensor([PROMPTS[0]])
+    T = ids.shape[1]
+    logits = {}
+    for x16 in (False, True):
+        dec = build_decoder(qm, "cpu", dtype=torch.bfloat16, mode="triton")
+        dec.fused = _Fused(gpu=True, x16=x16)
+        for layer in dec.layers:
+            layer.fused = dec.fused
+        dec.allocate_cache(1, 16)
+        with torch.no_grad():
+            dec(ids[:, :-1], torch.arange(T - 1)[None], torch.tensor(0), T - 1)
+            seen.clear()
+            logits[x16] = dec(ids[:, -1:], torch.tensor([[T - 1]]), torch.tensor(T - 1), T)[0, -1]
+    n = qm.hf_config["num_hidden_layers"]
+    assert sorted(seen) == sorted([("gate_up_silu", True), ("qkv_rope", True), ("w4_matmul", True)] * n
+                                  + [("w4_matmul", True)] * n)  # o and down
+    assert logits[True].dtype == torch.bfloat16 and torch.equal(logits[True], logits[False])
+
+
 def test_clear_errors(tiny_qm):
     bad = QuantizedModel({**tiny_qm.hf_config, "architectures": ["GPT2LMHeadModel"]}, tiny_qm.quant_config,
                          tiny_qm.linears, tiny_qm.dense)
