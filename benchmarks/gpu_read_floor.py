@@ -8,7 +8,8 @@ For each Llama-2-7B linear shape, under the protocol of gpu_kernels.py (CUDA-gra
             programs/SM striding, two blocks in flight) and stream_big (32 KB per program, 8 warps),
   words   - the GEMV's grid, tile and chunking over the words only (no scales, zeros, activations),
   tiles   - the GEMV's own access pattern (default grid, tile and chunking) with no arithmetic,
-  gemv    - the real fp16x2 GEMV (default config).
+  gemv    - the real fp16x2 GEMV (default config); gemv_partials the same without its split-K
+            merge (partials stored, no ticket); gemv_2k those partials merged by a second PDL kernel.
 If ``tiles`` ~ ``gemv``, the GEMV is bound by how it reads; if ``stream`` ~ ``tiles``, by the read
 volume and the per-kernel cost of this protocol. Usage: python benchmarks/gpu_read_floor.py
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait  # noqa: E402
 from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import _n_sm, default_config, w4_matmul  # noqa: E402
-from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz  # noqa: E402
+from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz, _gemv_f16x2_loop  # noqa: E402
 from awqconv.packed import PackedLinear  # noqa: E402
 from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
 
@@ -106,6 +107,35 @@ def tiles_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, G, K_SPLIT,
     tl.store(out_ptr + pid_k * tl.num_programs(0) + pid_n, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
 
+@triton.jit
+def gemv_partials_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ws_ptr, N, K, G, K_SPLIT,
+                         BLOCK_N: tl.constexpr, KC: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """The GEMV (default grid, tile, loop, PDL) without its split-K merge: each program stores its
+    fp32 partial sums and exits (no ticket, no last-program sum): what the merge costs."""
+    pdl_start(USE_PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * K_SPLIT
+    acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
+                            BLOCK_N, KC, 1, True, USE_PDL)
+    tl.store(ws_ptr + pid_k * N + rn, 64.0 * tl.sum(acc2, axis=0), mask=rn < N)
+
+
+@triton.jit
+def merge_kernel(ws_ptr, y_ptr, N, SPLIT, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr,
+                 USE_PDL: tl.constexpr = False):
+    """The split-K merge as its own PDL kernel after gemv_partials_kernel: sum the partials in a
+    fixed order, store fp16 (the candidate design: no per-program ticket wait in the GEMV)."""
+    pdl_start(USE_PDL)
+    pdl_wait(USE_PDL)
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tot = tl.zeros((BLOCK,), dtype=tl.float32)
+    for kk in tl.static_range(SPLIT_P2):  # all loads in flight, summed in the GEMV's order
+        tot += tl.load(ws_ptr + kk * N + rn, mask=(rn < N) & (rn * 0 + kk < SPLIT), other=0.0)
+    tl.store(y_ptr + rn, tot.to(tl.float16), mask=rn < N)
+
+
 def main() -> None:
     out = {"device": torch.cuda.get_device_name(0), "rows": []}
     for name, (K, N) in SHAPES.items():
@@ -159,21 +189,45 @@ def main() -> None:
             for kw in kws:
                 w4_matmul(x, kw)
 
+        part = torch.empty(split * N, dtype=torch.float32, device=DEV)
+        y16 = torch.empty(N, dtype=torch.float16, device=DEV)
+
+        def gemv_partials():
+            for kw in kws:
+                gemv_partials_kernel[(n_t, 1, split)](x, kw.qw, kw.scales, kw.zeros, part, N, K, G, k_split,
+                                                      BLOCK_N=cfg.block_n, KC=cfg.kc, num_warps=cfg.num_warps,
+                                                      **pdl_launch(DEV))
+
+        def gemv_2k():
+            for kw in kws:
+                gemv_partials_kernel[(n_t, 1, split)](x, kw.qw, kw.scales, kw.zeros, part, N, K, G, k_split,
+                                                      BLOCK_N=cfg.block_n, KC=cfg.kc, num_warps=cfg.num_warps,
+                                                      **pdl_launch(DEV))
+                merge_kernel[(triton.cdiv(N, 128),)](part, y16, N, split, SPLIT_P2=triton.next_power_of_2(split),
+                                                     BLOCK=128, num_warps=4, **pdl_launch(DEV))
+
+        gemv_2k()
+        ref = w4_matmul(x, kws[-1])[0]
+        two_k_ok = bool(torch.equal(y16, ref))  # same partials, same order: the same bits
+
         nbytes = n_words * 4 + kws[0].scales.numel() * 2 + kws[0].zeros.numel()
         row = {"shape": name, "MB": round(nbytes / 1e6, 1)}
         for label, fn, b in [("stream", stream, n_words * 4), ("stream_pdl", stream_pdl, n_words * 4),
                              ("stream_loop", stream_loop, n_words * 4),
                              ("stream_big", stream_big, n_words * 4), ("words", words, n_words * 4),
-                             ("tiles", tiles, nbytes), ("gemv", gemv, nbytes)]:
+                             ("tiles", tiles, nbytes), ("gemv", gemv, nbytes),
+                             ("gemv_partials", gemv_partials, nbytes), ("gemv_2k", gemv_2k, nbytes)]:
             us = time_graph(fn, R)[0]
             row[label + "_us"] = round(us, 2)
             row[label + "_TBps"] = round(b / (us * 1e-6) / 1e12, 2)
+        row["gemv_2k_equal"] = two_k_ok
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
         del kws
         torch.cuda.empty_cache()
     tot = {k: round(sum(r[k] for r in out["rows"]), 1)
-           for k in ("stream_us", "stream_pdl_us", "stream_loop_us", "stream_big_us", "words_us", "tiles_us", "gemv_us")}
+           for k in ("stream_us", "stream_pdl_us", "stream_loop_us", "stream_big_us", "words_us", "tiles_us", "gemv_us",
+                     "gemv_partials_us", "gemv_2k_us")}
     print("one layer (sum of four shapes), us:", tot)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_read_floor.json"), "w") as f:
         json.dump({**out, "layer": tot}, f, indent=1)
