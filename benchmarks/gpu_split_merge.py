@@ -26,13 +26,14 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait  # noqa: E402
-from awqconv.kernels.layout import KernelWeight  # noqa: E402
-from awqconv.kernels.ops import default_config, plan_matmul  # noqa: E402
-from awqconv.kernels.tile_t import _chunk_dot, _load_chunk  # noqa: E402
-from awqconv.kernels.triton_w4 import _tile_index  # noqa: E402
-from awqconv.packed import PackedLinear  # noqa: E402
-from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
+from gpu_kernels import SHAPES, G, time_graph
+
+from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait
+from awqconv.kernels.layout import KernelWeight
+from awqconv.kernels.ops import default_config, plan_matmul
+from awqconv.kernels.tile_t import _chunk_dot, _load_chunk
+from awqconv.kernels.triton_w4 import _tile_index
+from awqconv.packed import PackedLinear
 
 DEV = torch.device("cuda")
 
