@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait  # noqa: E402
 from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import _n_sm, default_config, w4_matmul  # noqa: E402
-from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz, _gemv_f16x2_loop  # noqa: E402
+from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz, gemv_f16x2_slice  # noqa: E402
 from awqconv.packed import PackedLinear  # noqa: E402
 from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
 
@@ -113,13 +113,9 @@ def gemv_partials_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ws_ptr, N, K, G, K_SPLIT,
     """The GEMV (default grid, tile, loop, PDL) without its split-K merge: each program stores its
     fp32 partial sums and exits (no ticket, no last-program sum): what the merge costs."""
     pdl_start(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = pid_k * K_SPLIT
-    acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
-                            BLOCK_N, KC, 1, True, USE_PDL)
-    tl.store(ws_ptr + pid_k * N + rn, 64.0 * tl.sum(acc2, axis=0), mask=rn < N)
+    acc, _, pid_k, rn = gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N, KC, 1, True, USE_PDL,
+                                         False)
+    tl.store(ws_ptr + pid_k * N + rn, acc, mask=rn < N)
 
 
 @triton.jit

@@ -31,8 +31,7 @@ from gpu_kernels import SHAPES, G, time_graph
 from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait
 from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.ops import default_config, plan_matmul
-from awqconv.kernels.tile_t import _chunk_dot, _load_chunk
-from awqconv.kernels.triton_w4 import _tile_index
+from awqconv.kernels.tile_t import tile_t_slice
 from awqconv.packed import PackedLinear
 
 DEV = torch.device("cuda")
@@ -47,21 +46,9 @@ def tile_t_partials_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cn
                            USE_PDL: tl.constexpr = False):
     """w4_tile_t_kernel's loop (same arguments); the partial [BM, BN] is stored and the program exits."""
     pdl_start(USE_PDL)
-    pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
-    rk = tl.arange(0, KC)
-    mm = rm < M
-    mn = rn < N
-    w_ptrs = qw_ptr + tl.arange(0, KC // 8)[None, :] * N + rn[:, None]
-    x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    pdl_wait(USE_PDL)
-    for k0 in tl.range(k_lo, k_hi, KC, num_stages=PREFETCH):
-        w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP)
-        xt = tl.load(x_ptrs + k0, mask=mm[None, :], other=0.0)
-        acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
-    tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], tl.trans(acc), mask=mm[:, None] & mn[None, :])
+    acc, pid_k, rm, rn = tile_t_slice(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, K_SPLIT, stride_xm, BLOCK_M, BLOCK_N, KC,
+                                      GROUP, PREFETCH, DOT_F32, USE_ASM, USE_PDL)
+    tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit

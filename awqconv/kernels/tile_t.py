@@ -103,6 +103,18 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     program; the chunks come through a cp.async ring of PREFETCH stages (1: none). (A one-chunk
     register prefetch instead of the ring ran 119-126 against 85-87 us per layer: notes, runs AC-AD.)"""
     _pdl_start(USE_PDL)
+    acc, pid_k, rm, rn = tile_t_slice(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, K_SPLIT, stride_xm, BLOCK_M, BLOCK_N, KC,
+                                      GROUP, PREFETCH, DOT_F32, USE_ASM, USE_PDL)
+    _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
+                 SPLIT_P2, HAS_BIAS)
+
+
+@triton.jit
+def tile_t_slice(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, K_SPLIT, stride_xm,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr, GROUP: tl.constexpr,
+                 PREFETCH: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
+    """This program's K slice of its tile, before any split-K merge: (fp32 [BM, BN], split index,
+    rows, columns). Waits for the previous kernel (PDL) before the first load of x."""
     pid_k, rm, rn = _tile_index(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, KC)
     mm = rm < M
@@ -117,5 +129,4 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         w, s, z = _load_chunk(w_ptrs, s_ptr, z_ptr, k0, rn, mn, N, GROUP)
         xt = tl.load(x_ptrs + k0, mask=mm[None, :], other=0.0)
         acc = _chunk_dot(acc, w, s, z, xt, DOT_F32, USE_ASM)
-    _finish_tile(tl.trans(acc), rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, _tile_id(), pid_k, SPLIT_K,
-                 SPLIT_P2, HAS_BIAS)
+    return tl.trans(acc), pid_k, rm, rn

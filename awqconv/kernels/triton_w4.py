@@ -418,16 +418,24 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     keeps PREFETCH - 1 chunks in flight through shared memory (Triton's cp.async pipeline), which
     costs no registers."""
     _pdl_start(USE_PDL)
+    acc, pid_n, pid_k, rn = gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N, KC, PREFETCH,
+                                             USE_ASM, USE_PDL, X16)
+    _finish_tile(acc[None, :], tl.arange(0, 1), rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
+                 SPLIT_K, SPLIT_P2, HAS_BIAS)
+
+
+@triton.jit
+def gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, X16: tl.constexpr):
+    """The one-row GEMV program's K slice, before any split-K merge: (fp32 [BN] sums, column tile,
+    split index, columns)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
                             BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
-    acc = _gemv_f16x2_unscale(x_ptr.dtype.element_ty, X16) * tl.sum(acc2, axis=0)
-    rm = tl.arange(0, 1)
-    _finish_tile(acc[None, :], rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
-                 SPLIT_P2, HAS_BIAS)
+    return _gemv_f16x2_unscale(x_ptr.dtype.element_ty, X16) * tl.sum(acc2, axis=0), pid_n, pid_k, rn
 
 
 @triton.jit
