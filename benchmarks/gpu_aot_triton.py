@@ -40,7 +40,8 @@ _LAUNCH_KEYS = ("num_warps", "num_stages", "launch_pdl", "maxnreg")
 
 
 def _plan(M: int, kw: KernelWeight, device: torch.device) -> tuple[ops.KernelConfig, ops.MatmulLaunch]:
-    cfg = replace(ops.default_config(M, kw, device, torch.float16), pdl=False)
+    # one kernel per launch (the split-K merge in the tile's last program), so a cubin alone is complete
+    cfg = replace(ops.default_config(M, kw, device, torch.float16), pdl=False, park=False)
     x = torch.zeros(M, kw.in_features, dtype=torch.float16, device=device)
     return cfg, ops.plan_matmul(x, kw, cfg)
 

@@ -2,12 +2,11 @@
 
 For M in {4, 16} and the four Llama-2-7B shapes, under the protocol of gpu_kernels.py (CUDA-graph
 replays over >= 400 MB of distinct weights, median), time with the default config:
-  tile_t           - the real kernel: every program parks its fp32 partial, takes a ticket
-                     (fence + atomic round trip) and the last one of a tile sums the partials;
-  tile_t_partials  - the same loop, each program stores its partial and exits (no ticket, no sum):
-                     the kernel without its merge;
-  tile_t_2k        - those partials summed by a second, PDL-launched merge kernel (same order, so
-                     the same bits as tile_t; checked).
+  tile_t           - the default: every program parks its fp32 partial and exits; a second,
+                     PDL-launched kernel (w4_merge_kernel) sums them in split order;
+  tile_t_ticket    - the merge in the kernel (the default before run BJ): every program parks its
+                     partial, fences, takes a ticket, and the last one of a tile sums (same bits);
+  tile_t_partials  - the loop alone: partials stored, no merge at all (output incomplete).
 Usage: python benchmarks/gpu_split_merge.py [--ms 4,16]
 """
 
@@ -19,6 +18,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 os.environ["TRITON_INTERPRET"] = "0"
 import torch
@@ -28,7 +28,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gpu_kernels import SHAPES, G, time_graph
 
-from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait
+from awqconv.kernels.launch import pdl_start
 from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.ops import default_config, plan_matmul
 from awqconv.kernels.tile_t import tile_t_slice
@@ -51,20 +51,6 @@ def tile_t_partials_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cn
     tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-@triton.jit
-def merge_rows_kernel(ws_ptr, y_ptr, M, N, SPLIT, stride_ym, SPLIT_P2: tl.constexpr, BLOCK: tl.constexpr,
-                      USE_PDL: tl.constexpr = False):
-    """y[m, n] = sum over splits of the parked partials, in split order, rounded once."""
-    pdl_start(USE_PDL)
-    pdl_wait(USE_PDL)
-    m = tl.program_id(1)
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tot = tl.zeros((BLOCK,), dtype=tl.float32)
-    for kk in tl.static_range(SPLIT_P2):
-        tot += tl.load(ws_ptr + kk * M * N + m * N + rn, mask=(rn < N) & (rn * 0 + kk < SPLIT), other=0.0)
-    tl.store(y_ptr + m * stride_ym + rn, tot.to(y_ptr.dtype.element_ty), mask=rn < N)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="4,16", type=lambda v: [int(m) for m in v.split(",")])
@@ -82,30 +68,26 @@ def main() -> None:
         for M in a.ms:
             x = torch.randn(M, K, dtype=torch.float16, device=DEV)
             cfg = default_config(M, kws[0], DEV)
-            plans = [plan_matmul(x, kw, cfg) for kw in kws]
+            plans = [plan_matmul(x, kw, cfg) for kw in kws]  # default: parked partials + w4_merge_kernel
+            tickets = [plan_matmul(x, kw, replace(cfg, park=False)) for kw in kws]
             split = plans[0].grid[2]
 
-            def real():
+            def default():
                 for pl in plans:
                     pl()
 
-            def partials():
-                for pl in plans:
-                    tile_t_partials_kernel[pl.grid](*pl.args, **pl.meta)
+            def ticket():
+                for pl in tickets:
+                    pl()
 
-            def two_kernels():
-                for pl in plans:
+            def partials():
+                for pl in tickets:
                     tile_t_partials_kernel[pl.grid](*pl.args, **pl.meta)
-                    merge_rows_kernel[(triton.cdiv(N, 256), M)](pl.args[6], pl.y, M, N, split, pl.y.stride(0),
-                                                                SPLIT_P2=triton.next_power_of_2(split), BLOCK=256,
-                                                                num_warps=4, **pdl_launch(DEV))
 
             row = {"shape": name, "M": M, "split": split, "programs": math.prod(plans[0].grid)}
             if split > 1:
-                two_kernels()
-                y2 = plans[-1].y.clone()
-                row["two_kernels_equal"] = bool(torch.equal(y2, plans[-1]()))
-            for label, fn in (("tile_t", real), ("tile_t_partials", partials), ("tile_t_2k", two_kernels)):
+                row["merges_equal"] = bool(torch.equal(plans[-1]().clone(), tickets[-1]()))
+            for label, fn in (("tile_t", default), ("tile_t_ticket", ticket), ("tile_t_partials", partials)):
                 if split == 1 and label != "tile_t":
                     continue
                 row[label + "_us"] = round(time_graph(fn, R)[0], 2)
@@ -116,7 +98,7 @@ def main() -> None:
     for M in a.ms:
         rows = [r for r in out["rows"] if r["M"] == M]
         print(f"M={M} one layer, us:", {k: round(sum(r.get(k, r["tile_t_us"]) for r in rows), 1)
-                                         for k in ("tile_t_us", "tile_t_partials_us", "tile_t_2k_us")})
+                                         for k in ("tile_t_us", "tile_t_ticket_us", "tile_t_partials_us")})
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_split_merge.json"), "w") as f:
         json.dump(out, f, indent=1)
 

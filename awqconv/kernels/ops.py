@@ -28,6 +28,7 @@ from .triton_w4 import (
     w4_gemv_f16x2_kernel,
     w4_gemv_f16x2_rows_kernel,
     w4_gemv_kernel,
+    w4_merge_kernel,
 )
 from .workspace import WORKSPACE
 from .x16 import X16
@@ -52,6 +53,8 @@ class KernelConfig:
     # (tile_t: stages of its cp.async ring, 1 = none)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
+    park: bool = True  # split-K of the one-row fp16x2 GEMV and tile_t: partials summed by w4_merge_kernel
+    # (False: by each tile's last program after a ticket; notes, run BJ)
 
 
 def _pow2_divisor(g: int, cap: int) -> int:
@@ -138,16 +141,20 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype, out: Tensor | None = None,
 
 @dataclass
 class MatmulLaunch:
-    """One Triton launch of ``w4_matmul``: ``kernel[grid](*args, **meta)`` writes ``y``."""
+    """The Triton launch of ``w4_matmul``: ``kernel[grid](*args, **meta)`` writes ``y`` (with ``then``,
+    the split-K merge launch that follows a parking kernel, it writes the partials)."""
 
     kernel: object  # a triton.JITFunction
     grid: tuple[int, int, int]
     args: tuple  # the kernel's runtime arguments, in order
     meta: dict  # constexprs and launch options (num_warps, num_stages, launch_pdl, maxnreg)
     y: Tensor
+    then: MatmulLaunch | None = None
 
     def __call__(self) -> Tensor:
         self.kernel[self.grid](*self.args, **self.meta)
+        if self.then is not None:
+            self.then()
         return self.y
 
 
@@ -201,7 +208,15 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = Fals
     args = (x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0))
     meta = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
                 HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
-    return MatmulLaunch(kernel, (n_tiles_n, n_tiles_m, split), args, meta, y)
+    then = None
+    if split > 1 and cfg.park and (cfg.kind == "tile_t" or (cfg.kind == "gemv_f16x2" and bm == 1)):
+        meta["PARK"] = True
+        block = 256
+        then = MatmulLaunch(w4_merge_kernel, (triton.cdiv(N, block), M, 1),
+                            (ws, bias, y, M, N, split, y.stride(0)),
+                            dict(SPLIT_P2=meta["SPLIT_P2"], HAS_BIAS=meta["HAS_BIAS"], BLOCK=block, num_warps=4,
+                                 **pdl_launch(x.device, cfg.pdl)), y)
+    return MatmulLaunch(kernel, (n_tiles_n, n_tiles_m, split), args, meta, y, then)
 
 
 def w4_matmul(x: Tensor | X16, kw: KernelWeight, config: KernelConfig | None = None) -> Tensor:

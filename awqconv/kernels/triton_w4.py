@@ -99,8 +99,13 @@ def _rearm(cnt_ptr, tile_id, SPLIT_P2: tl.constexpr):
 
 @triton.jit
 def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
-                 SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store a tile (bias added, cast once), merging split-K partials first (``_merged``)."""
+                 SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PARK: tl.constexpr = False):
+    """Store a tile (bias added, cast once), merging split-K partials first (``_merged``); with
+    ``PARK`` a split program only parks its partial, for ``w4_merge_kernel`` to sum."""
+    if PARK and SPLIT_P2 > 1:
+        tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc,
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+        return
     last, tot = _merged(acc, rm, rn, M, N, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, SPLIT_P2)
     if last:
         if HAS_BIAS:
@@ -108,6 +113,26 @@ def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, ti
         mask = (rm < M)[:, None] & (rn < N)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], tot.to(y_ptr.dtype.element_ty), mask=mask)
         _rearm(cnt_ptr, tile_id, SPLIT_P2)
+
+
+@triton.jit
+def w4_merge_kernel(ws_ptr, b_ptr, y_ptr, M, N, SPLIT_K, stride_ym, SPLIT_P2: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """The split-K merge as its own kernel after a parking launch (``PARK``): y = sum of the parked
+    partials in split order (+ bias), cast once: the same bits as the last-program merge, without a
+    fence and ticket round trip at the end of every program of the GEMV (notes, runs BG-BJ)."""
+    _pdl_start(USE_PDL)
+    _pdl_wait(USE_PDL)
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mn = rn < N
+    tot = tl.zeros((BLOCK,), dtype=tl.float32)
+    for kk in tl.static_range(SPLIT_P2):  # all loads in flight, summed in split order
+        tot += tl.load(ws_ptr + kk * M * N + m * N + rn, mask=mn & (rn * 0 + kk < SPLIT_K), other=0.0,
+                       cache_modifier=".cg")
+    if HAS_BIAS:
+        tot += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, tot.to(y_ptr.dtype.element_ty), mask=mn)
 
 
 @triton.jit
@@ -407,7 +432,8 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          M, N, K, G, K_SPLIT, SPLIT_K, stride_xm, stride_ym,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
-                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, X16: tl.constexpr = False):
+                         USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, X16: tl.constexpr = False,
+                         PARK: tl.constexpr = False):
     """Decode GEMV (M = 1; fp16, or bf16 read as fp16 x / 16, or with ``X16`` fp16 x / 16 already
     converted by the producer for a bf16 output) on packed fp16x2 math
     (``_word_dot_f16x2``: about 3.3 SASS instructions per weight against 4.3+ for the fp32 GEMV);
@@ -421,7 +447,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     acc, pid_n, pid_k, rn = gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N, KC, PREFETCH,
                                              USE_ASM, USE_PDL, X16)
     _finish_tile(acc[None, :], tl.arange(0, 1), rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
-                 SPLIT_K, SPLIT_P2, HAS_BIAS)
+                 SPLIT_K, SPLIT_P2, HAS_BIAS, PARK)
 
 
 @triton.jit

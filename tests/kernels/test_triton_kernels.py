@@ -7,6 +7,8 @@ bf16 2^-8); we allow 4x fp16 (2e-3) and 4x bf16 (1.6e-2).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -177,6 +179,32 @@ def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g, kc, bn, expand
     cfg = KernelConfig("dequant", block_n=bn, kc=kc, expand=expand)
     w = dequantize(KernelWeight.from_packed(p), dtype, config=cfg)
     assert torch.equal(w, p.dequantize(dtype).t())
+
+
+@pytest.mark.parametrize("m,cfg", [
+    (1, KernelConfig("gemv_f16x2", block_n=32, kc=32, split_k=3, num_warps=1)),
+    (1, KernelConfig("gemv_f16x2", block_n=64, kc=64, split_k=-16, num_warps=2)),  # the default's shape
+    (5, KernelConfig("tile_t", block_m=16, block_n=64, kc=32, split_k=4, prefetch=2)),
+    (20, KernelConfig("tile_t", block_m=16, block_n=64, kc=64, split_k=2, prefetch=1)),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_parked_split_k_merge_equals_the_ticket_merge(make_packed, m, cfg, bias):
+    """Split-K partials summed by w4_merge_kernel (``park``, the default for the one-row GEMV and
+    tile_t) give the bits of the last-program (ticket) merge; tolerance zero. Both leave the
+    tickets at zero."""
+    from awqconv.kernels import ops
+    from awqconv.kernels.workspace import WORKSPACE
+
+    p = make_packed(200, 256, 64, bias=bias, seed=m + bias)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(m, 256).half()
+    plan = ops.plan_matmul(x, kw, cfg)
+    assert plan.grid[2] > 1 and plan.then is not None and plan.meta["PARK"]
+    y = plan()
+    assert torch.equal(y, w4_matmul(x, kw, replace(cfg, park=False)))
+    _check(y, _reference(x, p), torch.float16)
+    assert not WORKSPACE.cnt[torch.device("cpu")].any()
+    assert ops.plan_matmul(x, kw, replace(cfg, split_k=1)).then is None  # nothing to merge
 
 
 @pytest.mark.parametrize("m", [1, 4, 9, 40, 130, 600])
