@@ -151,6 +151,11 @@ class MatmulLaunch:
     y: Tensor
     then: MatmulLaunch | None = None
 
+    @property
+    def partials(self) -> Tensor:
+        """The split-K scratch: [split, M, N] fp32 partials where the launch parks them."""
+        return self.args[6]
+
     def __call__(self) -> Tensor:
         self.kernel[self.grid](*self.args, **self.meta)
         if self.then is not None:
@@ -158,12 +163,17 @@ class MatmulLaunch:
         return self.y
 
 
-def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = False) -> MatmulLaunch:
+def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = False,
+                merge: bool = True) -> MatmulLaunch:
     """The launch ``w4_matmul`` makes for a tile kind (not "dequant"): kernel, grid, arguments,
     constexprs, and the output it writes. Benchmarks reuse it to launch the same kernel otherwise
     compiled (benchmarks/gpu_aot_triton.py). ``x16``: ``x`` is an ``X16``'s fp16 x / 16 (one row,
-    the fp16x2 GEMV), the output bf16."""
+    the fp16x2 GEMV), the output bf16. ``merge=False`` (one-row GEMV): every program parks its fp32
+    partial sums (no bias) as ``partials [split, N]`` and nothing else runs: the caller's own
+    kernel merges them (gemv_fused.py)."""
     M, K = x.shape
+    if not merge and (cfg.kind != "gemv_f16x2" or cfg.block_m != 1):
+        raise ShapeError(f"a caller-merged launch takes the one-row fp16x2 GEMV, not {cfg.kind}")
     if x16 and (cfg.kind != "gemv_f16x2" or cfg.block_m != 1 or x.dtype != torch.float16):
         raise ShapeError(f"X16 activations take the one-row fp16x2 GEMV, not {cfg.kind} x {cfg.block_m} rows")
     N = kw.out_features
@@ -185,7 +195,7 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = Fals
     n_tiles_m = triton.cdiv(M, bm)
     split, k_split = _split_for(cfg, n_tiles_n * n_tiles_m, K, x.device)
     y = torch.empty(M, N, dtype=torch.bfloat16 if x16 else x.dtype, device=x.device)
-    ws, cnt = WORKSPACE.get(x.device, split * M * N if split > 1 else 0, n_tiles_n * n_tiles_m)
+    ws, cnt = WORKSPACE.get(x.device, split * M * N if split > 1 or not merge else 0, n_tiles_n * n_tiles_m)
     kernel = {"gemv": w4_gemv_kernel, "gemm": w4_gemm_kernel, "tile_t": w4_tile_t_kernel,
               "gemv_f16x2": w4_gemv_f16x2_kernel if bm == 1 else w4_gemv_f16x2_rows_kernel}[cfg.kind]
     if cfg.kind == "tile_t":
@@ -207,9 +217,11 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = Fals
     k_args = (M, N, K) if cfg.kind == "tile_t" else (M, N, K, g)  # the transposed tile takes G as GROUP
     args = (x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0))
     meta = dict(BLOCK_M=bm, BLOCK_N=cfg.block_n, KC=kc, SPLIT_P2=triton.next_power_of_2(split),
-                HAS_BIAS=kw.bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
+                HAS_BIAS=kw.bias is not None and merge, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra)
     then = None
-    if split > 1 and cfg.park and (cfg.kind == "tile_t" or (cfg.kind == "gemv_f16x2" and bm == 1)):
+    if not merge:
+        meta["PARK"] = True
+    elif split > 1 and cfg.park and (cfg.kind == "tile_t" or (cfg.kind == "gemv_f16x2" and bm == 1)):
         meta["PARK"] = True
         block = 256
         then = MatmulLaunch(w4_merge_kernel, (triton.cdiv(N, block), M, 1),

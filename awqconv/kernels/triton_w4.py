@@ -101,8 +101,8 @@ def _rearm(cnt_ptr, tile_id, SPLIT_P2: tl.constexpr):
 def _finish_tile(acc, rm, rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K,
                  SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PARK: tl.constexpr = False):
     """Store a tile (bias added, cast once), merging split-K partials first (``_merged``); with
-    ``PARK`` a split program only parks its partial, for ``w4_merge_kernel`` to sum."""
-    if PARK and SPLIT_P2 > 1:
+    ``PARK`` every program only parks its partial (no bias), for a merge kernel to sum."""
+    if PARK:
         tl.store(ws_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc,
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
         return

@@ -2,8 +2,8 @@
 two-kernel paths they replace: QKV + RoPE/cache write against ``w4_matmul`` then ``rope_kv_write``,
 gate/up + SiLU-mul against ``w4_matmul`` then ``norm_act.silu_mul``. The same split-K sums in the
 same order and the same fp32 epilogue math rounded the same way, so outputs (and caches) must come
-out bit-equal, whatever the split count, with and without a bias, grouped KV heads, head dims 64
-and 128."""
+out bit-equal, whatever the split count, with and without a bias, grouped KV heads, head dims 48,
+64 and 128."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from awqconv.kernels.workspace import WORKSPACE
 
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("H,HKV,D,K,g,bias", [(2, 2, 64, 128, 64, False), (4, 2, 64, 256, 128, True),
-                                              (2, 1, 128, 192, 64, False)])
+                                              (2, 1, 128, 192, 64, False), (3, 1, 48, 128, 64, True)])
 def test_qkv_rope_matches_gemv_then_rope_kv(make_packed, H, HKV, D, K, g, bias, dt):
     torch.manual_seed(H + D + K)
     N = (H + 2 * HKV) * D
@@ -69,4 +69,4 @@ def test_gate_up_silu_matches_gemv_then_silu_mul(make_packed, inter, K, g, bias,
     assert torch.equal(gate_up_silu(odd, kw), want)
     assert not WORKSPACE.cnt[torch.device("cpu")].any()
     with pytest.raises(ValueError, match="halves"):
-        gate_up_silu(x, KernelWeight.from_packed(make_packed(2 * inter + 16, K, g)))  # halves not whole runs
+        gate_up_silu(x, KernelWeight.from_packed(make_packed(2 * inter + 1, K, g)))  # unequal halves
