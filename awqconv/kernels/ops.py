@@ -5,7 +5,9 @@ CUDA-core GEMV without inline PTX and when groups are too small for a tensor-cor
 tensor-core tile (tile_t.py, 2 <= M < DEQUANT_MIN_M = 257), else dequantise once (Triton) + ``torch.matmul``
 (cuBLAS). The plain tile kernel and the fp16x2 rows kernel stay as variants: a ``KernelConfig`` may be
 passed to force one (the benchmarks sweep them). The split-K partials and tile tickets
-live in workspace.py. The kernels use programmatic dependent launch where supported (launch.py).
+live in workspace.py; the one-row GEMV and tile_t park their partials for ``w4_merge_kernel``, a
+second launch (``KernelConfig.park``), the other kernels merge in each tile's last program. The
+kernels use programmatic dependent launch where supported (launch.py).
 """
 
 from __future__ import annotations

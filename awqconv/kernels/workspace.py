@@ -1,9 +1,10 @@
 """The split reduction scratch shared by the Triton kernels: fp32 partials and int32 tickets per device.
 
 A kernel that splits a reduction across programs (split-K GEMVs, split-KV decode attention) parks
-fp32 partials here and counts finished programs with a ticket per output tile; the last one sums,
-stores, and sets its ticket back to zero, so the tickets are all zero between kernels and one buffer
-serves every kernel on a stream (each waits for the previous kernel before writing, PDL included).
+fp32 partials here and either counts finished programs with a ticket per output tile (the last one
+sums, stores, and sets its ticket back to zero, so the tickets are all zero between kernels) or
+leaves the sum to a merge kernel launched after it. One buffer serves every kernel on a stream
+(each waits for the previous kernel before writing, PDL included).
 """
 
 from __future__ import annotations
