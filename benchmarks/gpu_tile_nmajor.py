@@ -121,7 +121,7 @@ def pack_sz(kw: KernelWeight) -> torch.Tensor:
 def nm_launch(x: torch.Tensor, kw: KernelWeight, qn: torch.Tensor, cfg: ops.KernelConfig,
               sz: torch.Tensor | None = None) -> ops.MatmulLaunch:
     """tile_t's launch for ``cfg`` with this kernel and the N-major words (``sz``: packed scales/zeros)."""
-    p = ops.plan_matmul(x, kw, cfg)
+    p = ops.plan_matmul(x, kw, replace(cfg, park=False))  # this kernel merges in the tile's last program
     args = (p.args[0], qn, p.args[2] if sz is None else sz, *p.args[3:])
     return ops.MatmulLaunch(w4_tile_nm_kernel, p.grid, args, dict(p.meta, SZ=sz is not None), p.y)
 

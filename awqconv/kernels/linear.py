@@ -3,7 +3,8 @@
 CUDA runs the Triton kernels over the kernel layout (``ops.w4_matmul``); the CPU uses the path in
 ``cpu.py`` (``DEFAULT_CPU_PATH``). ``forward`` returns the fused output; ``split`` cuts it back into
 the original projections. The one-row paths also take an ``X16`` row (x16.py: bf16 activations
-already converted for the fp16x2 GEMV); anything else gets its bf16 row back. Construct with ``Int4Linear.from_packed([q, k, v], device=..., dtype=...)``.
+already converted for the fp16x2 GEMV); anything else gets its bf16 row back. Construct with
+``Int4Linear.from_packed([q, k, v], device=..., dtype=...)``.
 """
 
 from __future__ import annotations
