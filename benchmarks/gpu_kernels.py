@@ -83,8 +83,8 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     if M == 1:  # the fp16x2 GEMV over tile width, warps, chunk rows, programs per SM, prefetch
         # neighbours of the default (64 x 2 warps x kc64 x 16/SM x register prefetch) that were close or
         # instructive on the H100: deeper K chunks, fewer/more programs, the smem ring, a wide tile
-        for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 24, 1), (32, 1, 128, 16, 1),
-                                   (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
+        for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 24, 1), (64, 2, 64, 32, 1),
+                                   (32, 1, 128, 16, 1), (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
@@ -101,7 +101,7 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
             split = max(1, c * torch.cuda.get_device_properties(0).multi_processor_count // tiles)
             out[f"tile_t_bn64_kc128_fit{c}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, split, 4, 1,
                                                                          prefetch=pf, maxnreg=mr)
-        for pps, pf, mr in [(6, 4, None), (6, 3, 64), (8, 3, 64), (7, 3, 64)]:
+        for pps, pf, mr in [(6, 4, None), (8, 4, None), (10, 4, None), (6, 3, 64), (8, 3, 64), (7, 3, 64)]:
             out[f"tile_t_bn64_kc128_p{pps}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, -pps, 4, 1,
                                                                          prefetch=pf, maxnreg=mr)
     if 4 <= M <= 16:  # the plain tile kernel (x as the MMA's first operand)
