@@ -91,8 +91,8 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     M = 1: the fp16x2 GEMV (64 columns x 2 warps, ~16 programs per SM: 64 us per 7B layer; bf16
     activations enter it as exact fp16 x / 16: 69 us against 93 on the fp32 CUDA-core GEMV, run AQ),
     else (no inline PTX) the fp32 GEMV. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
-    tensor-core tile (tile_t.py; a 4-stage cp.async ring: 85-87 us per layer at M = 2..16 against
-    97-150 for the rows kernel and the old tiles; BM 64 at M = 64: 141 us, 0.82x cuBLAS's time).
+    tensor-core tile (tile_t.py; a cp.async ring: 80-83 us per layer at M = 2..16 against 97-150 for
+    the rows kernel and the old tiles; BM 64 at M = 64: 132 us, 1.3x faster than cuBLAS).
     Smaller groups stay on the CUDA-core GEMV. From DEQUANT_MIN_M: dequantise once + cuBLAS.
     """
     g = kw.group_size
@@ -104,8 +104,11 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
                             num_stages=2)
     if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # no inline PTX / groups too small for a tensor-core K tile
         return cuda_core_gemv_config(m, kw)
-    if m <= 16:  # H100 run AE: 64 columns x 4 warps, ~6 programs per SM, 4 stages
-        return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=-6, num_warps=4, prefetch=4)
+    if m <= 16:  # H100 run BL (merge kernel): 64 columns x 4 warps, one wave of <= 6 programs per SM
+        # (80 registers, 3 stages); with the ticket merge, ~6 per SM over more than a wave won (run AE)
+        split = max(1, 6 * _n_sm(device) // triton.cdiv(kw.out_features, 64))
+        return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=split, num_warps=4, prefetch=3,
+                            maxnreg=80)
     if m < DEQUANT_MIN_M:  # runs AE/AM: BM 64 at M = 64 (141 us/layer), BM 128 at M = 192-256 (350-354
         # against 383-389 for dequantise + cuBLAS); at M = 320 the tile loses (509 against 426)
         return KernelConfig("tile_t", block_m=64 if m <= 64 else 128, block_n=64, kc=kc, split_k=-4, num_warps=4,
