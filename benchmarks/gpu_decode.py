@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--pdl-compare", action="store_true",
                     help="also time 64 + 256 with programmatic dependent launch turned off")
     ap.add_argument("--early-compare", action="store_true",
-                    help="also time 64 + 256 with the attention's early cache reads turned off")
+                    help="also time with the attention's early cache reads off, and on at every length")
     ap.add_argument("--batch", default=None, type=lambda v: [int(b) for b in v.split(",")],
                     help="also decode these batch sizes (64 + 256 and 1792 + 256 per row)")
     ap.add_argument("--fused-compare", action="store_true",
@@ -171,11 +171,14 @@ def main() -> None:
     for b in a.batch or []:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4", n, 256, 2048, batch=b))
-    if a.early_compare:  # the same decode with attention reading the cache only after the PDL wait
+    if a.early_compare:  # attention reading the cache only after the PDL wait, or early at every length
         from awqconv.kernels import decode_attention as attn
 
-        keep, attn.EARLY_MAX_S = attn.EARLY_MAX_S, 0  # read at every launch; a new Generator recaptures
-        results["runs"].append(run_decode(dec, "awqconv_int4_late_kv", 64, 256, 2048))
+        keep = attn.EARLY_MAX_S  # read at every launch; a new Generator recaptures
+        for label, limit in (("late_kv", 0), ("early_kv_always", 1 << 30)):
+            attn.EARLY_MAX_S = limit
+            for n in (64, 1792):
+                results["runs"].append(run_decode(dec, "awqconv_int4_" + label, n, 256, 2048))
         attn.EARLY_MAX_S = keep
     if a.fused_compare:  # the same decode with a fused one-row epilogue kernel (gemv_fused.py) turned off
         from awqconv.kernels.linear import Int4Linear

@@ -99,18 +99,20 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bool = False) -> Tensor | X16:
+def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bool = False,
+               slot: Tensor | None = None) -> Tensor | X16:
     """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
     plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
     heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
     additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert it in three
-    small kernels per layer. ``x16``: the one-token output as an ``X16``."""
+    small kernels per layer. ``x16``: the one-token output as an ``X16``. ``slot``: the one cache slot
+    this step wrote (the GPU kernel may then read the others before the previous kernel ends)."""
     if q.shape[2] == 1 and q.is_cuda:
         from ..kernels.decode_attention import (
             decode_attention,  # Triton import only where a GPU path runs
         )
 
-        return decode_attention(q, k, v, bias, x16=x16)
+        return decode_attention(q, k, v, bias, slot=slot, x16=x16)
     if x16:
         return X16.of(_attention(q, k, v, bias, gqa))
     if q.device.type != "cpu" or q.shape[2] != 1:
@@ -183,7 +185,7 @@ class Layer(nn.Module):
                 q, k = f.rope(q, k, cos, sin)
                 kc.index_copy_(2, slots, k.to(kc.dtype))
                 vc.index_copy_(2, slots, v.to(vc.dtype))
-        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16)
+        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16, slots)
         a = a.view(B, T, -1) if x16 else a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)
         x, h = f.add_norm(x, self.o(a), self.ln2.weight, self.ln2.eps, x16=x16)
         act = self.gate_up.silu_gate_up(h) if one and s.act == "silu" else None  # one kernel, as above
