@@ -98,10 +98,11 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
     if m == 1 and dtype in (torch.float16, torch.bfloat16) and _PTX:
-        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM, register
-        # prefetch (a cp.async ring and wide, shallow tiles were slower)
-        return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64), split_k=-16, num_warps=2,
-                            num_stages=2)
+        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM (~32 for
+        # wide outputs since the merge kernel, run BL), register prefetch (a cp.async ring and wide,
+        # shallow tiles were slower)
+        return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64),
+                            split_k=-32 if kw.out_features >= 8192 else -16, num_warps=2, num_stages=2)
     if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # no inline PTX / groups too small for a tensor-core K tile
         return cuda_core_gemv_config(m, kw)
     if m <= 16:  # H100 run BL (merge kernel): 64 columns x 4 warps, one wave of <= 6 programs per SM
