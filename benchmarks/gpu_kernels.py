@@ -84,7 +84,7 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         # neighbours of the default (64 x 2 warps x kc64 x 16/SM x register prefetch) that were close or
         # instructive on the H100: deeper K chunks, fewer/more programs, the smem ring, a wide tile
         for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 16, 1), (64, 2, 64, 24, 1),
-                                   (64, 2, 64, 32, 1),
+                                   (64, 2, 64, 32, 1), (64, 2, 64, 48, 1),
                                    (32, 1, 128, 16, 1), (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
