@@ -23,21 +23,16 @@ from torch import Tensor
 
 from .launch import pdl_launch, pdl_start, pdl_wait
 from .layout import KernelWeight
-from .triton_w4 import x16_from_f32
+from .triton_w4 import sum_parked, x16_from_f32
 from .x16 import X16
 
 
 @triton.jit
 def _merged_cols(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ADT: tl.constexpr):
-    """Columns ``cols`` of the one-row GEMV output from its parked partials [SPLIT, N]: summed in
-    split order, bias added, rounded to the activations' dtype (what the plain GEMV stores), as fp32."""
-    tot = tl.zeros(cols.shape, dtype=tl.float32)
-    for kk in tl.static_range(SPLIT_P2):  # all loads in flight
-        tot += tl.load(ws_ptr + kk * N + cols, mask=mask & (cols * 0 + kk < SPLIT), other=0.0, cache_modifier=".cg")
-    if HAS_BIAS:
-        tot += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    return tot.to(ADT).to(tl.float32)
+    """Columns ``cols`` of the one-row GEMV output from its parked partials [SPLIT, N], merged as
+    ``w4_merge_kernel`` does and rounded to the activations' dtype (what the plain GEMV stores), as fp32."""
+    return sum_parked(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2, HAS_BIAS).to(ADT).to(tl.float32)
 
 
 @triton.jit

@@ -126,13 +126,21 @@ def w4_merge_kernel(ws_ptr, b_ptr, y_ptr, M, N, SPLIT_K, stride_ym, SPLIT_P2: tl
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mn = rn < N
-    tot = tl.zeros((BLOCK,), dtype=tl.float32)
-    for kk in tl.static_range(SPLIT_P2):  # all loads in flight, summed in split order
-        tot += tl.load(ws_ptr + kk * M * N + m * N + rn, mask=mn & (rn * 0 + kk < SPLIT_K), other=0.0,
+    tot = sum_parked(ws_ptr + m * N, b_ptr, rn, mn, M * N, SPLIT_K, SPLIT_P2, HAS_BIAS)
+    tl.store(y_ptr + m * stride_ym + rn, tot.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def sum_parked(ws_ptr, b_ptr, cols, mask, SPLIT_STRIDE, SPLIT_K, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Columns ``cols`` of one output row from its parked split-K partials (``ws_ptr`` at the row,
+    splits ``SPLIT_STRIDE`` apart): summed in split order, all loads in flight, plus the bias; fp32."""
+    tot = tl.zeros(cols.shape, dtype=tl.float32)
+    for kk in tl.static_range(SPLIT_P2):
+        tot += tl.load(ws_ptr + kk * SPLIT_STRIDE + cols, mask=mask & (cols * 0 + kk < SPLIT_K), other=0.0,
                        cache_modifier=".cg")
     if HAS_BIAS:
-        tot += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, tot.to(y_ptr.dtype.element_ty), mask=mn)
+        tot += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return tot
 
 
 @triton.jit
@@ -327,6 +335,8 @@ def x16_from_f32(v):
     """An fp32 activation rounded to bf16, then as the fp16 x / 16 the one-row GEMV reads (x16.py):
     what a producer kernel stores for an ``X16`` output."""
     return (v.to(tl.bfloat16).to(tl.float32) * _BF16_X_SCALE).to(tl.float16)
+
+
 _BF16_TO_F16X2_ASM = tl.constexpr("""{ .reg .b32 lo, hi;
     shl.b32 lo, $1, 16;
     and.b32 hi, $1, 0xFFFF0000;
