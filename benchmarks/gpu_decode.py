@@ -6,6 +6,7 @@ its logits against the same runtime with dequantised fp16 weights, then times gr
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
+       [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
 one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AQ.)
@@ -128,6 +129,14 @@ def main() -> None:
                     help="also time with the attention's early cache reads off, and on at every length")
     ap.add_argument("--batch", default=None, type=lambda v: [int(b) for b in v.split(",")],
                     help="also decode these batch sizes (64 + 256 and 1792 + 256 per row)")
+    ap.add_argument("--skip-compare", action="store_true",
+                    help="what each step costs in the chain: decode with the add + RMSNorm kernels, the "
+                         "attention, or both left out (wrong tokens, timing only)")
+    ap.add_argument("--merge-blocks", default=None, type=lambda v: [int(b) for b in v.split(",")],
+                    help="also time 2048-context decode with these columns per program in the residual and "
+                         "SiLU merge kernels (gemv_fused.RESIDUAL_BLOCK, SILU_BLOCK)")
+    ap.add_argument("--pending-compare", action="store_true",
+                    help="also time the decode with the RMSNorms as kernels of their own (no PendingNorm)")
     ap.add_argument("--fused-compare", action="store_true",
                     help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
     ap.add_argument("--host-compare", action="store_true",
@@ -192,6 +201,34 @@ def main() -> None:
                 results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
             for name, fn in keep.items():
                 setattr(Int4Linear, name, fn)
+    if a.merge_blocks:  # read at every launch: a new Generator recaptures
+        from awqconv.kernels import gemv_fused
+
+        keep = (gemv_fused.RESIDUAL_BLOCK, gemv_fused.SILU_BLOCK)
+        for b in a.merge_blocks:
+            for which in ("RESIDUAL_BLOCK", "SILU_BLOCK"):
+                setattr(gemv_fused, which, b)
+                results["runs"].append(run_decode(dec, f"awqconv_int4_{which.lower()}_{b}", 1792, 256, 2048))
+                setattr(gemv_fused, which, keep[0] if which == "RESIDUAL_BLOCK" else keep[1])
+    if a.pending_compare:  # read at every forward: a new Generator recaptures
+        keep, dec.fused.pending_norm = dec.fused.pending_norm, False
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4_norm_kernels", n, 256, 2048))
+        dec.fused.pending_norm = keep
+    if a.skip_compare:  # timing only: a left-out step hands its input on unchanged (fp16 decode)
+        from awqconv.runtime import model as model_mod
+
+        keep = (dec.fused.add_norm, model_mod._attention, dec.fused.pending_norm)
+        dec.fused.pending_norm = False  # the norms as kernels of their own (the runtime of run BQ)
+        skips = {"add_norm": lambda: setattr(dec.fused, "add_norm", lambda x, r, w, eps, x16=False: (x, r)),
+                 "attention": lambda: setattr(model_mod, "_attention", lambda q, *args: q)}
+        for off in (("add_norm",), ("attention",), ("add_norm", "attention")):
+            for name in off:
+                skips[name]()
+            for n in (64, 1792):
+                results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
+            dec.fused.add_norm, model_mod._attention = keep[:2]
+        dec.fused.pending_norm = keep[2]
     if a.host_compare:
         for host in ("stream", "sample", "sample_sorted"):
             results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048, host=host))

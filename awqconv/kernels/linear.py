@@ -3,7 +3,8 @@
 CUDA runs the Triton kernels over the kernel layout (``ops.w4_matmul``); the CPU uses the path in
 ``cpu.py`` (``DEFAULT_CPU_PATH``). ``forward`` returns the fused output; ``split`` cuts it back into
 the original projections. The one-row paths also take an ``X16`` row (x16.py: bf16 activations
-already converted for the fp16x2 GEMV); anything else gets its bf16 row back. Construct with
+already converted for the fp16x2 GEMV) and the fused ones a ``PendingNorm`` row (pending_norm.py:
+an RMSNorm left to their merge kernel); anything else gets the bf16 or normalised row back. Construct with
 ``Int4Linear.from_packed([q, k, v], device=..., dtype=...)``.
 """
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from ..packed import PackedLinear
 from .cpu import DEFAULT_CPU_PATH, make_cpu_linear
 from .layout import KernelWeight, supports
+from .pending_norm import PendingNorm
 from .x16 import X16
 
 
@@ -53,7 +55,9 @@ class Int4Linear(nn.Module):
                            for p in parts]).to(device)
         return cls(None, None, splits, k, dense=w, bias=b)
 
-    def forward(self, x: Tensor | X16) -> Tensor:
+    def forward(self, x: Tensor | X16 | PendingNorm) -> Tensor:
+        if isinstance(x, PendingNorm):
+            return self.forward(x.normed())
         if isinstance(x, X16):
             x2 = self._one_row(x)
             if x2 is None:
@@ -75,7 +79,7 @@ class Int4Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self.dense, self.dense_bias)
         return y.reshape(*lead, self.out_features)
 
-    def rope_qkv(self, x: Tensor | X16, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
+    def rope_qkv(self, x: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
                  n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
         """For one token (``x`` [1, 1, K]), this fused QKV projection with RoPE and the KV-cache write
         in one kernel (gemv_fused.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
@@ -90,7 +94,7 @@ class Int4Linear(nn.Module):
         return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
                         head_dim)
 
-    def silu_gate_up(self, x: Tensor | X16) -> Tensor | X16 | None:
+    def silu_gate_up(self, x: Tensor | X16 | PendingNorm) -> Tensor | X16 | None:
         """For one token (``x`` [1, 1, K]), silu(gate) * up [1, 1, I] of this fused [gate; up]
         projection in one kernel (gemv_fused.py; an ``X16`` in, an ``X16`` out); None where that
         kernel does not apply."""
@@ -103,8 +107,24 @@ class Int4Linear(nn.Module):
             return None
         return gate_up_silu(x2, self.kw).view(1, 1, -1)
 
-    def _one_row(self, x: Tensor | X16) -> Tensor | X16 | None:
-        """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None."""
+    def residual_norm(self, a: Tensor | X16, residual: Tensor, w: Tensor, eps: float,
+                      x16: bool = False) -> tuple[Tensor, PendingNorm] | None:
+        """For one token: (s = residual + this projection of ``a``, the RMSNorm of s with weight ``w``
+        left pending for the next projection's merge kernel, pending_norm.py; ``x16``: its row as an
+        X16), from one GEMV and one merge kernel (gemv_fused.py); None where they do not apply."""
+        a2 = self._one_row(a)
+        if a2 is None or residual.numel() != self.out_features:
+            return None
+        from .gemv_fused import residual_pending_norm
+
+        s, pending = residual_pending_norm(a2, self.kw, residual.reshape(1, -1), w, eps, x16)
+        return s.view(residual.shape), pending
+
+    def _one_row(self, x: Tensor | X16 | PendingNorm) -> Tensor | X16 | PendingNorm | None:
+        """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None (a
+        ``PendingNorm`` as it is, its row is [1, K] already)."""
+        if isinstance(x, PendingNorm):
+            return x if self._one_row(x.xw) is not None else None
         t = x.t if isinstance(x, X16) else x
         if self.kw is None or t.numel() != self.in_features:  # (kernel weights exist only where Triton runs)
             return None

@@ -6,6 +6,8 @@ embeddings and lm_head come from ``qm.dense`` (HF state-dict keys). Caches are
 (``slot`` a 0-d long tensor so the decode step can be captured in a CUDA graph). ``key_valid [B, max_len]``
 marks real (non-padding) slots; RoPE positions are per row (left-padded batches). A bf16 decode
 step on the GPU hands each one-row GEMV its input already as fp16 x / 16 (``X16``, kernels/x16.py).
+A one-row decode step on the GPU leaves the RMSNorm inside and between layers to the next
+projection's merge kernel (``PendingNorm``, kernels/pending_norm.py): no norm kernel of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedArchitecture
 from ..kernels.linear import Int4Linear
+from ..kernels.pending_norm import PendingNorm
 from ..kernels.x16 import X16
 from ..model import QuantizedModel
 
@@ -129,17 +132,24 @@ class _Fused:
     """The small elementwise pieces of a layer: Triton kernels on a GPU (kernels/norm_act.py, one
     launch each, in the GEMVs' programmatic-dependent-launch chain), plain torch on the CPU.
     ``x16``: one-token steps pass bf16 GEMV inputs as ``X16`` (GPU with the inline-PTX GEMV only;
-    AWQCONV_X16=0 turns it off)."""
+    AWQCONV_X16=0 turns it off). ``pending_norm``: one-token steps leave the residual add + RMSNorm
+    after the o and down projections to the merge kernels (``Layer.add_norm``; GPU only,
+    AWQCONV_PENDING_NORM=0 turns it off)."""
 
-    def __init__(self, gpu: bool, x16: bool = False):
+    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True):
         self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
-        self.x16 = False
+        self.x16 = self.pending_norm = False
         if gpu:
             from ..kernels import norm_act  # Triton import only where a GPU path runs
             from ..kernels.ops import _PTX
 
             self.norm, self.add_norm, self.silu_mul = norm_act.rms_norm, norm_act.add_rms_norm, norm_act.silu_mul
-            self.x16 = x16 and _PTX and os.environ.get("AWQCONV_X16", "1") not in ("", "0")
+            self.x16 = x16 and _PTX and _env_on("AWQCONV_X16")
+            self.pending_norm = pending_norm and _env_on("AWQCONV_PENDING_NORM")
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1") not in ("", "0")
 
 
 class RMSNorm(nn.Module):
@@ -161,9 +171,11 @@ class Layer(nn.Module):
         self.act = _ACTS[spec.act]
         self.fused: _Fused | None = None  # set by Decoder
 
-    def forward(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
-                slots: Tensor, bias: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, next layer's ln1 input)."""
+    def forward(self, x: Tensor, h: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
+                slots: Tensor, bias: Tensor, kv_len: int,
+                nxt: RMSNorm | None = None) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
+        """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, ``nxt`` of it: the next
+        layer's ln1 input), or without ``nxt`` (new residual's last term, the down projection's output)."""
         s, f = self.spec, self.fused
         B, T, _ = x.shape
         one = B * T == 1
@@ -187,12 +199,19 @@ class Layer(nn.Module):
                 vc.index_copy_(2, slots, v.to(vc.dtype))
         a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16, slots)
         a = a.view(B, T, -1) if x16 else a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)
-        x, h = f.add_norm(x, self.o(a), self.ln2.weight, self.ln2.eps, x16=x16)
+        x, h = self.add_norm(self.o, a, x, self.ln2, one, x16)
         act = self.gate_up.silu_gate_up(h) if one and s.act == "silu" else None  # one kernel, as above
         if act is None:
             gate, up = self.gate_up.split(self.gate_up(h))
             act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
-        return x, self.down(act)
+        return (x, self.down(act)) if nxt is None else self.add_norm(self.down, act, x, nxt, one, x16)
+
+    def add_norm(self, lin: Int4Linear, a: Tensor | X16, x: Tensor, norm: RMSNorm, one: bool,
+                 x16: bool) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
+        """(s = x + lin(a), norm(s)); in a one-row GPU step the norm is left pending (PendingNorm)."""
+        f = self.fused
+        done = lin.residual_norm(a, x, norm.weight, norm.eps, x16) if one and f.pending_norm else None
+        return done if done is not None else f.add_norm(x, lin(a), norm.weight, norm.eps, x16=x16)
 
 
 class Decoder(nn.Module):
@@ -266,12 +285,11 @@ class Decoder(nn.Module):
         x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
         h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len)
-            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
-            if last_only and nxt is self.norm:
-                x, r = x[:, -1:], r[:, -1:]
-            x, h = self.fused.add_norm(x, r, nxt.weight, nxt.eps, x16=x16 and nxt is not self.norm)
-        x = h
+            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else None
+            x, h = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len, nxt)
+        if last_only:  # h: the last down projection's output
+            x, h = x[:, -1:], h[:, -1:]
+        _, x = self.fused.add_norm(x, h, self.norm.weight, self.norm.eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head)
 

@@ -3,19 +3,29 @@ two-kernel paths they replace: QKV + RoPE/cache write against ``w4_matmul`` then
 gate/up + SiLU-mul against ``w4_matmul`` then ``norm_act.silu_mul``. The same split-K sums in the
 same order and the same fp32 epilogue math rounded the same way, so outputs (and caches) must come
 out bit-equal, whatever the split count, with and without a bias, grouped KV heads, head dims 48,
-64 and 128."""
+64 and 128. The o / down merge with the residual add and the RMSNorm left pending: against
+``w4_matmul`` then ``norm_act.add_rms_norm`` (the sum and the normed row bit-equal), and the pending
+scale in the RoPE and SiLU merges, exact where it is a power of two."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from awqconv.kernels.gemv_fused import fits, gate_up_silu, qkv_rope
+from awqconv.kernels import gemv_fused
+from awqconv.kernels.gemv_fused import (
+    fits,
+    gate_up_silu,
+    qkv_rope,
+    residual_pending_norm,
+)
 from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.norm_act import silu_mul
+from awqconv.kernels.norm_act import add_rms_norm, silu_mul
 from awqconv.kernels.ops import w4_matmul
+from awqconv.kernels.pending_norm import PendingNorm
 from awqconv.kernels.rope_kv import rope_kv_write
 from awqconv.kernels.workspace import WORKSPACE
+from awqconv.kernels.x16 import X16
 
 
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
@@ -70,3 +80,60 @@ def test_gate_up_silu_matches_gemv_then_silu_mul(make_packed, inter, K, g, bias,
     assert not WORKSPACE.cnt[torch.device("cpu")].any()
     with pytest.raises(ValueError, match="halves"):
         gate_up_silu(x, KernelWeight.from_packed(make_packed(2 * inter + 1, K, g)))  # unequal halves
+
+
+@pytest.mark.parametrize("dt,x16", [(torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("N,K,g,bias", [(320, 128, 64, False), (128, 256, 128, True), (512, 192, 64, True)])
+def test_residual_pending_norm_matches_gemv_then_add_rms_norm(make_packed, N, K, g, bias, dt, x16):
+    """s bit-equal to add_rms_norm's sum, w * s rounded once, the block sums of s^2 (fp32, 1e-6),
+    and ``normed()`` bit-equal to add_rms_norm's normalised row (an X16 for an X16 step)."""
+    p = make_packed(N, K, g, dtype=dt, bias=bias, seed=N + K)
+    kw = KernelWeight.from_packed(p)
+    gen = torch.Generator().manual_seed(N)
+    a = torch.randn(1, K, generator=gen).to(dt)
+    a = X16.of(a) if x16 else a
+    res = torch.randn(1, N, generator=gen).to(dt)
+    w = (torch.rand(N, generator=gen) + 0.5).to(dt)
+    s_ref, h_ref = add_rms_norm(res, w4_matmul(a, kw), w, 1e-5, x16=x16)
+    s, pend = residual_pending_norm(a, kw, res, w, 1e-5, x16=x16)
+    assert torch.equal(s, s_ref) and pend.s is s and pend.x16 == x16
+    ws = (w.float() * s.float()).to(dt)
+    assert torch.equal(pend.xw.t, X16.of(ws).t) if x16 else torch.equal(pend.xw, ws)
+    assert pend.sumsq.shape == (-(-N // gemv_fused.RESIDUAL_BLOCK),)
+    assert torch.allclose(pend.sumsq.sum(), s.float().pow(2).sum(), rtol=1e-6)
+    h = pend.normed()
+    assert torch.equal(h.t, h_ref.t) if x16 else torch.equal(h, h_ref)
+    with pytest.raises(ValueError, match="residual"):
+        residual_pending_norm(a, kw, res[:, 1:], w, 1e-5, x16=x16)
+
+
+@pytest.mark.parametrize("dt,x16", [(torch.float16, False), (torch.bfloat16, True)])
+def test_pending_norm_scale_reaches_the_rope_and_silu_merges(make_packed, dt, x16):
+    """A PendingNorm whose block sums give r = 1 or r = 2 exactly (eps 0): QKV + RoPE and gate/up +
+    SiLU give the bits of the plain kernels fed ``xw`` or ``2 * xw`` (doubling is exact in the GEMV's
+    sums), so the scale is applied to the sums, once, before the bias."""
+    H, HKV, D, K, inter = 2, 1, 64, 128, 96
+    gen = torch.Generator().manual_seed(3)
+    xw = torch.randn(1, K, generator=gen).to(dt)
+
+    def pending(r):  # sums of s^2 in three blocks, mean 1 / r^2 over K columns
+        ss = torch.full((3,), K / (3 * r * r), dtype=torch.float32)
+        return PendingNorm(X16.of(xw) if x16 else xw, ss, xw, torch.ones(K, dtype=dt), 0.0)
+
+    def plain(r):
+        x = xw * r
+        return X16.of(x) if x16 else x
+
+    qkv = KernelWeight.from_packed(make_packed((H + 2 * HKV) * D, K, 64, dtype=dt, bias=True, seed=5))
+    glu = KernelWeight.from_packed(make_packed(2 * inter, K, 64, dtype=dt, bias=True, seed=6))
+    ang = torch.rand(D // 2, generator=gen) * 6
+    cos, sin = torch.cat([ang.cos()] * 2).to(dt), torch.cat([ang.sin()] * 2).to(dt)
+    for r in (1, 2):
+        outs = []
+        for x in (pending(r), plain(r)):
+            kc, vc = torch.zeros(1, HKV, 8, D, dtype=dt), torch.zeros(1, HKV, 8, D, dtype=dt)
+            q = qkv_rope(x, qkv, cos, sin, kc, vc, torch.tensor([3]), H, HKV, D)
+            act = gate_up_silu(x, glu)
+            outs.append((q, kc, vc, act.t if x16 else act))
+        for got, want in zip(*outs):
+            assert torch.equal(got, want)

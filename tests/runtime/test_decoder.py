@@ -201,36 +201,86 @@ def test_fused_qkv_rope_decode_step_in_interpreter(make_tiny_llama_qm, monkeypat
     assert got.argmax() == want.argmax()
 
 
-def test_bf16_decode_step_hands_x16_to_the_gemvs(make_tiny_llama_qm, monkeypatch):
-    """A bf16 decode step on the GPU code path (interpreter) with the GEMV inputs handed over as
-    X16 (kernels/x16.py): logits equal bit for bit to the same step with bf16 inputs, and X16 rows
-    really reach QKV + RoPE, gate/up + SiLU and the o and down GEMVs, once per layer each."""
-    from awqconv.kernels import gemv_fused, ops
+def _kind(x) -> str:
+    """What a one-row consumer was handed: an X16, a PendingNorm (of an X16 row or not), or a tensor."""
+    from awqconv.kernels.pending_norm import PendingNorm
     from awqconv.kernels.x16 import X16
 
+    if isinstance(x, PendingNorm):
+        return "pending x16" if x.x16 else "pending"
+    return "x16" if isinstance(x, X16) else "tensor"
+
+
+def _decode_step(qm, dtype, ids, seen: list, **fused):
+    """The last token of ``ids`` as a decode step after an unfused prefill, on the GPU code path
+    (interpreter) with ``_Fused(gpu=True, **fused)``: its logits (``seen`` emptied before the step)."""
+    dec = build_decoder(qm, "cpu", dtype=dtype, mode="triton")
+    dec.fused = _Fused(gpu=True, **fused)
+    for layer in dec.layers:
+        layer.fused = dec.fused
+    T = ids.shape[1]
+    dec.allocate_cache(1, 16)
+    with torch.no_grad():
+        dec(ids[:, :-1], torch.arange(T - 1)[None], torch.tensor(0), T - 1)
+        seen.clear()
+        return dec(ids[:, -1:], torch.tensor([[T - 1]]), torch.tensor(T - 1), T)[0, -1]
+
+
+def _record(monkeypatch, targets) -> list:
     seen = []
-    for mod, name in ((gemv_fused, "qkv_rope"), (gemv_fused, "gate_up_silu"), (ops, "w4_matmul")):
+    for mod, name in targets:
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda x, *a, real=real, name=name, **k:
-                            seen.append((name, isinstance(x, X16))) or real(x, *a, **k))
+                            seen.append((name, _kind(x))) or real(x, *a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("pending", [False, True])
+def test_bf16_decode_step_hands_x16_to_the_gemvs(make_tiny_llama_qm, monkeypatch, pending):
+    """A bf16 decode step on the GPU code path (interpreter) with the GEMV inputs handed over as
+    X16 (kernels/x16.py): logits equal bit for bit to the same step with bf16 inputs, and X16 rows
+    really reach QKV + RoPE, gate/up + SiLU and the o and down GEMVs, once per layer each (with
+    ``pending`` norms: as the pending norms' rows, the o and down GEMVs in their residual merge)."""
+    from awqconv.kernels import gemv_fused, ops
+
+    seen = _record(monkeypatch, [(gemv_fused, "qkv_rope"), (gemv_fused, "gate_up_silu"), (ops, "w4_matmul"),
+                                 (gemv_fused, "residual_pending_norm")])
     qm = make_tiny_llama_qm(head_dim=64, scale_dtype=torch.bfloat16)
     ids = torch.tensor([PROMPTS[0]])
-    T = ids.shape[1]
+    n = qm.hf_config["num_hidden_layers"]
     logits = {}
     for x16 in (False, True):
-        dec = build_decoder(qm, "cpu", dtype=torch.bfloat16, mode="triton")
-        dec.fused = _Fused(gpu=True, x16=x16)
-        for layer in dec.layers:
-            layer.fused = dec.fused
-        dec.allocate_cache(1, 16)
-        with torch.no_grad():
-            dec(ids[:, :-1], torch.arange(T - 1)[None], torch.tensor(0), T - 1)
-            seen.clear()
-            logits[x16] = dec(ids[:, -1:], torch.tensor([[T - 1]]), torch.tensor(T - 1), T)[0, -1]
-    n = qm.hf_config["num_hidden_layers"]
-    assert sorted(seen) == sorted([("gate_up_silu", True), ("qkv_rope", True), ("w4_matmul", True)] * n
-                                  + [("w4_matmul", True)] * n)  # o and down
+        logits[x16] = _decode_step(qm, torch.bfloat16, ids, seen, x16=x16, pending_norm=pending)
+    if pending:  # layer 0's QKV after the embedding's norm kernel, the last down before the final norm
+        want = ([("qkv_rope", "x16")] + [("qkv_rope", "pending x16")] * (n - 1) + [("gate_up_silu", "pending x16")] * n
+                + [("residual_pending_norm", "x16")] * (2 * n - 1) + [("w4_matmul", "x16")])
+    else:
+        want = [("gate_up_silu", "x16"), ("qkv_rope", "x16"), ("w4_matmul", "x16")] * n + [("w4_matmul", "x16")] * n
+    assert sorted(seen) == sorted(want)
     assert logits[True].dtype == torch.bfloat16 and torch.equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_step_leaves_rmsnorm_to_the_merge_kernels(make_tiny_llama_qm, monkeypatch, dtype):
+    """With pending norms (kernels/pending_norm.py) a decode step runs no add + RMSNorm kernel
+    inside or between layers (only the final norm's), and its logits match the same step with the
+    norm kernels and the HF reference (relative max |dlogit| < 2e-2 as above; against the norm
+    kernels' step < 5e-3 for fp16, 2e-2 for bf16: the rounding of w * s instead of the normed row)."""
+    from awqconv.kernels import norm_act
+
+    qm = make_tiny_llama_qm(head_dim=64, scale_dtype=dtype)
+    ids = torch.tensor([PROMPTS[2]])
+    want = reference_model(qm)(ids).logits[0, -1]
+    norms = _record(monkeypatch, [(norm_act, "add_rms_norm")])
+    logits = {}
+    for pending in (False, True):
+        logits[pending] = _decode_step(qm, dtype, ids, norms, pending_norm=pending).float()
+        assert len(norms) == (1 if pending else 2 * qm.hf_config["num_hidden_layers"])
+    got, base = logits[True], logits[False]
+    assert not torch.equal(got, base)  # a different rounding: the pending path really ran
+    assert ((got - base).abs().max() / base.abs().max()).item() < (5e-3 if dtype == torch.float16 else 2e-2)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+    assert got.argmax() == want.argmax() == base.argmax()
 
 
 def test_clear_errors(tiny_qm):
