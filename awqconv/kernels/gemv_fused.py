@@ -19,6 +19,8 @@ as an ``X16`` too, for the down projection's GEMV.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -47,29 +49,30 @@ def _merged_cols(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2: tl.constexpr, HA
 
 
 @triton.jit
-def _pending_scale(sq_ptr, N_SQ, H_NORM, eps, SQ_P2: tl.constexpr):
+def _pending_scale(sq_ptr, N_SQ, H_NORM, eps, unscale, SQ_P2: tl.constexpr):
     """r = 1 / sqrt(mean(s^2) + eps) of a pending RMSNorm from its parked block sums of s^2 (as
-    norm_act's kernel computes it); 1.0 when there is none (``SQ_P2`` = 0)."""
+    norm_act's kernel computes it), times ``unscale`` (1 / its headroom, a power of two); 1.0 when
+    there is none (``SQ_P2`` = 0)."""
     if SQ_P2 == 0:  # (no early return: the compiler would still build the lines after it)
         r = 1.0
     else:
         i = tl.arange(0, SQ_P2)
         sq = tl.load(sq_ptr + i, mask=i < N_SQ, other=0.0, cache_modifier=".cg")
-        r = 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / H_NORM + eps)
+        r = (1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / H_NORM + eps)) * unscale
     return r
 
 
 @triton.jit
-def residual_merge_kernel(ws_ptr, b_ptr, res_ptr, w_ptr, s_ptr, xw_ptr, sq_ptr, N, SPLIT, BLOCK: tl.constexpr,
-                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ADT: tl.constexpr,
+def residual_merge_kernel(ws_ptr, b_ptr, res_ptr, w_ptr, s_ptr, xw_ptr, sq_ptr, N, SPLIT, headroom,
+                          BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ADT: tl.constexpr,
                           X16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """s = residual + y (y merged and rounded as the plain GEMV stores it, s rounded as norm_act's
-    add does), stored; ``w * s`` stored as the next GEMV's input (``X16``: as fp16 w * s / 16); the
-    block's sum of s^2 parked at ``sq_ptr[program]``."""
+    add does), stored; ``w * s * headroom`` stored as the next GEMV's input (``X16``: as fp16 of it
+    / 16); the block's sum of s^2 parked at ``sq_ptr[program]``."""
     pdl_start(USE_PDL)
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = j < N
-    w = tl.load(w_ptr + j, mask=m, other=0.0).to(tl.float32)  # a constant: read before the wait
+    w = tl.load(w_ptr + j, mask=m, other=0.0).to(tl.float32) * headroom  # constants: read before the wait
     pdl_wait(USE_PDL)
     y = _merged_cols(ws_ptr, b_ptr, j, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT)
     s = (tl.load(res_ptr + j, mask=m, other=0.0).to(tl.float32) + y).to(ADT)
@@ -84,7 +87,7 @@ def residual_merge_kernel(ws_ptr, b_ptr, res_ptr, w_ptr, s_ptr, xw_ptr, sq_ptr, 
 
 
 @triton.jit
-def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
+def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                       N, SPLIT, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs,
                       HEAD_D: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
                       ADT: tl.constexpr, SQ_P2: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
@@ -97,7 +100,7 @@ def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, cos_ptr, sin_ptr
     head = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < HALF
-    r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, SQ_P2)
+    r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, unscale, SQ_P2)
     x1 = _merged_cols(ws_ptr, b_ptr, head * HEAD_D + i, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
     x2 = _merged_cols(ws_ptr, b_ptr, head * HEAD_D + HALF + i, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
     if head < H + HKV:
@@ -122,7 +125,7 @@ def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, cos_ptr, sin_ptr
 
 
 @triton.jit
-def silu_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, act_ptr, N, SPLIT, I, BLOCK: tl.constexpr,
+def silu_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, act_ptr, N, SPLIT, I, BLOCK: tl.constexpr,
                       SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ADT: tl.constexpr, SQ_P2: tl.constexpr = 0,
                       X16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     """act[j] = silu(gate[j]) * up[j] from the merged [gate; up] columns (scaled by a pending
@@ -131,7 +134,7 @@ def silu_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, act_ptr, N, SPLI
     pdl_wait(USE_PDL)
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = j < I
-    r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, SQ_P2)
+    r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, unscale, SQ_P2)
     g = _merged_cols(ws_ptr, b_ptr, j, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
     u = _merged_cols(ws_ptr, b_ptr, I + j, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
     a = (g / (1.0 + tl.exp(-g))).to(ADT).to(tl.float32)
@@ -176,7 +179,8 @@ def _parked(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> tuple[Tensor, in
     split = plan.grid[2]
     adt = tl.bfloat16 if x16 or t.dtype == torch.bfloat16 else tl.float16
     ws = plan.partials
-    norm = (ws, 0, 1, 0.0) if pend is None else (pend.sumsq, pend.sumsq.numel(), pend.s.shape[-1], pend.eps)
+    norm = ((ws, 0, 1, 0.0, 1.0) if pend is None else
+            (pend.sumsq, pend.sumsq.numel(), pend.s.shape[-1], pend.eps, 1.0 / pend.headroom))
     sq_p2 = 0 if pend is None else triton.next_power_of_2(pend.sumsq.numel())
     return ws, split, norm, dict(SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=kw.bias is not None, ADT=adt,
                                  SQ_P2=sq_p2, **pdl_launch(t.device, cfg.pdl))
@@ -224,11 +228,14 @@ def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> Tensor | X1
 
 
 def residual_pending_norm(a: Tensor | X16, kw: KernelWeight, residual: Tensor, w: Tensor, eps: float,
-                          x16: bool = False) -> tuple[Tensor, PendingNorm]:
+                          x16: bool = False, headroom: float = 1.0) -> tuple[Tensor, PendingNorm]:
     """``a [1, K]`` through ``kw`` (an o or down projection) plus ``residual [1, N]``: returns (s, the
     RMSNorm of s with weight ``w`` left pending, pending_norm.py). s has the same bits as
     ``norm_act.add_rms_norm(residual, w4_matmul(a, kw), ...)``'s sum; ``x16`` (bf16): the pending
-    row's ``w * s`` as an ``X16``."""
+    row's ``w * s`` as an ``X16``; ``headroom``: a power of two <= 1 it is stored times (for weights
+    above 1, so that it cannot overflow where s does not)."""
+    if headroom <= 0 or headroom > 1 or math.frexp(headroom)[0] != 0.5:
+        raise ValueError(f"residual_pending_norm: headroom must be a power of two <= 1, got {headroom}")
     N = kw.out_features
     if residual.numel() != N or not residual.is_contiguous():
         raise ValueError(f"residual_pending_norm: the residual must be {N} contiguous values, got "
@@ -242,6 +249,6 @@ def residual_pending_norm(a: Tensor | X16, kw: KernelWeight, residual: Tensor, w
     ws, split, _, meta = _parked(a, kw)
     meta.pop("SQ_P2")
     residual_merge_kernel[(sumsq.numel(),)](ws, kw.bias if kw.bias is not None else ws, residual, w, s, xw, sumsq,
-                                            N, split, BLOCK=block, X16=x16, num_warps=max(1, min(4, block // 32)),
-                                            **meta)
-    return s, PendingNorm(X16(xw) if x16 else xw, sumsq, s, w, eps)
+                                            N, split, headroom, BLOCK=block, X16=x16,
+                                            num_warps=max(1, min(4, block // 32)), **meta)
+    return s, PendingNorm(X16(xw) if x16 else xw, sumsq, s, w, eps, headroom)

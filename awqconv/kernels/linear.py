@@ -107,17 +107,18 @@ class Int4Linear(nn.Module):
             return None
         return gate_up_silu(x2, self.kw).view(1, 1, -1)
 
-    def residual_norm(self, a: Tensor | X16, residual: Tensor, w: Tensor, eps: float,
-                      x16: bool = False) -> tuple[Tensor, PendingNorm] | None:
+    def residual_norm(self, a: Tensor | X16, residual: Tensor, w: Tensor, eps: float, x16: bool = False,
+                      headroom: float = 1.0) -> tuple[Tensor, PendingNorm] | None:
         """For one token: (s = residual + this projection of ``a``, the RMSNorm of s with weight ``w``
         left pending for the next projection's merge kernel, pending_norm.py; ``x16``: its row as an
-        X16), from one GEMV and one merge kernel (gemv_fused.py); None where they do not apply."""
+        X16; ``headroom``: a power of two its w * s is stored times), from one GEMV and one merge
+        kernel (gemv_fused.py); None where they do not apply."""
         a2 = self._one_row(a)
         if a2 is None or residual.numel() != self.out_features:
             return None
         from .gemv_fused import residual_pending_norm
 
-        s, pending = residual_pending_norm(a2, self.kw, residual.reshape(1, -1), w, eps, x16)
+        s, pending = residual_pending_norm(a2, self.kw, residual.reshape(1, -1), w, eps, x16, headroom)
         return s.view(residual.shape), pending
 
     def _one_row(self, x: Tensor | X16 | PendingNorm) -> Tensor | X16 | PendingNorm | None:

@@ -9,7 +9,9 @@ next GEMV's input) and parks the sum of s^2 over its block of columns; the next 
 (RoPE or SiLU, gemv_fused.py) sums those blocks and scales its sums by r before the bias.
 
 Rounding differs from the separate norm kernel: ``w * s`` is rounded once, where the norm rounds
-``s * r`` and then ``w * (s * r)``. ``normed()`` gives any other consumer the row the separate
+``s * r`` and then ``w * (s * r)``. Unlike the normed row, ``w * s`` is not small: where the
+weight has entries above 1 it is stored times a power of two ``headroom`` <= 1 / max |w| (so fp16
+w * s is never larger than s itself), and the merge multiplies r back by 1 / headroom, exactly. ``normed()`` gives any other consumer the row the separate
 kernel writes, bit for bit (norm_act.rms_norm of the same ``s``).
 """
 
@@ -29,6 +31,7 @@ class PendingNorm:
     s: Tensor  # the residual sum, in the activations' dtype
     w: Tensor  # the norm's weight
     eps: float
+    headroom: float = 1.0  # xw holds w * s * headroom (a power of two)
 
     @property
     def x16(self) -> bool:

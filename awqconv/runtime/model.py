@@ -12,6 +12,7 @@ projection's merge kernel (``PendingNorm``, kernels/pending_norm.py): no norm ke
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(w, requires_grad=False)
         self.eps = eps
+        # a power of two that keeps w * s as large as s at most: what a pending norm stores (fp16 s
+        # cannot overflow there; kernels/pending_norm.py)
+        self.headroom = 2.0 ** -max(0, math.ceil(math.log2(max(w.abs().max().item(), 1.0))))
 
     def forward(self, x: Tensor) -> Tensor:
         return _rms_norm(x, self.weight, self.eps)
@@ -210,7 +214,7 @@ class Layer(nn.Module):
                  x16: bool) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
         """(s = x + lin(a), norm(s)); in a one-row GPU step the norm is left pending (PendingNorm)."""
         f = self.fused
-        done = lin.residual_norm(a, x, norm.weight, norm.eps, x16) if one and f.pending_norm else None
+        done = lin.residual_norm(a, x, norm.weight, norm.eps, x16, norm.headroom) if one and f.pending_norm else None
         return done if done is not None else f.add_norm(x, lin(a), norm.weight, norm.eps, x16=x16)
 
 

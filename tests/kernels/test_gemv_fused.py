@@ -137,3 +137,27 @@ def test_pending_norm_scale_reaches_the_rope_and_silu_merges(make_packed, dt, x1
             outs.append((q, kc, vc, act.t if x16 else act))
         for got, want in zip(*outs):
             assert torch.equal(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the overflowing case
+def test_pending_norm_headroom_keeps_large_fp16_rows_finite(make_packed):
+    """fp16, a norm weight up to 40 and a residual of ~3000: w * s (~1.2e5) overflows fp16 when
+    stored as it is (headroom 1: the SiLU output is not finite), and with headroom 1 / 64 (what the
+    runtime's RMSNorm picks) gate/up + SiLU matches the norm-kernel path (relative max error < 5e-3)."""
+    K, inter = 128, 96
+    glu = KernelWeight.from_packed(make_packed(2 * inter, K, 64, dtype=torch.float16, seed=7))
+    o = KernelWeight.from_packed(make_packed(K, 64, 64, dtype=torch.float16, seed=8))
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(1, 64, generator=gen).half()
+    res = (torch.randn(1, K, generator=gen) * 3000).half()
+    w = (torch.rand(K, generator=gen) * 40).half()
+    _, h = add_rms_norm(res, w4_matmul(a, o), w, 1e-5)
+    want = gate_up_silu(h, glu).float()
+    got = {}
+    for headroom in (1.0, 1 / 64):
+        _, pend = residual_pending_norm(a, o, res, w, 1e-5, headroom=headroom)
+        got[headroom] = gate_up_silu(pend, glu).float()
+    assert not torch.isfinite(got[1.0]).all()
+    assert ((got[1 / 64] - want).abs().max() / want.abs().max()).item() < 5e-3
+    with pytest.raises(ValueError, match="power of two"):
+        residual_pending_norm(a, o, res, w, 1e-5, headroom=0.3)
