@@ -127,6 +127,12 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     return out
 
 
+def run_info(**extra) -> dict:
+    """The header every GPU benchmark result carries: device, versions, the device's clock."""
+    return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **extra}
+
+
 def time_graph(fn, R: int) -> tuple[float, str]:
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -169,8 +175,7 @@ def main() -> None:
     global DT
     DT = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": a.dtype}
+    info = run_info(dtype=a.dtype)
     print(info, flush=True)
     Ms = [1, 16, 256, 4096] if a.quick else [1, 4, 16, 64, 256, 1024, 4096]
     if a.ms:

@@ -18,15 +18,13 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpu_kernels import DEV, SHAPES, make_set, rel_err, time_graph  # noqa: E402
+from gpu_kernels import DEV, SHAPES, make_set, rel_err, run_info, time_graph  # noqa: E402
 
 from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import dequantize, w4_matmul  # noqa: E402
@@ -56,8 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    info = run_info()
     print(info, flush=True)
     rows = []
     for shape, (K, N) in SHAPES.items():

@@ -27,15 +27,13 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpu_kernels import DEV, SHAPES, make_set, rel_err
+from gpu_kernels import DEV, SHAPES, make_set, rel_err, run_info
 
 from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.ops import dequantize, w4_matmul
@@ -152,8 +150,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    info = run_info()
     print(info, flush=True)
     sets = [make_set(K, N) for _ in range(a.layers) for K, N in SHAPES.values()]
     kws = [KernelWeight.from_packed(st["p"]) for st in sets]
