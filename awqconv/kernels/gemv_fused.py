@@ -87,8 +87,8 @@ def residual_merge_kernel(ws_ptr, b_ptr, res_ptr, w_ptr, s_ptr, xw_ptr, sq_ptr, 
 
 
 @triton.jit
-def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
-                      N, SPLIT, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs,
+def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
+                      slot_ptr, N, SPLIT, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs,
                       HEAD_D: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
                       ADT: tl.constexpr, SQ_P2: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     """One head per program: merge its columns (d, d + D/2) (scaled by a pending RMSNorm's r, from

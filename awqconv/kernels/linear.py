@@ -79,8 +79,8 @@ class Int4Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self.dense, self.dense_bias)
         return y.reshape(*lead, self.out_features)
 
-    def rope_qkv(self, x: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor,
-                 n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
+    def rope_qkv(self, x: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
         """For one token (``x`` [1, 1, K]), this fused QKV projection with RoPE and the KV-cache write
         in one kernel (gemv_fused.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
         that kernel does not apply (then use ``forward`` and the separate RoPE/cache step)."""

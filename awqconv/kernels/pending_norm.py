@@ -11,8 +11,9 @@ next GEMV's input) and parks the sum of s^2 over its block of columns; the next 
 Rounding differs from the separate norm kernel: ``w * s`` is rounded once, where the norm rounds
 ``s * r`` and then ``w * (s * r)``. Unlike the normed row, ``w * s`` is not small: where the
 weight has entries above 1 it is stored times a power of two ``headroom`` <= 1 / max |w| (so fp16
-w * s is never larger than s itself), and the merge multiplies r back by 1 / headroom, exactly. ``normed()`` gives any other consumer the row the separate
-kernel writes, bit for bit (norm_act.rms_norm of the same ``s``).
+w * s is never larger than s itself), and the merge multiplies r back by 1 / headroom, exactly.
+``normed()`` gives any other consumer the row the separate kernel writes, bit for bit
+(norm_act.rms_norm of the same ``s``).
 """
 
 from __future__ import annotations
