@@ -38,11 +38,18 @@ RESIDUAL_BLOCK = 256  # columns per program of the residual merge (and per parke
 
 @triton.jit
 def _merged_cols(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ADT: tl.constexpr, r=1.0):
+                 ADT: tl.constexpr):
     """Columns ``cols`` of the one-row GEMV output from its parked partials [SPLIT, N], merged as
-    ``w4_merge_kernel`` does and rounded to the activations' dtype (what the plain GEMV stores), as
-    fp32; the sums scaled by ``r`` (a pending RMSNorm's, exact at 1.0) before the bias."""
-    tot = sum_parked(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2, False) * r
+    ``w4_merge_kernel`` does and rounded to the activations' dtype (what the plain GEMV stores), as fp32."""
+    return _finished(sum_parked(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2, False), 1.0, b_ptr, cols, mask,
+                     HAS_BIAS, ADT)
+
+
+@triton.jit
+def _finished(tot, r, b_ptr, cols, mask, HAS_BIAS: tl.constexpr, ADT: tl.constexpr):
+    """Merged sums ``tot`` scaled by ``r`` (a pending RMSNorm's; exact at 1.0), plus the bias,
+    rounded to the activations' dtype, as fp32."""
+    tot = tot * r
     if HAS_BIAS:
         tot += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return tot.to(ADT).to(tl.float32)
@@ -100,9 +107,12 @@ def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr
     head = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     m = i < HALF
+    col1, col2 = head * HEAD_D + i, head * HEAD_D + HALF + i
+    t1 = sum_parked(ws_ptr, b_ptr, col1, m, N, SPLIT, SPLIT_P2, False)  # in flight before r's loads
+    t2 = sum_parked(ws_ptr, b_ptr, col2, m, N, SPLIT, SPLIT_P2, False)
     r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, unscale, SQ_P2)
-    x1 = _merged_cols(ws_ptr, b_ptr, head * HEAD_D + i, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
-    x2 = _merged_cols(ws_ptr, b_ptr, head * HEAD_D + HALF + i, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
+    x1 = _finished(t1, r, b_ptr, col1, m, HAS_BIAS, ADT)
+    x2 = _finished(t2, r, b_ptr, col2, m, HAS_BIAS, ADT)
     if head < H + HKV:
         c1 = tl.load(cos_ptr + i, mask=m, other=0.0).to(tl.float32)
         c2 = tl.load(cos_ptr + HALF + i, mask=m, other=0.0).to(tl.float32)
@@ -134,9 +144,11 @@ def silu_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, act_ptr
     pdl_wait(USE_PDL)
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = j < I
+    tg = sum_parked(ws_ptr, b_ptr, j, m, N, SPLIT, SPLIT_P2, False)  # in flight before r's loads
+    tu = sum_parked(ws_ptr, b_ptr, I + j, m, N, SPLIT, SPLIT_P2, False)
     r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, unscale, SQ_P2)
-    g = _merged_cols(ws_ptr, b_ptr, j, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
-    u = _merged_cols(ws_ptr, b_ptr, I + j, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT, r)
+    g = _finished(tg, r, b_ptr, j, m, HAS_BIAS, ADT)
+    u = _finished(tu, r, b_ptr, I + j, m, HAS_BIAS, ADT)
     a = (g / (1.0 + tl.exp(-g))).to(ADT).to(tl.float32)
     if X16:  # the down projection's input, already as fp16 x / 16
         tl.store(act_ptr + j, x16_from_f32(a * u), mask=m)
