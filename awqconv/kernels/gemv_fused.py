@@ -37,18 +37,9 @@ RESIDUAL_BLOCK = 256  # columns per program of the residual merge (and per parke
 
 
 @triton.jit
-def _merged_cols(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ADT: tl.constexpr):
-    """Columns ``cols`` of the one-row GEMV output from its parked partials [SPLIT, N], merged as
-    ``w4_merge_kernel`` does and rounded to the activations' dtype (what the plain GEMV stores), as fp32."""
-    return _finished(sum_parked(ws_ptr, b_ptr, cols, mask, N, SPLIT, SPLIT_P2, False), 1.0, b_ptr, cols, mask,
-                     HAS_BIAS, ADT)
-
-
-@triton.jit
 def _finished(tot, r, b_ptr, cols, mask, HAS_BIAS: tl.constexpr, ADT: tl.constexpr):
-    """Merged sums ``tot`` scaled by ``r`` (a pending RMSNorm's; exact at 1.0), plus the bias,
-    rounded to the activations' dtype, as fp32."""
+    """Merged one-row GEMV sums ``tot`` (``sum_parked``) scaled by ``r`` (a pending RMSNorm's; exact
+    at 1.0), plus the bias, rounded to the activations' dtype (what the plain GEMV stores), as fp32."""
     tot = tot * r
     if HAS_BIAS:
         tot += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -81,7 +72,7 @@ def residual_merge_kernel(ws_ptr, b_ptr, res_ptr, w_ptr, s_ptr, xw_ptr, sq_ptr, 
     m = j < N
     w = tl.load(w_ptr + j, mask=m, other=0.0).to(tl.float32) * headroom  # constants: read before the wait
     pdl_wait(USE_PDL)
-    y = _merged_cols(ws_ptr, b_ptr, j, m, N, SPLIT, SPLIT_P2, HAS_BIAS, ADT)
+    y = _finished(sum_parked(ws_ptr, b_ptr, j, m, N, SPLIT, SPLIT_P2, False), 1.0, b_ptr, j, m, HAS_BIAS, ADT)
     s = (tl.load(res_ptr + j, mask=m, other=0.0).to(tl.float32) + y).to(ADT)
     tl.store(s_ptr + j, s, mask=m)
     s = s.to(tl.float32)
