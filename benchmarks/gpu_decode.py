@@ -6,7 +6,7 @@ its logits against the same runtime with dequantised fp16 weights, then times gr
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
-       [--pending-compare] [--skip-compare] [--chain-compare]
+       [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
 one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AQ.)
@@ -98,18 +98,6 @@ def run_decode(dec, label: str, prompt_len: int, new: int, max_len: int, batch: 
     return r
 
 
-def repeat_bit_equal(dec, steps: int = 20) -> bool:
-    """Eager one-token steps at the same cache slot after a 32-token prefill: all logits equal bit
-    for bit (split-K sums in a fixed order, or fixed-point atomics, are both order-independent)."""
-    ids = torch.randint(0, 32000, (1, 33), device=DEV)
-    dec.allocate_cache(1, 64)
-    with torch.no_grad():
-        dec(ids[:, :32], torch.arange(32, device=DEV)[None], torch.tensor(0, device=DEV), 32)
-        outs = [dec(ids[:, 32:], torch.tensor([[32]], device=DEV), torch.tensor(32, device=DEV), 33)
-                for _ in range(steps)]
-    return all(torch.equal(o, outs[0]) for o in outs)
-
-
 def profile_decode(dec, out: str, prompt_len: int = 64) -> None:
     """Per-kernel GPU time over 64 graph-replayed decode steps after a ``prompt_len`` prompt (the
     prefill's kernels are in the table too), printed and saved."""
@@ -149,10 +137,6 @@ def main() -> None:
                          "SiLU merge kernels (gemv_fused.RESIDUAL_BLOCK, SILU_BLOCK)")
     ap.add_argument("--pending-compare", action="store_true",
                     help="also time the decode with the RMSNorms as kernels of their own (no PendingNorm)")
-    ap.add_argument("--chain-compare", action="store_true",
-                    help="also time the decode with merge kernels after the o, gate/up and down GEMVs (no "
-                         "fixed-point sums for the next GEMV's prologue, kernels/gemv_chain.py), and check "
-                         "that repeated one-token steps give the same logits bit for bit")
     ap.add_argument("--fused-compare", action="store_true",
                     help="also time with the fused one-row epilogues (QKV + RoPE, gate/up + SiLU) turned off")
     ap.add_argument("--host-compare", action="store_true",
@@ -231,15 +215,6 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_norm_kernels", n, 256, 2048))
         dec.fused.pending_norm = keep
-    if a.chain_compare:  # read at every forward: a new Generator recaptures
-        results["repeat_bit_equal"] = {}
-        for chain in (True, False):
-            dec.fused.chain = chain
-            results["repeat_bit_equal"]["chain" if chain else "merge_kernels"] = repeat_bit_equal(dec)
-        print("repeated steps bit-equal:", results["repeat_bit_equal"], flush=True)
-        for n in (64, 1792):
-            results["runs"].append(run_decode(dec, "awqconv_int4_merge_kernels", n, 256, 2048))
-        dec.fused.chain = True
     if a.skip_compare:  # timing only: a left-out step hands its input on unchanged (fp16 decode)
         from awqconv.runtime import model as model_mod
 

@@ -160,15 +160,10 @@ def glu_shape_ok(splits: tuple[int, ...]) -> bool:
 def fits(kw: KernelWeight, x: Tensor | X16) -> bool:
     """Whether the fused kernels can take ``x``: one fp16 or bf16 (or ``X16``) row whose default
     kernel is the inline-PTX one-row GEMV."""
-    x = x.t if isinstance(x, X16) else x
-    return x.shape[0] == 1 and fits_row(kw, x.device, x.dtype)
-
-
-def fits_row(kw: KernelWeight, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether one row of ``dtype`` activations on ``device`` takes the inline-PTX one-row GEMV."""
     from .ops import _PTX, default_config
 
-    return default_config(1, kw, device, dtype).kind == "gemv_f16x2" and _PTX
+    x = x.t if isinstance(x, X16) else x
+    return x.shape[0] == 1 and default_config(1, kw, x.device, x.dtype).kind == "gemv_f16x2" and _PTX
 
 
 def _parked(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> tuple[Tensor, int, tuple, dict]:
@@ -204,24 +199,16 @@ def qkv_rope(x: Tensor | X16 | PendingNorm, kw: KernelWeight, cos: Tensor, sin: 
     if not rope_shape_ok(kw.out_features, n_heads, n_kv, head_dim):
         raise ValueError(f"qkv_rope: {kw.out_features} outputs are not {n_heads} + 2 x {n_kv} heads of "
                          f"{head_dim}")
-    return rope_merge(*_parked(x, kw), kw.bias, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, head_dim)
-
-
-def rope_merge(ws: Tensor, split: int, norm: tuple, meta: dict, bias: Tensor | None, cos: Tensor, sin: Tensor,
-               k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
-    """``rope_merge_kernel`` over a QKV GEMV's sums ``ws`` (parked partials, or fixed-point sums as
-    one split): rotated q returned, k and v stored at ``slot``."""
-    q = torch.empty(1, n_heads, 1, head_dim, dtype=_torch_dtype(meta["ADT"]), device=k_cache.device)
+    xr = x.xw if isinstance(x, PendingNorm) else x
+    dt = torch.bfloat16 if isinstance(xr, X16) else xr.dtype
+    q = torch.empty(1, n_heads, 1, head_dim, dtype=dt, device=k_cache.device)
+    ws, split, norm, meta = _parked(x, kw)
     rope_merge_kernel[(n_heads + 2 * n_kv,)](
-        ws, bias if bias is not None else ws, *norm, cos, sin, q, k_cache, v_cache, slot, (n_heads + 2 * n_kv) * head_dim,
+        ws, kw.bias if kw.bias is not None else ws, *norm, cos, sin, q, k_cache, v_cache, slot, kw.out_features,
         split, n_heads, n_kv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         HEAD_D=head_dim, BLOCK=triton.next_power_of_2(head_dim // 2), num_warps=1 if head_dim <= 128 else 2,
         **meta)
     return q
-
-
-def _torch_dtype(adt) -> torch.dtype:
-    return torch.bfloat16 if adt == tl.bfloat16 else torch.float16
 
 
 def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> Tensor | X16:
@@ -232,17 +219,14 @@ def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> Tensor | X1
     if not glu_shape_ok((inter, kw.out_features - inter)):
         raise ValueError(f"gate_up_silu: {kw.out_features} outputs are not two equal halves")
     xr = x.xw if isinstance(x, PendingNorm) else x
-    return silu_merge(*_parked(x, kw), kw.bias, inter, isinstance(xr, X16))
-
-
-def silu_merge(ws: Tensor, split: int, norm: tuple, meta: dict, bias: Tensor | None, inter: int,
-               x16: bool) -> Tensor | X16:
-    """``silu_merge_kernel`` over a [gate; up] GEMV's sums ``ws`` (2 x ``inter`` columns; parked
-    partials, or fixed-point sums as one split): the row silu(gate) * up (``x16``: as an X16)."""
-    act = torch.empty(1, inter, dtype=torch.float16 if x16 else _torch_dtype(meta["ADT"]), device=ws.device)
+    x16 = isinstance(xr, X16)
+    t = xr.t if x16 else xr
+    act = torch.empty(1, inter, dtype=torch.float16 if x16 else t.dtype, device=t.device)
+    ws, split, norm, meta = _parked(x, kw)
     block = SILU_BLOCK
-    silu_merge_kernel[(triton.cdiv(inter, block),)](ws, bias if bias is not None else ws, *norm, act, 2 * inter,
-                                                    split, inter, BLOCK=block, X16=x16, num_warps=2, **meta)
+    silu_merge_kernel[(triton.cdiv(inter, block),)](ws, kw.bias if kw.bias is not None else ws, *norm, act,
+                                                    kw.out_features, split, inter, BLOCK=block, X16=x16,
+                                                    num_warps=2, **meta)
     return X16(act) if x16 else act
 
 
@@ -261,22 +245,13 @@ def residual_pending_norm(a: Tensor | X16, kw: KernelWeight, residual: Tensor, w
                          f"{tuple(residual.shape)}")
     if x16 and residual.dtype != torch.bfloat16:
         raise TypeError(f"X16 output needs bf16 activations, got {residual.dtype}")
-    ws, split, _, meta = _parked(a, kw)
-    s = torch.empty_like(residual)
-    return s, residual_merge(ws, split, meta, kw.bias, residual, s, w, eps, x16, headroom)
-
-
-def residual_merge(ws: Tensor, split: int, meta: dict, bias: Tensor | None, residual: Tensor, s: Tensor, w: Tensor,
-                   eps: float, x16: bool, headroom: float) -> PendingNorm:
-    """``residual_merge_kernel`` over an o / down GEMV's sums ``ws`` (parked partials, or fixed-point
-    sums as one split; as many columns as ``residual``): s = residual + y stored at ``s``, the
-    RMSNorm of s returned pending."""
-    N = residual.shape[-1]
     block = RESIDUAL_BLOCK
+    s = torch.empty_like(residual)
     xw = torch.empty(1, N, dtype=torch.float16 if x16 else residual.dtype, device=residual.device)
     sumsq = torch.empty(triton.cdiv(N, block), dtype=torch.float32, device=residual.device)
-    meta = {k: v for k, v in meta.items() if k != "SQ_P2"}
-    residual_merge_kernel[(sumsq.numel(),)](ws, bias if bias is not None else ws, residual, w, s, xw, sumsq,
+    ws, split, _, meta = _parked(a, kw)
+    meta.pop("SQ_P2")
+    residual_merge_kernel[(sumsq.numel(),)](ws, kw.bias if kw.bias is not None else ws, residual, w, s, xw, sumsq,
                                             N, split, headroom, BLOCK=block, X16=x16,
                                             num_warps=max(1, min(4, block // 32)), **meta)
-    return PendingNorm(X16(xw) if x16 else xw, sumsq, s, w, eps, headroom)
+    return s, PendingNorm(X16(xw) if x16 else xw, sumsq, s, w, eps, headroom)

@@ -17,7 +17,6 @@ from ..packed import PackedLinear
 from .cpu import DEFAULT_CPU_PATH, make_cpu_linear
 from .layout import KernelWeight, supports
 from .pending_norm import PendingNorm
-from .pending_sum import PendingResidual, PendingSilu, PendingSum, SumPool
 from .x16 import X16
 
 
@@ -56,10 +55,9 @@ class Int4Linear(nn.Module):
                            for p in parts]).to(device)
         return cls(None, None, splits, k, dense=w, bias=b)
 
-    def forward(self, x: Tensor | X16 | PendingNorm | PendingSum) -> Tensor:
-        if isinstance(x, PendingNorm | PendingResidual | PendingSilu):  # one token: [1, 1, N] out
-            row = x.materialize() if isinstance(x, PendingSilu) else x.normed()
-            return self.forward(row.view(1, 1, -1))
+    def forward(self, x: Tensor | X16 | PendingNorm) -> Tensor:
+        if isinstance(x, PendingNorm):
+            return self.forward(x.normed())
         if isinstance(x, X16):
             x2 = self._one_row(x)
             if x2 is None:
@@ -81,12 +79,11 @@ class Int4Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self.dense, self.dense_bias)
         return y.reshape(*lead, self.out_features)
 
-    def rope_qkv(self, x: Tensor | X16 | PendingNorm | PendingResidual, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                 v_cache: Tensor, slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
+    def rope_qkv(self, x: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor | None:
         """For one token (``x`` [1, 1, K]), this fused QKV projection with RoPE and the KV-cache write
-        in one kernel (gemv_fused.py; a ``PendingResidual`` row: finished in the GEMV's prologue,
-        gemv_chain.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where that kernel
-        does not apply (then use ``forward`` and the separate RoPE/cache step)."""
+        in one kernel (gemv_fused.py): rotated q [1, H, 1, D], k and v stored at ``slot``. None where
+        that kernel does not apply (then use ``forward`` and the separate RoPE/cache step)."""
         x2 = self._one_row(x)
         if x2 is None:
             return None
@@ -94,18 +91,13 @@ class Int4Linear(nn.Module):
 
         if not rope_shape_ok(self.out_features, n_heads, n_kv, head_dim):
             return None
-        if isinstance(x2, PendingResidual):
-            from .gemv_chain import qkv_rope_sum
-
-            return qkv_rope_sum(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads,
-                                n_kv, head_dim)
         return qkv_rope(x2, self.kw, cos.reshape(-1), sin.reshape(-1), k_cache, v_cache, slot, n_heads, n_kv,
                         head_dim)
 
-    def silu_gate_up(self, x: Tensor | X16 | PendingNorm | PendingResidual) -> Tensor | X16 | PendingSilu | None:
+    def silu_gate_up(self, x: Tensor | X16 | PendingNorm) -> Tensor | X16 | None:
         """For one token (``x`` [1, 1, K]), silu(gate) * up [1, 1, I] of this fused [gate; up]
-        projection in one kernel (gemv_fused.py; an ``X16`` in, an ``X16`` out; a ``PendingResidual``
-        in: a ``PendingSilu`` out, gemv_chain.py); None where that kernel does not apply."""
+        projection in one kernel (gemv_fused.py; an ``X16`` in, an ``X16`` out); None where that
+        kernel does not apply."""
         x2 = self._one_row(x)
         if x2 is None:
             return None
@@ -113,46 +105,27 @@ class Int4Linear(nn.Module):
 
         if not glu_shape_ok(self.splits):
             return None
-        if isinstance(x2, PendingResidual):
-            from .gemv_chain import gate_up_sum
-
-            return gate_up_sum(x2, self.kw)
         return gate_up_silu(x2, self.kw).view(1, 1, -1)
 
-    def residual_norm(self, a: Tensor | X16 | PendingSilu, residual: Tensor, w: Tensor, eps: float,
-                      x16: bool = False, headroom: float = 1.0,
-                      sums: SumPool | None = None) -> tuple[Tensor, PendingNorm | PendingResidual] | None:
+    def residual_norm(self, a: Tensor | X16, residual: Tensor, w: Tensor, eps: float, x16: bool = False,
+                      headroom: float = 1.0) -> tuple[Tensor, PendingNorm] | None:
         """For one token: (s = residual + this projection of ``a``, the RMSNorm of s with weight ``w``
         left pending for the next projection's merge kernel, pending_norm.py; ``x16``: its row as an
         X16; ``headroom``: a power of two its w * s is stored times), from one GEMV and one merge
-        kernel (gemv_fused.py); None where they do not apply. With ``sums``: from one GEMV into
-        fixed-point sums taken from that pool, a ``PendingResidual`` whose consumer stores s
-        (gemv_chain.py)."""
+        kernel (gemv_fused.py); None where they do not apply."""
         a2 = self._one_row(a)
         if a2 is None or residual.numel() != self.out_features:
             return None
-        if sums is not None:
-            from .gemv_chain import residual_sum
-
-            s, pending = residual_sum(a2, self.kw, residual.reshape(1, -1), w, eps, x16, headroom, sums)
-            return s.view(residual.shape), pending
-        if isinstance(a2, PendingSilu):
-            a2 = a2.materialize()
         from .gemv_fused import residual_pending_norm
 
         s, pending = residual_pending_norm(a2, self.kw, residual.reshape(1, -1), w, eps, x16, headroom)
         return s.view(residual.shape), pending
 
-    def _one_row(self, x: Tensor | X16 | PendingNorm | PendingSum) -> Tensor | X16 | PendingNorm | PendingSum | None:
+    def _one_row(self, x: Tensor | X16 | PendingNorm) -> Tensor | X16 | PendingNorm | None:
         """``x`` as [1, K] when the fused one-row GEMV kernels can take it, else None (a
-        ``PendingNorm`` or pending sum as it is, its row is [1, K] already)."""
+        ``PendingNorm`` as it is, its row is [1, K] already)."""
         if isinstance(x, PendingNorm):
             return x if self._one_row(x.xw) is not None else None
-        if isinstance(x, PendingResidual | PendingSilu):
-            from .gemv_fused import fits_row
-
-            ok = self.kw is not None and x.width == self.in_features and fits_row(self.kw, x.acc.device, x.dtype)
-            return x if ok else None
         t = x.t if isinstance(x, X16) else x
         if self.kw is None or t.numel() != self.in_features:  # (kernel weights exist only where Triton runs)
             return None

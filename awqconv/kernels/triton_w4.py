@@ -133,13 +133,11 @@ def w4_merge_kernel(ws_ptr, b_ptr, y_ptr, M, N, SPLIT_K, stride_ym, SPLIT_P2: tl
 @triton.jit
 def sum_parked(ws_ptr, b_ptr, cols, mask, SPLIT_STRIDE, SPLIT_K, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Columns ``cols`` of one output row from its parked split-K partials (``ws_ptr`` at the row,
-    splits ``SPLIT_STRIDE`` apart): summed in split order, all loads in flight, plus the bias; fp32.
-    An int64 ``ws_ptr`` holds fixed-point sums (``to_fixed``; gemv_chain.py, one "split")."""
+    splits ``SPLIT_STRIDE`` apart): summed in split order, all loads in flight, plus the bias; fp32."""
     tot = tl.zeros(cols.shape, dtype=tl.float32)
     for kk in tl.static_range(SPLIT_P2):
-        p = tl.load(ws_ptr + kk * SPLIT_STRIDE + cols, mask=mask & (cols * 0 + kk < SPLIT_K), other=0,
-                    cache_modifier=".cg")
-        tot += from_fixed(p) if ws_ptr.dtype.element_ty == tl.int64 else p
+        tot += tl.load(ws_ptr + kk * SPLIT_STRIDE + cols, mask=mask & (cols * 0 + kk < SPLIT_K), other=0.0,
+                       cache_modifier=".cg")
     if HAS_BIAS:
         tot += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return tot
@@ -339,29 +337,6 @@ def x16_from_f32(v):
     return (v.to(tl.bfloat16).to(tl.float32) * _BF16_X_SCALE).to(tl.float16)
 
 
-# Fixed-point split-K sums (gemv_chain.py): integer atomics add in any order to the same bits. A
-# partial of magnitude >= 2^-8 converts exactly (an fp32 times 2^32 is an integer there), smaller
-# ones lose < 2^-32; the integer sum is exact, so the result is the exact sum of the fp32 partials
-# rounded once. Partials saturate at +-2^24 (fp16 outputs end at 65504), so even 128 of them stay
-# inside the int64 range (+-2^31 in these units).
-FIXED_ONE = tl.constexpr(4294967296.0)  # 2^32 units per 1.0
-_FIXED_MAX = tl.constexpr(16777216.0)
-
-
-@triton.jit
-def to_fixed(v):
-    """fp32 -> int64 multiples of 2^-32 (truncated), saturating at +-2^24 (NaN at +2^24: past any
-    fp16 value, so it still reads back as an overflow)."""
-    v = tl.where(tl.abs(v) <= _FIXED_MAX, v, tl.where(v < 0, -_FIXED_MAX, _FIXED_MAX))
-    return (v * FIXED_ONE).to(tl.int64)
-
-
-@triton.jit
-def from_fixed(a):
-    """int64 multiples of 2^-32 -> fp32 (rounded to nearest)."""
-    return a.to(tl.float32) * (1.0 / FIXED_ONE)
-
-
 _BF16_TO_F16X2_ASM = tl.constexpr("""{ .reg .b32 lo, hi;
     shl.b32 lo, $1, 16;
     and.b32 hi, $1, 0xFFFF0000;
@@ -424,22 +399,6 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def gemv_f16x2_stream(w, s, z, acc2, w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, k_hi, rw, rn, mn, N, G, KC: tl.constexpr,
-                      xdt: tl.constexpr, USE_ASM: tl.constexpr):
-    """The register-prefetch K loop (PREFETCH = 1) from the first chunk's words, scales and zeros
-    ``w, s, z`` (already loaded): every load of the next chunk is issued before the current one is
-    computed. Returns ``acc2`` plus the [KC/8, BN] sums of rows [k_lo, k_hi)."""
-    last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
-    x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw, xdt, USE_ASM)
-    for k0 in range(k_lo, k_hi, KC):
-        nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr, tl.minimum(k0 + KC, last), rw,
-                                                          rn, mn, N, G, xdt, USE_ASM)
-        acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
-        w, x0, x1, x2, x3, s, z = nw, nx0, nx1, nx2, nx3, ns, nz
-    return acc2
-
-
-@triton.jit
 def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                      PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """The one-row GEMV's K loop over rows [k_lo, k_hi) for columns ``rn``: returns the [KC/8, BN] fp32
@@ -459,10 +418,16 @@ def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N:
             x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw, xdt, USE_ASM)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
     elif PREFETCH:
+        last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
         w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
         _pdl_wait(USE_PDL)  # the first weights are on their way; x is the previous kernel's output
-        acc2 = gemv_f16x2_stream(w, s, z, acc2, w_ptrs, xw_ptr, s_ptr, z_ptr, k_lo, k_hi, rw, rn, mn, N, G, KC, xdt,
-                                 USE_ASM)
+        x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw, xdt, USE_ASM)
+        for k0 in range(k_lo, k_hi, KC):
+            nw, nx0, nx1, nx2, nx3, ns, nz = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
+                                                              tl.minimum(k0 + KC, last), rw, rn, mn, N, G,
+                                                              xdt, USE_ASM)
+            acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
+            w, x0, x1, x2, x3, s, z = nw, nx0, nx1, nx2, nx3, ns, nz
     else:
         _pdl_wait(USE_PDL)
         for k0 in range(k_lo, k_hi, KC):

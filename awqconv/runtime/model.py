@@ -7,9 +7,7 @@ embeddings and lm_head come from ``qm.dense`` (HF state-dict keys). Caches are
 marks real (non-padding) slots; RoPE positions are per row (left-padded batches). A bf16 decode
 step on the GPU hands each one-row GEMV its input already as fp16 x / 16 (``X16``, kernels/x16.py).
 A one-row decode step on the GPU leaves the RMSNorm inside and between layers to the next
-projection's merge kernel (``PendingNorm``, kernels/pending_norm.py): no norm kernel of its own;
-and the o, gate/up and down projections hand their output on as fixed-point sums that the next
-GEMV finishes in its prologue (kernels/pending_sum.py, gemv_chain.py): no merge kernel either.
+projection's merge kernel (``PendingNorm``, kernels/pending_norm.py): no norm kernel of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from torch import Tensor, nn
 from ..errors import UnsupportedArchitecture
 from ..kernels.linear import Int4Linear
 from ..kernels.pending_norm import PendingNorm
-from ..kernels.pending_sum import PendingSum, SumPool
 from ..kernels.x16 import X16
 from ..model import QuantizedModel
 
@@ -138,14 +135,11 @@ class _Fused:
     ``x16``: one-token steps pass bf16 GEMV inputs as ``X16`` (GPU with the inline-PTX GEMV only;
     AWQCONV_X16=0 turns it off). ``pending_norm``: one-token steps leave the residual add + RMSNorm
     after the o and down projections to the merge kernels (``Layer.add_norm``; GPU only,
-    AWQCONV_PENDING_NORM=0 turns it off). ``chain`` (with ``pending_norm``): the o, gate/up and down
-    projections leave fixed-point sums from ``sums`` for the next GEMV's prologue instead
-    (kernels/gemv_chain.py; AWQCONV_CHAIN=0 turns it off)."""
+    AWQCONV_PENDING_NORM=0 turns it off)."""
 
-    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True, chain: bool = True):
+    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True):
         self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
-        self.x16 = self.pending_norm = self.chain = False
-        self.sums = SumPool()
+        self.x16 = self.pending_norm = False
         if gpu:
             from ..kernels import norm_act  # Triton import only where a GPU path runs
             from ..kernels.ops import _PTX
@@ -153,7 +147,6 @@ class _Fused:
             self.norm, self.add_norm, self.silu_mul = norm_act.rms_norm, norm_act.add_rms_norm, norm_act.silu_mul
             self.x16 = x16 and _PTX and _env_on("AWQCONV_X16")
             self.pending_norm = pending_norm and _env_on("AWQCONV_PENDING_NORM")
-            self.chain = self.pending_norm and chain and _env_on("AWQCONV_CHAIN")
 
 
 def _env_on(name: str) -> bool:
@@ -182,9 +175,9 @@ class Layer(nn.Module):
         self.act = _ACTS[spec.act]
         self.fused: _Fused | None = None  # set by Decoder
 
-    def forward(self, x: Tensor, h: Tensor | X16 | PendingNorm | PendingSum, cos: Tensor, sin: Tensor, kc: Tensor,
-                vc: Tensor, slots: Tensor, bias: Tensor, kv_len: int,
-                nxt: RMSNorm | None = None) -> tuple[Tensor, Tensor | X16 | PendingNorm | PendingSum]:
+    def forward(self, x: Tensor, h: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
+                slots: Tensor, bias: Tensor, kv_len: int,
+                nxt: RMSNorm | None = None) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
         """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, ``nxt`` of it: the next
         layer's ln1 input), or without ``nxt`` (new residual's last term, the down projection's output)."""
         s, f = self.spec, self.fused
@@ -217,14 +210,11 @@ class Layer(nn.Module):
             act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
         return (x, self.down(act)) if nxt is None else self.add_norm(self.down, act, x, nxt, one, x16)
 
-    def add_norm(self, lin: Int4Linear, a: Tensor | X16 | PendingSum, x: Tensor, norm: RMSNorm, one: bool,
-                 x16: bool) -> tuple[Tensor, Tensor | X16 | PendingNorm | PendingSum]:
-        """(s = x + lin(a), norm(s)); in a one-row GPU step the norm is left pending (PendingNorm),
-        with ``chain`` the sum too (a PendingResidual, whose consumer stores s)."""
+    def add_norm(self, lin: Int4Linear, a: Tensor | X16, x: Tensor, norm: RMSNorm, one: bool,
+                 x16: bool) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
+        """(s = x + lin(a), norm(s)); in a one-row GPU step the norm is left pending (PendingNorm)."""
         f = self.fused
-        done = None
-        if one and f.pending_norm:
-            done = lin.residual_norm(a, x, norm.weight, norm.eps, x16, norm.headroom, f.sums if f.chain else None)
+        done = lin.residual_norm(a, x, norm.weight, norm.eps, x16, norm.headroom) if one and f.pending_norm else None
         return done if done is not None else f.add_norm(x, lin(a), norm.weight, norm.eps, x16=x16)
 
 
@@ -266,12 +256,6 @@ class Decoder(nn.Module):
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.n_layers)]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.max_len = max_len
-        if self.fused.chain:  # before any graph is captured
-            self.fused.sums.reserve(self._sums_per_step(), self.device)
-
-    def _sums_per_step(self) -> int:
-        """Fixed-point accumulators a one-row step may take (kernels/pending_sum.py)."""
-        return sum(lin.out_features for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
@@ -303,9 +287,6 @@ class Decoder(nn.Module):
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
         x = F.embedding(tokens, self.embed)
         x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
-        if B * T == 1 and self.fused.chain:
-            self.fused.sums.reserve(self._sums_per_step(), self.device)  # (a no-op after allocate_cache)
-            self.fused.sums.begin()
         h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else None
