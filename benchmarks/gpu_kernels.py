@@ -87,6 +87,8 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                    (64, 2, 64, 32, 1), (64, 2, 64, 48, 1),
                                    (32, 1, 128, 16, 1), (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
+        for pps, mr in [(16, 72), (32, 72), (16, 64), (32, 64), (48, 64)]:  # register caps: more programs resident
+            out[f"h2_bn64_w2_kc64_p{pps}_pf1_mr{mr}"] = KernelConfig("gemv_f16x2", 1, 64, 64, -pps, 2, 2, maxnreg=mr)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
