@@ -26,7 +26,13 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.ops import KernelConfig, cuda_core_gemv_config, default_config, w4_matmul
+from awqconv.kernels.ops import (
+    KernelConfig,
+    cuda_core_gemv_config,
+    default_config,
+    one_row_config,
+    w4_matmul,
+)
 from awqconv.packed import PackedLinear
 
 G = 128
@@ -87,8 +93,11 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                    (64, 2, 64, 32, 1), (64, 2, 64, 48, 1),
                                    (32, 1, 128, 16, 1), (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
             out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
-        for pps, mr in [(16, 72), (32, 72), (16, 64), (32, 64), (48, 64)]:  # register caps: more programs resident
+        for pps, mr in [(16, 72), (32, 72), (16, 64), (32, 64), (48, 64), (16, 56), (16, 60), (16, 68), (20, 64),
+                        (24, 64), (12, 64), (24, 56)]:  # register caps: more programs resident (runs BY-BZ)
             out[f"h2_bn64_w2_kc64_p{pps}_pf1_mr{mr}"] = KernelConfig("gemv_f16x2", 1, 64, 64, -pps, 2, 2, maxnreg=mr)
+        for per_sm, mr in [(16, None), (18, 56), (20, 48)]:  # at most per_sm programs per SM (the default: 16, 64)
+            out[f"h2_wave{per_sm}_mr{mr}"] = one_row_config(kw, DEV, per_sm, mr)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),

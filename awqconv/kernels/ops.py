@@ -84,12 +84,29 @@ def cuda_core_gemv_config(m: int, kw: KernelWeight) -> KernelConfig:
                         num_warps=4 if wide else 2, num_stages=2)
 
 
+ONE_WAVE_PROGRAMS = 16  # one-row GEMV programs per SM, all resident at once (64 registers x 64 threads each)
+
+
+def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAVE_PROGRAMS,
+                   maxnreg: int | None = 64) -> KernelConfig:
+    """The fp16x2 one-row GEMV: 64 columns x 2 warps, 64-row chunks, register prefetch (H100 sweeps,
+    BENCHMARKS.md §2: a cp.async ring and wide, shallow tiles were slower), split-K into at most
+    ``per_sm`` programs per SM, registers capped at ``maxnreg`` so that all of them are resident at
+    once: one wave (16 x 64 threads x 64 registers = an SM's 64K registers). The programs are short
+    (2-6 chunks), so the weights stream as fast as programs are in flight: one capped wave of 16 per
+    SM beat ~32 per SM uncapped (80 registers, 12 resident) by 3 % per layer and 4-5 % in decode
+    (runs BY-CA); caps of 68-72 (14 resident) lost."""
+    tiles = triton.cdiv(kw.out_features, 64)
+    return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(kw.group_size, 64),
+                        split_k=max(1, per_sm * _n_sm(device) // tiles), num_warps=2, num_stages=2, maxnreg=maxnreg)
+
+
 def default_config(m: int, kw: KernelWeight, device: torch.device,
                    dtype: torch.dtype = torch.float16) -> KernelConfig:
     """Heuristic per M bucket, from the H100 sweeps in notes/gpu_notes.md (runs N-AE).
 
-    M = 1: the fp16x2 GEMV (64 columns x 2 warps, ~16 programs per SM: 64 us per 7B layer; bf16
-    activations enter it as exact fp16 x / 16: 69 us against 93 on the fp32 CUDA-core GEMV, run AQ),
+    M = 1: the fp16x2 GEMV (``one_row_config``: one wave of 16 programs per SM; bf16 activations
+    enter it as exact fp16 x / 16: 69 us against 93 on the fp32 CUDA-core GEMV, run AQ),
     else (no inline PTX) the fp32 GEMV. 2 <= M < DEQUANT_MIN_M with groups of >= 16: the transposed
     tensor-core tile (tile_t.py; a cp.async ring: 80-83 us per layer at M = 2..16 against 97-150 for
     the rows kernel and the old tiles; BM 64 at M = 64: 132 us, 1.3x faster than cuBLAS).
@@ -98,11 +115,7 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
     g = kw.group_size
     kc = _pow2_divisor(g, 128)
     if m == 1 and dtype in (torch.float16, torch.bfloat16) and _PTX:
-        # H100 sweep (BENCHMARKS.md §2): 64 columns x 2 warps, 64-row chunks, ~16 programs/SM (~32 for
-        # wide outputs since the merge kernel, run BL), register prefetch (a cp.async ring and wide,
-        # shallow tiles were slower)
-        return KernelConfig("gemv_f16x2", block_n=64, kc=_pow2_divisor(g, 64),
-                            split_k=-32 if kw.out_features >= 8192 else -16, num_warps=2, num_stages=2)
+        return one_row_config(kw, device)
     if m == 1 or (m < DEQUANT_MIN_M and kc < 16):  # no inline PTX / groups too small for a tensor-core K tile
         return cuda_core_gemv_config(m, kw)
     if m <= 16:  # H100 run BL (merge kernel): 64 columns x 4 warps, one wave of <= 6 programs per SM
