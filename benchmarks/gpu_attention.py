@@ -50,6 +50,12 @@ def main() -> None:
             n = -(-S // slice_)
             variants[f"awq_slice{slice_}_w{warps}"] = (
                 lambda k, v, n=n, warps=warps: decode_attention(q, k, v, bias, n, slot, max_split=64, num_warps=warps))
+        for slice_, warps, mr in ((64, 4, 96), (64, 4, 80), (64, 4, 64), (32, 2, 64), (32, 4, 64), (32, 2, 80),
+                                  (128, 8, 96)):  # register caps: more programs resident at once
+            n = -(-S // slice_)
+            variants[f"awq_slice{slice_}_w{warps}_mr{mr}"] = (
+                lambda k, v, n=n, warps=warps, mr=mr, q=q, bias=bias, slot=slot: decode_attention(
+                    q, k, v, bias, n, slot, max_split=64, num_warps=warps, maxnreg=mr))
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
             ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import pdl_launch, pdl_start, pdl_wait
+from .launch import INTERPRET, pdl_launch, pdl_start, pdl_wait
 from .triton_w4 import x16_from_f32
 from .workspace import WORKSPACE
 from .x16 import X16
@@ -129,7 +129,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None, x16: bool = False) -> Tensor | X16:
+                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None) -> Tensor | X16:
     """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -142,7 +142,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     previous kernel finishes and that slot's row again after. It overlaps the previous kernel's tail
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
     slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
-    block, else 8).
+    block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
@@ -169,5 +169,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
         D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
-        num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device))
+        num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device),
+        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     return X16(out) if x16 else out
