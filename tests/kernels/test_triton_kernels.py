@@ -222,6 +222,25 @@ def test_default_dispatch(make_packed, m):
     _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
 
 
+@pytest.mark.parametrize("k,n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (576, 72), (64, 40)])
+def test_one_row_default_is_one_resident_wave(monkeypatch, k, n):
+    """The one-row GEMV's default grid (Llama-2-7B shapes and small ones, 132 SMs) never exceeds 16
+    programs per SM, and its register cap lets 16 of its 2-warp programs share an SM's 64K registers:
+    the whole grid is resident at once (runs BY-CA)."""
+    from types import SimpleNamespace
+
+    from awqconv.kernels import ops
+
+    monkeypatch.setattr(ops, "_n_sm", lambda device: 132)
+    kw = SimpleNamespace(out_features=n, in_features=k, group_size=128 if k % 128 == 0 else 64)
+    cfg = ops.default_config(1, kw, torch.device("cpu"))
+    tiles = -(-n // cfg.block_n)
+    split, k_split = ops._split_for(cfg, tiles, k, torch.device("cpu"))
+    assert cfg.kind == "gemv_f16x2" and split * k_split >= k and (split - 1) * k_split < k
+    assert tiles * split <= ops.ONE_WAVE_PROGRAMS * 132
+    assert ops.ONE_WAVE_PROGRAMS * cfg.num_warps * 32 * cfg.maxnreg <= 65536
+
+
 def test_small_groups_stay_on_cuda_cores(make_packed):
     """Groups of 8 are below a tensor-core K tile: every M under DEQUANT_MIN_M takes the CUDA-core
     GEMV (several row blocks at M = 20); TOL fp16."""
