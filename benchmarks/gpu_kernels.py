@@ -96,8 +96,10 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for pps, mr in [(16, 72), (32, 72), (16, 64), (32, 64), (48, 64), (16, 56), (16, 60), (16, 68), (20, 64),
                         (24, 64), (12, 64), (24, 56)]:  # register caps: more programs resident (runs BY-BZ)
             out[f"h2_bn64_w2_kc64_p{pps}_pf1_mr{mr}"] = KernelConfig("gemv_f16x2", 1, 64, 64, -pps, 2, 2, maxnreg=mr)
-        for per_sm, mr in [(16, None), (18, 56), (20, 48)]:  # at most per_sm programs per SM (the default: 16, 64)
-            out[f"h2_wave{per_sm}_mr{mr}"] = one_row_config(kw, DEV, per_sm, mr)
+        # one resident wave of at most per_sm programs per SM (the default: 64 x 2 warps, 16, capped at 64)
+        for per_sm, mr, bn, w in [(16, None, 64, 2), (18, 56, 64, 2), (20, 48, 64, 2), (32, 64, 32, 1),
+                                  (8, 64, 128, 4), (16, 64, 32, 1), (24, 80, 32, 1)]:
+            out[f"h2_wave{per_sm}_mr{mr}_bn{bn}_w{w}"] = one_row_config(kw, DEV, per_sm, mr, bn, w)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
