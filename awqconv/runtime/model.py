@@ -238,6 +238,7 @@ class Decoder(nn.Module):
         self.v_cache: list[Tensor] = []
         self.key_valid: Tensor | None = None
         self.max_len = 0
+        self.rope_table: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, head_dim] (allocate_cache)
 
     @property
     def device(self) -> torch.device:
@@ -256,6 +257,13 @@ class Decoder(nn.Module):
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.n_layers)]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.max_len = max_len
+        self.rope_table = self._rope(torch.arange(max_len, device=self.device))
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of RoPE at ``positions`` (any shape; a trailing head_dim axis is added)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), -1)
+        return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
@@ -281,10 +289,8 @@ class Decoder(nn.Module):
         if s.sliding_window:
             mask = mask & (slots[None, None, :, None] - s_idx[None, None, None, :] < s.sliding_window)
         bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), -1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None]
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
+        # positions <= slots < max_len: two gathers from the table, not eight small kernels a step
+        cos, sin = (t[positions][:, None] for t in self.rope_table)
         x = F.embedding(tokens, self.embed)
         x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
         h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
