@@ -88,7 +88,7 @@ ONE_WAVE_PROGRAMS = 16  # one-row GEMV programs per SM, all resident at once (64
 
 
 def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAVE_PROGRAMS,
-                   maxnreg: int | None = 64, block_n: int = 64, num_warps: int = 2) -> KernelConfig:
+                   maxnreg: int | None = 64, block_n: int = 64, num_warps: int = 2, kc: int = 64) -> KernelConfig:
     """The fp16x2 one-row GEMV: 64 columns x 2 warps, 64-row chunks, register prefetch (H100 sweeps,
     BENCHMARKS.md §2: a cp.async ring and wide, shallow tiles were slower), split-K into at most
     ``per_sm`` programs per SM, registers capped at ``maxnreg`` so that all of them are resident at
@@ -97,7 +97,7 @@ def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAV
     SM beat ~32 per SM uncapped (80 registers, 12 resident) by 3 % per layer and 4-5 % in decode
     (runs BY-CA); caps of 68-72 (14 resident) lost."""
     tiles = triton.cdiv(kw.out_features, block_n)
-    return KernelConfig("gemv_f16x2", block_n=block_n, kc=_pow2_divisor(kw.group_size, 64),
+    return KernelConfig("gemv_f16x2", block_n=block_n, kc=_pow2_divisor(kw.group_size, kc),
                         split_k=max(1, per_sm * _n_sm(device) // tiles), num_warps=num_warps, num_stages=2,
                         maxnreg=maxnreg)
 
