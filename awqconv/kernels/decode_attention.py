@@ -14,15 +14,12 @@ previous kernel ends.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .l2_prefetch import l2_prefetch_share, prefetch_bytes
-from .launch import INTERPRET, pdl_launch, pdl_start, pdl_supported, pdl_wait
+from .launch import INTERPRET, pdl_launch, pdl_start, pdl_wait
 from .triton_w4 import x16_from_f32
 from .workspace import WORKSPACE
 from .x16 import X16
@@ -30,7 +27,6 @@ from .x16 import X16
 MAX_SPLIT = 32
 MAX_BLOCK_S = 128
 SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots, benchmarks/gpu_attention.py)
-PREFETCH_RATIO = float(os.environ.get("AWQCONV_ATTN_PREFETCH", "0"))  # share of ``prefetch`` asked of the L2
 EARLY_MAX_S = 512  # early cache reads help up to here (see decode_attention)
 
 
@@ -71,14 +67,13 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                             SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-                            X16: tl.constexpr = False, pf_ptr=None, pf_bytes=0, HAS_PF: tl.constexpr = False):
+                            X16: tl.constexpr = False):
     """X16: the output (bf16 values) is stored as fp16 o / 16 for the o projection's GEMV (x16.py).
     EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
     which the previous kernel (RoPE + cache write, alone or in the QKV GEMV) just stored, is read
     again after the wait."""
     pdl_start(USE_PDL)
-    l2_prefetch_share(pf_ptr, pf_bytes, HAS_PF)  # constant weights: before the wait
     bh = tl.program_id(0)
     sp = tl.program_id(1)
     b = bh // H
@@ -134,8 +129,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None,
-                     prefetch: Tensor | None = None) -> Tensor | X16:
+                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None) -> Tensor | X16:
     """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -149,8 +143,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
     slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
     block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
-    ``prefetch``: a tensor (the next projection's packed words) whose first ``PREFETCH_RATIO`` of
-    bytes the programs ask the L2 for (l2_prefetch.py; sm_90 and newer, not in the interpreter).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
@@ -178,11 +170,5 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
         D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
         num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device),
-        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}), **_prefetch_args(prefetch, q.device))
+        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     return X16(out) if x16 else out
-
-
-def _prefetch_args(t: Tensor | None, device: torch.device) -> dict:
-    nbytes = 0 if t is None or not pdl_supported(device) else prefetch_bytes(t.numel() * t.element_size(),
-                                                                            PREFETCH_RATIO)
-    return {"pf_ptr": t, "pf_bytes": nbytes, "HAS_PF": True} if nbytes else {}

@@ -104,7 +104,7 @@ def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bool = False,
-               slot: Tensor | None = None, prefetch: Tensor | None = None) -> Tensor | X16:
+               slot: Tensor | None = None) -> Tensor | X16:
     """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
     plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
     heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
@@ -116,7 +116,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bo
             decode_attention,  # Triton import only where a GPU path runs
         )
 
-        return decode_attention(q, k, v, bias, slot=slot, x16=x16, prefetch=prefetch)
+        return decode_attention(q, k, v, bias, slot=slot, x16=x16)
     if x16:
         return X16.of(_attention(q, k, v, bias, gqa))
     if q.device.type != "cpu" or q.shape[2] != 1:
@@ -201,8 +201,7 @@ class Layer(nn.Module):
                 q, k = f.rope(q, k, cos, sin)
                 kc.index_copy_(2, slots, k.to(kc.dtype))
                 vc.index_copy_(2, slots, v.to(vc.dtype))
-        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16, slots,
-                       self.o.kw.qw if one and self.o.kw is not None else None)  # o's words: L2 prefetch
+        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16, slots)
         a = a.view(B, T, -1) if x16 else a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)
         x, h = self.add_norm(self.o, a, x, self.ln2, one, x16)
         act = self.gate_up.silu_gate_up(h) if one and s.act == "silu" else None  # one kernel, as above
