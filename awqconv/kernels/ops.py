@@ -89,13 +89,14 @@ ONE_WAVE_PROGRAMS = 16  # one-row GEMV programs per SM, all resident at once (64
 
 def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAVE_PROGRAMS,
                    maxnreg: int | None = 64, block_n: int = 64, num_warps: int = 2, kc: int = 64) -> KernelConfig:
-    """The fp16x2 one-row GEMV: 64 columns x 2 warps, 64-row chunks, register prefetch (H100 sweeps,
-    BENCHMARKS.md §2: a cp.async ring and wide, shallow tiles were slower), split-K into at most
-    ``per_sm`` programs per SM, registers capped at ``maxnreg`` so that all of them are resident at
-    once: one wave (16 x 64 threads x 64 registers = an SM's 64K registers). The programs are short
-    (2-6 chunks), so the weights stream as fast as programs are in flight: one capped wave of 16 per
-    SM beat ~32 per SM uncapped (80 registers, 12 resident) by 3 % per layer and 4-5 % in decode
-    (runs BY-CA); caps of 68-72 (14 resident) lost."""
+    """The fp16x2 one-row GEMV with register prefetch, split-K into at most ``per_sm`` programs per
+    SM, registers capped at ``maxnreg`` so that all of them are resident at once: one wave. The
+    defaults (64 columns x 2 warps, 64-row chunks, 16 per SM, 64 registers: 16 x 64 threads x 64 =
+    an SM's 64K registers) won the H100 sweeps (BENCHMARKS.md §2; a cp.async ring and wide, shallow
+    tiles were slower). The programs are short (2-6 chunks), so the weights stream as fast as
+    programs are in flight: one capped wave of 16 per SM beat ~32 per SM uncapped (80 registers, 12
+    resident) by 3 % per layer and 4-5 % in decode (runs BY-CA); caps of 68-72 (14 resident), other
+    tile shapes and 128-row chunks lost (runs CC, CG). The other arguments are for the sweeps."""
     tiles = triton.cdiv(kw.out_features, block_n)
     return KernelConfig("gemv_f16x2", block_n=block_n, kc=_pow2_divisor(kw.group_size, kc),
                         split_k=max(1, per_sm * _n_sm(device) // tiles), num_warps=num_warps, num_stages=2,
