@@ -31,6 +31,7 @@ from awqconv.kernels.ops import (
     cuda_core_gemv_config,
     default_config,
     one_row_config,
+    one_wave_split,
     w4_matmul,
 )
 from awqconv.packed import PackedLinear
@@ -113,9 +114,8 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
     if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
         # pf >= 2: a cp.async ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16);
         # "fit c": at most c programs per SM in one wave (split = floor(c * SMs / tiles)), registers capped
-        tiles = triton.cdiv(kw.out_features, 64)
         for c, pf, mr in [(5, 4, None), (5, 3, None), (6, 3, 80), (7, 3, 64), (6, 4, 80), (5, 3, 64), (7, 3, 72)]:
-            split = max(1, c * torch.cuda.get_device_properties(0).multi_processor_count // tiles)
+            split = one_wave_split(kw.out_features, 64, c, DEV)
             out[f"tile_t_bn64_kc128_fit{c}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, split, 4, 1,
                                                                          prefetch=pf, maxnreg=mr)
         for pps, pf, mr in [(6, 4, None), (8, 4, None), (10, 4, None), (6, 3, 64), (8, 3, 64), (7, 3, 64)]:

@@ -87,6 +87,12 @@ def cuda_core_gemv_config(m: int, kw: KernelWeight) -> KernelConfig:
 ONE_WAVE_PROGRAMS = 16  # one-row GEMV programs per SM, all resident at once (64 registers x 64 threads each)
 
 
+def one_wave_split(n_out: int, block_n: int, per_sm: int, device: torch.device) -> int:
+    """The split-K count that keeps a grid of column tiles x splits at or below ``per_sm`` programs
+    per SM (at least one split)."""
+    return max(1, per_sm * _n_sm(device) // triton.cdiv(n_out, block_n))
+
+
 def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAVE_PROGRAMS,
                    maxnreg: int | None = 64, block_n: int = 64, num_warps: int = 2, kc: int = 64) -> KernelConfig:
     """The fp16x2 one-row GEMV with register prefetch, split-K into at most ``per_sm`` programs per
@@ -97,10 +103,9 @@ def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAV
     programs are in flight: one capped wave of 16 per SM beat ~32 per SM uncapped (80 registers, 12
     resident) by 3 % per layer and 4-5 % in decode (runs BY-CA); caps of 68-72 (14 resident), other
     tile shapes and 128-row chunks lost (runs CC, CG). The other arguments are for the sweeps."""
-    tiles = triton.cdiv(kw.out_features, block_n)
     return KernelConfig("gemv_f16x2", block_n=block_n, kc=_pow2_divisor(kw.group_size, kc),
-                        split_k=max(1, per_sm * _n_sm(device) // tiles), num_warps=num_warps, num_stages=2,
-                        maxnreg=maxnreg)
+                        split_k=one_wave_split(kw.out_features, block_n, per_sm, device), num_warps=num_warps,
+                        num_stages=2, maxnreg=maxnreg)
 
 
 def default_config(m: int, kw: KernelWeight, device: torch.device,
@@ -122,7 +127,7 @@ def default_config(m: int, kw: KernelWeight, device: torch.device,
         return cuda_core_gemv_config(m, kw)
     if m <= 16:  # H100 run BL (merge kernel): 64 columns x 4 warps, one wave of <= 6 programs per SM
         # (80 registers, 3 stages); with the ticket merge, ~6 per SM over more than a wave won (run AE)
-        split = max(1, 6 * _n_sm(device) // triton.cdiv(kw.out_features, 64))
+        split = one_wave_split(kw.out_features, 64, 6, device)
         return KernelConfig("tile_t", block_m=16, block_n=64, kc=kc, split_k=split, num_warps=4, prefetch=3,
                             maxnreg=80)
     if m < DEQUANT_MIN_M:  # runs AE/AM: BM 64 at M = 64 (141 us/layer), BM 128 at M = 192-256 (350-354

@@ -257,11 +257,11 @@ class Decoder(nn.Module):
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(s.n_layers)]
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.max_len = max_len
-        self.rope_table = self._rope(torch.arange(max_len, device=self.device))
+        self.rope_table = self._rope_table(max_len)
 
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of RoPE at ``positions`` (any shape; a trailing head_dim axis is added)."""
-        freqs = positions[..., None].float() * self.inv_freq
+    def _rope_table(self, n: int) -> tuple[Tensor, Tensor]:
+        """cos and sin of RoPE at positions 0..n-1: [n, head_dim] each, in the model's dtype."""
+        freqs = torch.arange(n, device=self.device)[:, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), -1)
         return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
 
