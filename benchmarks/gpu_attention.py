@@ -2,7 +2,10 @@
 torch SDPA, Llama-2-7B heads (32 x 128, batch 1), over 32 layers' distinct caches (so the cache is
 read from HBM, not L2), in one CUDA graph; us per layer and the cache read rate.
 Variants: cache slots per slice, with and without early cache reads (before the PDL wait; here the
-previous kernel is the previous layer's attention).
+previous kernel is the previous layer's attention); slices looped through Triton's shared-memory
+pipeline ("pipe{slots}_b{block}_s{stages}_w{warps}"); with this step's slot at 15/16 of the cache
+(the mean of a power-of-two bucket's second half), the default reading only the slots up to it
+against reading all of them ("slot15_16", "slot15_16_noskip").
 Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048]
 """
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gpu_kernels import time_graph
 
+from awqconv.kernels import decode_attention as attn
 from awqconv.kernels.decode_attention import decode_attention
 
 DEV = torch.device("cuda")
@@ -56,10 +60,29 @@ def main() -> None:
             variants[f"awq_slice{slice_}_w{warps}_mr{mr}"] = (
                 lambda k, v, n=n, warps=warps, mr=mr, q=q, bias=bias, slot=slot: decode_attention(
                     q, k, v, bias, n, slot, max_split=64, num_warps=warps, maxnreg=mr))
+        for slots, block, stages, warps in ((128, 32, 3, 4), (256, 32, 3, 4), (512, 32, 3, 4), (256, 32, 4, 4),
+                                            (128, 64, 2, 4), (256, 64, 3, 8), (256, 16, 4, 4), (128, 32, 3, 2),
+                                            (256, 32, 3, 2), (64, 32, 2, 4)):
+            n = -(-S // slots)
+            variants[f"awq_pipe{slots}_b{block}_s{stages}_w{warps}"] = (
+                lambda k, v, n=n, block=block, stages=stages, warps=warps, q=q, bias=bias, slot=slot: decode_attention(
+                    q, k, v, bias, n, slot, max_split=64, num_warps=warps, stages=stages, block=block))
+        now = S - S // 16
+        bias_now = torch.zeros(1, 1, 1, S, dtype=torch.float16, device=DEV)
+        bias_now[..., now + 1:] = float("-inf")
+        slot_now = torch.tensor([now], device=DEV)
+
+        def at_slot(k, v, skip, q=q, bias_now=bias_now, slot_now=slot_now):
+            keep, attn.SKIP_FUTURE = attn.SKIP_FUTURE, skip  # read when the kernel is launched (captured)
+            out = decode_attention(q, k, v, bias_now, slot=slot_now)
+            attn.SKIP_FUTURE = keep
+            return out
+        variants["slot15_16"] = lambda k, v: at_slot(k, v, True)
+        variants["slot15_16_noskip"] = lambda k, v: at_slot(k, v, False)
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
             ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),
-                                                 attn_mask=bias.float())
+                                                 attn_mask=(bias_now if name.startswith("slot") else bias).float())
             err = ((out.float() - ref).norm() / ref.norm()).item()
             us = time_graph(lambda fn=fn: [fn(k[:, :, :S], v[:, :, :S]) for k, v in zip(kcs, vcs)], LAYERS)[0]
             row = {"ctx": S, "method": name, "us_per_layer": round(us, 2), "rel_err": float(f"{err:.1e}"),

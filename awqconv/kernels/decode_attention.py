@@ -28,6 +28,11 @@ MAX_SPLIT = 32
 MAX_BLOCK_S = 128
 SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots, benchmarks/gpu_attention.py)
 EARLY_MAX_S = 512  # early cache reads help up to here (see decode_attention)
+# From PIPELINE_MIN_S cache slots on, slices are loops through Triton's shared-memory pipeline:
+# (slots per slice, slots per block, stages, warps). Off (huge) until measured on a GPU.
+PIPELINE_MIN_S = 1 << 30
+PIPELINE = (256, 32, 3, 4)
+SKIP_FUTURE = True  # with ``slot``, slots after it are not read (False: for the benchmarks' A/B)
 
 
 @triton.jit
@@ -67,12 +72,16 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                             SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-                            X16: tl.constexpr = False):
+                            X16: tl.constexpr = False, LIMIT: tl.constexpr = False, STAGES: tl.constexpr = 0):
     """X16: the output (bf16 values) is stored as fp16 o / 16 for the o projection's GEMV (x16.py).
     EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
     which the previous kernel (RoPE + cache write, alone or in the QKV GEMV) just stored, is read
-    again after the wait."""
+    again after the wait.
+    LIMIT: slots after ``slot_ptr``'s are not read (they are the future; the caller's bias masks
+    them): a slice wholly past it loads nothing and parks an empty (max -inf, sum 0) state.
+    STAGES >= 1: the slice is a loop over BLOCK_S-slot blocks pipelined by Triton (STAGES - 1 blocks
+    in flight through shared memory) instead of one block in registers, then the rest."""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -84,6 +93,30 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
     vb = v_ptr + b * stride_vb + kh * stride_vh
     lo = sp * CHUNK
     hi = tl.minimum(lo + CHUNK, S)
+    if LIMIT:  # the slot is filled before the step's kernels run (not by the previous kernel)
+        hi = tl.minimum(hi, tl.load(slot_ptr).to(tl.int32) + 1)
+    bias_row = bias_ptr + b * stride_bias
+    m_i = tl.full((), float("-inf"), tl.float32)  # the online softmax's running max, sum, accumulator
+    l_i = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    if STAGES > 0:
+        pdl_wait(USE_PDL)
+        q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
+        for s0 in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):
+            rs = s0 + tl.arange(0, BLOCK_S)
+            k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
+            m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
+    else:
+        m_i, l_i, acc = _slice_unpipelined(q_ptr, kb, vb, slot_ptr, bias_row, bh, lo, hi, rd, md, scale,
+                                           stride_ks, stride_vs, m_i, l_i, acc, D, BLOCK_S, EARLY, USE_PDL)
+    _finish(acc, m_i, l_i, o_ptr + bh * D, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOCK_D, SPLIT_P2, X16)
+
+
+@triton.jit
+def _slice_unpipelined(q_ptr, kb, vb, slot_ptr, bias_row, bh, lo, hi, rd, md, scale, stride_ks, stride_vs,
+                       m_i, l_i, acc, D: tl.constexpr, BLOCK_S: tl.constexpr, EARLY: tl.constexpr, USE_PDL: tl.constexpr):
+    """The slice's online-softmax state: its first block loaded straight into registers (before the
+    PDL wait with ``EARLY``), then a plain loop over the rest."""
     rs = lo + tl.arange(0, BLOCK_S)
     if EARLY:
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
@@ -96,15 +129,21 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
         pdl_wait(USE_PDL)  # q, the cache and the mask are this step's
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
     q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
-    bias_row = bias_ptr + b * stride_bias
-    m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, tl.full((), float("-inf"), tl.float32),
-                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32))
+    m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
     for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
         m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, o_row, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOCK_D: tl.constexpr,
+            SPLIT_P2: tl.constexpr, X16: tl.constexpr):
+    """One slice's state out: the output itself (one slice), else parked for the head's last slice
+    (a ticket), which merges all of them in slice order."""
     if SPLIT_P2 == 1:
-        _store_out(o_ptr + bh * D + rd, acc / l_i, md, X16)
+        _store_out(o_row + rd, acc / l_i, md, X16)
     else:
         W: tl.constexpr = BLOCK_D + 2  # one parked row: accumulator, max, sum
         row = ws_ptr + (bh * SPLIT_P2 + sp) * W
@@ -123,13 +162,14 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
             m_all = tl.max(ms_, axis=0)
             w = tl.exp(ms_ - tl.where(m_all == float("-inf"), 0.0, m_all))
             out = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls_ * w, axis=0)
-            _store_out(o_ptr + bh * D + rd, out, md, X16)
+            _store_out(o_row + rd, out, md, X16)
             tl.atomic_xchg(cnt_ptr + bh, 0)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None) -> Tensor | X16:
+                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None,
+                     stages: int | None = None, block: int | None = None) -> Tensor | X16:
     """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -138,17 +178,26 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     ``max_split`` per head): at decode lengths each program then loads its q, K, V and mask once, all
     in flight together (the kernel is latency-bound: a loop of dependent loads cost more than SDPA's
     launch). ``slot`` (int64 [1], on the device) is the only cache slot the previous kernels of this
-    step wrote; with it, ``early`` (default: S <= EARLY_MAX_S) reads the first cache block before the
+    step wrote, and the newest: slots after it are not read (the runtime's bias masks them; at
+    power-of-two cache buckets they are up to half the slots). With it, ``early`` (default:
+    S <= EARLY_MAX_S) reads the first cache block before the
     previous kernel finishes and that slot's row again after. It overlaps the previous kernel's tail
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
     slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
-    block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
+    block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks);
+    ``stages`` >= 1 loops over each slice's ``block``-slot blocks through Triton's shared-memory
+    pipeline (no early reads then); by default from ``PIPELINE_MIN_S`` slots on, as ``PIPELINE`` says.
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     if T != 1 or H % HKV or k.stride(3) != 1 or v.stride(3) != 1 or bias.stride(3) != 1:
         raise ValueError("decode_attention: one query token, H a multiple of the KV heads, contiguous last dims")
     q = q.contiguous()
+    if stages is None:
+        stages = 0
+        if S >= PIPELINE_MIN_S:
+            slots, block, stages, num_warps = (*PIPELINE[:3], num_warps or PIPELINE[3])
+            n_split = n_split or triton.cdiv(S, slots)
     if n_split is None:
         n_split = triton.cdiv(S, SLICE)
     if early is None:
@@ -156,7 +205,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     early = early and slot is not None
     n_split = max(1, min(n_split, max_split, S))
     chunk = triton.cdiv(S, n_split)
-    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
+    block_s = block or min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
     chunk = triton.cdiv(chunk, block_s) * block_s
     n_split = triton.cdiv(S, chunk)  # no empty slices
     split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
@@ -168,7 +217,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     decode_attention_kernel[(B * H, n_split)](
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
-        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
+        D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early and not stages, X16=x16,
+        LIMIT=slot is not None and SKIP_FUTURE, STAGES=stages,
         num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device),
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     return X16(out) if x16 else out
