@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--attn-pipe S,B,ST,W;...] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
        [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
@@ -127,9 +127,7 @@ def main() -> None:
                     help="also time 64 + 256 with programmatic dependent launch turned off")
     ap.add_argument("--attn-compare", action="store_true",
                     help="also time with the attention reading every cache slot of the bucket (not only up to "
-                         "this step's), and with --attn-pipe slices")
-    ap.add_argument("--attn-pipe", type=lambda s: [tuple(int(v) for v in c.split(",")) for c in s.split(";")],
-                    default=[], help="pipelined attention slices to time at 2048 context: 'slots,block,stages,warps;...'")
+                         "this step's)")
     ap.add_argument("--early-compare", action="store_true",
                     help="also time with the attention's early cache reads off, and on at every length")
     ap.add_argument("--batch", default=None, type=lambda v: [int(b) for b in v.split(",")],
@@ -194,20 +192,13 @@ def main() -> None:
             for n in (64, 1792):
                 results["runs"].append(run_decode(dec, "awqconv_int4_" + label, n, 256, 2048))
         attn.EARLY_MAX_S = keep
-    if a.attn_compare or a.attn_pipe:  # module settings read at every launch; a new Generator recaptures
+    if a.attn_compare:  # read at every launch; a new Generator recaptures
         from awqconv.kernels import decode_attention as attn
 
-        if a.attn_compare:
-            attn.SKIP_FUTURE = False
-            for n in (64, 1792):
-                results["runs"].append(run_decode(dec, "awqconv_int4_attn_noskip", n, 256, 2048))
-            attn.SKIP_FUTURE = True
-        keep = (attn.PIPELINE_MIN_S, attn.PIPELINE)
-        attn.PIPELINE_MIN_S = 1024
-        for pipe in a.attn_pipe:
-            attn.PIPELINE = pipe
-            results["runs"].append(run_decode(dec, "awqconv_int4_attn_pipe" + "_".join(map(str, pipe)), 1792, 256, 2048))
-        attn.PIPELINE_MIN_S, attn.PIPELINE = keep
+        attn.SKIP_FUTURE = False
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4_attn_noskip", n, 256, 2048))
+        attn.SKIP_FUTURE = True
     if a.fused_compare:  # the same decode with a fused one-row epilogue kernel (gemv_fused.py) turned off
         from awqconv.kernels.linear import Int4Linear
 
