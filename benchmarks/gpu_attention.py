@@ -2,8 +2,7 @@
 torch SDPA, Llama-2-7B heads (32 x 128, batch 1), over 32 layers' distinct caches (so the cache is
 read from HBM, not L2), in one CUDA graph; us per layer and the cache read rate.
 Variants: cache slots per slice, with and without early cache reads (before the PDL wait; here the
-previous kernel is the previous layer's attention); slices of several blocks, each next block loaded
-before the current one's arithmetic ("pf{slots}_b{block}_w{warps}"); with this step's slot at 15/16 of the cache
+previous kernel is the previous layer's attention); with this step's slot at 15/16 of the cache
 (the mean of a power-of-two bucket's second half), the default reading only the slots up to it
 against reading all of them ("slot15_16", "slot15_16_noskip").
 Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048]
@@ -60,12 +59,6 @@ def main() -> None:
             variants[f"awq_slice{slice_}_w{warps}_mr{mr}"] = (
                 lambda k, v, n=n, warps=warps, mr=mr, q=q, bias=bias, slot=slot: decode_attention(
                     q, k, v, bias, n, slot, max_split=64, num_warps=warps, maxnreg=mr))
-        for slots, block, warps in ((128, 32, 4), (64, 32, 4), (256, 32, 4), (128, 16, 4), (96, 16, 4),
-                                    (256, 64, 8), (128, 64, 8), (64, 16, 4), (128, 32, 8)):
-            n = -(-S // slots)
-            variants[f"awq_pf{slots}_b{block}_w{warps}"] = (
-                lambda k, v, n=n, block=block, warps=warps, q=q, bias=bias, slot=slot: decode_attention(
-                    q, k, v, bias, n, slot, max_split=64, num_warps=warps, block=block, prefetch=True))
         now = S - S // 16
         bias_now = torch.zeros(1, 1, 1, S, dtype=torch.float16, device=DEV)
         bias_now[..., now + 1:] = float("-inf")

@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--attn-long S,B,W;...] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
        [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
@@ -128,8 +128,6 @@ def main() -> None:
     ap.add_argument("--attn-compare", action="store_true",
                     help="also time with the attention reading every cache slot of the bucket (not only up to "
                          "this step's)")
-    ap.add_argument("--attn-long", type=lambda s: [tuple(int(v) for v in c.split(",")) for c in s.split(";")],
-                    default=[], help="prefetched attention slices to time at 2048 context: 'slots,block,warps;...'")
     ap.add_argument("--early-compare", action="store_true",
                     help="also time with the attention's early cache reads off, and on at every length")
     ap.add_argument("--batch", default=None, type=lambda v: [int(b) for b in v.split(",")],
@@ -201,15 +199,6 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_attn_noskip", n, 256, 2048))
         attn.SKIP_FUTURE = True
-    if a.attn_long:  # read at every launch; a new Generator recaptures
-        from awqconv.kernels import decode_attention as attn
-
-        keep = (attn.LONG_MIN_S, attn.LONG)
-        attn.LONG_MIN_S = 1024
-        for cfg in a.attn_long:
-            attn.LONG = cfg
-            results["runs"].append(run_decode(dec, "awqconv_int4_attn_long" + "_".join(map(str, cfg)), 1792, 256, 2048))
-        attn.LONG_MIN_S, attn.LONG = keep
     if a.fused_compare:  # the same decode with a fused one-row epilogue kernel (gemv_fused.py) turned off
         from awqconv.kernels.linear import Int4Linear
 

@@ -28,10 +28,6 @@ MAX_SPLIT = 32
 MAX_BLOCK_S = 128
 SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots, benchmarks/gpu_attention.py)
 EARLY_MAX_S = 512  # early cache reads help up to here (see decode_attention)
-# From LONG_MIN_S cache slots on, slices of LONG[0] slots are read as LONG[1]-slot blocks, each next
-# block loaded before the current one's arithmetic, LONG[2] warps a program (off until measured)
-LONG_MIN_S = 1 << 30
-LONG = (128, 32, 4)
 SKIP_FUTURE = True  # with ``slot``, slots after it are not read (False: for the benchmarks' A/B)
 
 
@@ -72,7 +68,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                             SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-                            X16: tl.constexpr = False, LIMIT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                            X16: tl.constexpr = False, LIMIT: tl.constexpr = False):
     """X16: the output (bf16 values) is stored as fp16 o / 16 for the o projection's GEMV (x16.py).
     EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
@@ -80,7 +76,6 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
     again after the wait.
     LIMIT: slots after ``slot_ptr``'s are not read (they are the future; the caller's bias masks
     them): a slice wholly past it loads nothing and parks an empty (max -inf, sum 0) state.
-    PREFETCH: a slice of several blocks loads each next block before the current one's arithmetic.
     (Slices looped through Triton's shared-memory pipeline measured 1.1-4x slower: notes, run CI.)"""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
@@ -108,21 +103,12 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
         pdl_wait(USE_PDL)  # q, the cache and the mask are this step's
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
     q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
-    m_i = tl.full((), float("-inf"), tl.float32)  # the online softmax's running max, sum, accumulator
-    l_i = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    if PREFETCH:  # the next block's loads go out before this block's arithmetic (masked past the end)
-        for s0 in range(lo + BLOCK_S, hi + BLOCK_S, BLOCK_S):
-            rn = s0 + tl.arange(0, BLOCK_S)
-            kn, vn = _kv_block(kb, vb, rn, hi, rd, md, stride_ks, stride_vs)
-            m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
-            k, v, rs = kn, vn, rn
-    else:
+    m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, tl.full((), float("-inf"), tl.float32),
+                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32))
+    for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)
+        k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
         m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
-        for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
-            rs = s0 + tl.arange(0, BLOCK_S)
-            k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
-            m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
     _finish(acc, m_i, l_i, o_ptr + bh * D, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOCK_D, SPLIT_P2, X16)
 
 
@@ -157,8 +143,7 @@ def _finish(acc, m_i, l_i, o_row, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOC
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None,
-                     block: int | None = None, prefetch: bool = False) -> Tensor | X16:
+                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None) -> Tensor | X16:
     """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -173,17 +158,13 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     previous kernel finishes and that slot's row again after. It overlaps the previous kernel's tail
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
     slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
-    block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks);
-    ``block`` sets the slots per block of a slice and ``prefetch`` loads each next block before the
-    current one's arithmetic.
+    block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     if T != 1 or H % HKV or k.stride(3) != 1 or v.stride(3) != 1 or bias.stride(3) != 1:
         raise ValueError("decode_attention: one query token, H a multiple of the KV heads, contiguous last dims")
     q = q.contiguous()
-    if S >= LONG_MIN_S and n_split is None and block is None:
-        n_split, block, prefetch, num_warps = triton.cdiv(S, LONG[0]), LONG[1], True, num_warps or LONG[2]
     if n_split is None:
         n_split = triton.cdiv(S, SLICE)
     if early is None:
@@ -191,7 +172,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     early = early and slot is not None
     n_split = max(1, min(n_split, max_split, S))
     chunk = triton.cdiv(S, n_split)
-    block_s = block or min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
+    block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
     chunk = triton.cdiv(chunk, block_s) * block_s
     n_split = triton.cdiv(S, chunk)  # no empty slices
     split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
@@ -204,7 +185,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
         D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
-        LIMIT=slot is not None and SKIP_FUTURE, PREFETCH=prefetch,
+        LIMIT=slot is not None and SKIP_FUTURE,
         num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device),
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
     return X16(out) if x16 else out
