@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--prologue-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
        [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--attn-compare", action="store_true",
                     help="also time with the attention reading every cache slot of the bucket (not only up to "
                          "this step's)")
+    ap.add_argument("--prologue-compare", action="store_true",
+                    help="also time with the step's mask, RoPE rows and embedding built by torch (not one kernel)")
     ap.add_argument("--early-compare", action="store_true",
                     help="also time with the attention's early cache reads off, and on at every length")
     ap.add_argument("--batch", default=None, type=lambda v: [int(b) for b in v.split(",")],
@@ -199,6 +201,11 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_attn_noskip", n, 256, 2048))
         attn.SKIP_FUTURE = True
+    if a.prologue_compare:  # read at every forward: a new Generator recaptures
+        keep, dec.fused.prologue = dec.fused.prologue, False
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4_torch_prologue", n, 256, 2048))
+        dec.fused.prologue = keep
     if a.fused_compare:  # the same decode with a fused one-row epilogue kernel (gemv_fused.py) turned off
         from awqconv.kernels.linear import Int4Linear
 

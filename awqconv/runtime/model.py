@@ -135,11 +135,13 @@ class _Fused:
     ``x16``: one-token steps pass bf16 GEMV inputs as ``X16`` (GPU with the inline-PTX GEMV only;
     AWQCONV_X16=0 turns it off). ``pending_norm``: one-token steps leave the residual add + RMSNorm
     after the o and down projections to the merge kernels (``Layer.add_norm``; GPU only,
-    AWQCONV_PENDING_NORM=0 turns it off)."""
+    AWQCONV_PENDING_NORM=0 turns it off). ``prologue``: one-token steps build their mask, RoPE rows
+    and embeddings in one kernel (kernels/decode_prologue.py; GPU only, AWQCONV_DECODE_PROLOGUE=0
+    turns it off)."""
 
-    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True):
+    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True, prologue: bool = True):
         self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
-        self.x16 = self.pending_norm = False
+        self.x16 = self.pending_norm = self.prologue = False
         if gpu:
             from ..kernels import norm_act  # Triton import only where a GPU path runs
             from ..kernels.ops import _PTX
@@ -147,6 +149,7 @@ class _Fused:
             self.norm, self.add_norm, self.silu_mul = norm_act.rms_norm, norm_act.add_rms_norm, norm_act.silu_mul
             self.x16 = x16 and _PTX and _env_on("AWQCONV_X16")
             self.pending_norm = pending_norm and _env_on("AWQCONV_PENDING_NORM")
+            self.prologue = prologue and _env_on("AWQCONV_DECODE_PROLOGUE")
 
 
 def _env_on(name: str) -> bool:
@@ -277,8 +280,32 @@ class Decoder(nn.Module):
         """
         B, T = tokens.shape
         s = self.spec
-        t_idx = torch.arange(T, device=tokens.device)
-        slots = slot + t_idx
+        if T == 1 and valid is None and self.fused.prologue:  # one kernel, not a dozen small ones
+            from ..kernels.decode_prologue import decode_prologue
+
+            slots = slot.reshape(1)
+            x, cos, sin, bias = decode_prologue(tokens, positions, slot, self.embed, self.rope_table,
+                                                self.key_valid[:B], kv_len, s.sliding_window)
+        else:
+            slots, x, cos, sin, bias = self._step_inputs(tokens, positions, slot, kv_len, valid)
+        x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
+        h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else None
+            x, h = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len, nxt)
+        if last_only:  # h: the last down projection's output
+            x, h = x[:, -1:], h[:, -1:]
+        _, x = self.fused.add_norm(x, h, self.norm.weight, self.norm.eps)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head)
+
+    def _step_inputs(self, tokens: Tensor, positions: Tensor, slot: Tensor, kv_len: int,
+                     valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The cache slots, embeddings, RoPE cos/sin and additive mask of a forward, in torch
+        (marks the slots in ``key_valid``)."""
+        B, T = tokens.shape
+        s = self.spec
+        slots = slot + torch.arange(T, device=tokens.device)
         kv = self.key_valid[:B]
         if valid is None:
             kv.index_fill_(1, slots, True)
@@ -291,17 +318,7 @@ class Decoder(nn.Module):
         bias = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         # positions <= slots < max_len: two gathers from the table, not eight small kernels a step
         cos, sin = (t[positions][:, None] for t in self.rope_table)
-        x = F.embedding(tokens, self.embed)
-        x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
-        h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else None
-            x, h = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len, nxt)
-        if last_only:  # h: the last down projection's output
-            x, h = x[:, -1:], h[:, -1:]
-        _, x = self.fused.add_norm(x, h, self.norm.weight, self.norm.eps)
-        head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head)
+        return slots, F.embedding(tokens, self.embed), cos, sin, bias
 
 
 def build_decoder(qm: QuantizedModel, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

@@ -283,6 +283,23 @@ def test_decode_step_leaves_rmsnorm_to_the_merge_kernels(make_tiny_llama_qm, mon
     assert got.argmax() == want.argmax() == base.argmax()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_step_prologue_kernel(make_tiny_llama_qm, monkeypatch, dtype):
+    """A decode step on the GPU code path (interpreter) builds its mask, RoPE rows and embedding in
+    one kernel (kernels/decode_prologue.py), which really runs once, and gives the same logits bit
+    for bit as the same step with the torch construction."""
+    from awqconv.kernels import decode_prologue as mod
+
+    calls = []
+    real = mod.decode_prologue
+    monkeypatch.setattr(mod, "decode_prologue", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qm = make_tiny_llama_qm(head_dim=64, scale_dtype=dtype)
+    ids = torch.tensor([PROMPTS[2]])  # a prefill of several tokens, then the step
+    logits = {p: _decode_step(qm, dtype, ids, [], prologue=p) for p in (False, True)}
+    assert len(calls) == 1
+    assert torch.equal(logits[True], logits[False])
+
+
 def test_clear_errors(tiny_qm):
     bad = QuantizedModel({**tiny_qm.hf_config, "architectures": ["GPT2LMHeadModel"]}, tiny_qm.quant_config,
                          tiny_qm.linears, tiny_qm.dense)

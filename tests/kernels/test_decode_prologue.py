@@ -1,0 +1,50 @@
+"""The one-kernel decode-step prologue (interpreter) against the torch construction it replaces:
+exact equality (the mask is 0 / -inf, the rows are copies), over batch rows with padding, stale
+valid flags after the step's slot (masked), a sliding window, a bucket longer than one program's
+slots, and the slot marked valid in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from awqconv.kernels.decode_prologue import BLOCK_S, decode_prologue
+
+
+def _torch_prologue(tokens, positions, slot, embed, table, key_valid, kv_len, window):
+    kv = key_valid.clone()
+    kv[:, slot] = True
+    s_idx = torch.arange(kv_len)
+    mask = kv[:, None, None, :kv_len] & (s_idx <= slot)
+    if window:
+        mask = mask & (slot - s_idx < window)
+    bias = torch.zeros(mask.shape, dtype=embed.dtype).masked_fill_(~mask, float("-inf"))
+    cos, sin = (t[positions][:, None] for t in table)
+    return embed[tokens], cos, sin, bias, kv
+
+
+@pytest.mark.parametrize("B,kv_len,slot,window", [(1, 40, 17, None), (3, 300, 299, None), (2, BLOCK_S + 77, 1000, None),
+                                                  (2, 256, 130, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_prologue_matches_torch(B, kv_len, slot, window, dtype):
+    g = torch.Generator().manual_seed(kv_len + slot)
+    V, hidden, hd, max_len = 50, 96, 32, kv_len + 5
+    embed = torch.randn(V, hidden, generator=g).to(dtype)
+    table = (torch.randn(max_len, hd, generator=g).to(dtype), torch.randn(max_len, hd, generator=g).to(dtype))
+    key_valid = torch.rand(B, max_len, generator=g) < 0.8  # padding, and stale flags after the slot
+    tokens = torch.randint(0, V, (B, 1), generator=g)
+    positions = torch.randint(0, max_len, (B, 1), generator=g)
+    want = _torch_prologue(tokens, positions, slot, embed, table, key_valid, kv_len, window)
+    kv = key_valid.clone()
+    got = decode_prologue(tokens, positions, torch.tensor(slot), embed, table, kv, kv_len, window)
+    for w, o in zip(want[:4], got):
+        assert w.shape == o.shape and w.dtype == o.dtype
+        assert torch.equal(w, o)
+    assert torch.equal(kv, want[4])  # the step's slot marked valid, nothing else changed
+
+
+def test_decode_prologue_refuses_several_tokens():
+    t = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="one token per row"):
+        decode_prologue(t, t, torch.tensor(0), torch.zeros(4, 8), (torch.zeros(4, 2), torch.zeros(4, 2)),
+                        torch.zeros(1, 4, dtype=torch.bool), 4)
