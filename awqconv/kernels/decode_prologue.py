@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_S = 1024  # mask slots per program
+BLOCK_S = 512  # mask slots per program
+BLOCK_ROW = 512  # embedding values per program (the programs split the row: one load round trip)
 
 
 @triton.jit
@@ -29,8 +30,9 @@ def decode_prologue_kernel(tok_ptr, pos_ptr, slot_ptr, embed_ptr, x_ptr, cos_tab
                            valid_ptr, bias_ptr, S, HIDDEN, HD, WINDOW, stride_embed, stride_tab, stride_valid,
                            stride_bias,
                            BLOCK_S: tl.constexpr, BLOCK_ROW: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Program (b, i): mask slots [i * BLOCK_S, (i + 1) * BLOCK_S) of row b; program (b, 0) also
-    marks the slot valid and copies row b's embedding and cos/sin rows."""
+    """Program (b, i): mask slots [i * BLOCK_S, (i + 1) * BLOCK_S) and embedding values
+    [i * BLOCK_ROW, (i + 1) * BLOCK_ROW) of row b (where they exist); program (b, 0) also marks the
+    slot valid and copies the cos/sin rows."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
     slot = tl.load(slot_ptr)
@@ -42,11 +44,13 @@ def decode_prologue_kernel(tok_ptr, pos_ptr, slot_ptr, embed_ptr, x_ptr, cos_tab
         ok = ok & (slot - rs < WINDOW)
     bias = tl.where(ok, 0.0, float("-inf")).to(bias_ptr.dtype.element_ty)
     tl.store(bias_ptr + b * stride_bias + rs, bias, mask=m)
+    re = pid * BLOCK_ROW + tl.arange(0, BLOCK_ROW)
+    me = re < HIDDEN
+    tok = tl.load(tok_ptr + b)
+    tl.store(x_ptr + b * HIDDEN + re, tl.load(embed_ptr + tok * stride_embed + re, mask=me), mask=me)
     if pid == 0:
         tl.store(valid_ptr + b * stride_valid + slot, tl.full((), 1, tl.uint8))
-        tok = tl.load(tok_ptr + b)
         pos = tl.load(pos_ptr + b)
-        _copy_row(embed_ptr + tok * stride_embed, x_ptr + b * HIDDEN, HIDDEN, BLOCK_ROW)
         _copy_row(cos_tab + pos * stride_tab, cos_ptr + b * HD, HD, BLOCK_ROW)
         _copy_row(sin_tab + pos * stride_tab, sin_ptr + b * HD, HD, BLOCK_ROW)
 
@@ -69,9 +73,9 @@ def decode_prologue(tokens: Tensor, positions: Tensor, slot: Tensor, embed: Tens
     cos = torch.empty(B, 1, 1, hd, dtype=cos_tab.dtype, device=dev)
     sin = torch.empty_like(cos)
     bias = torch.empty(B, 1, 1, kv_len, dtype=dt, device=dev)
-    decode_prologue_kernel[(B, triton.cdiv(kv_len, BLOCK_S))](
+    decode_prologue_kernel[(B, max(triton.cdiv(kv_len, BLOCK_S), triton.cdiv(hidden, BLOCK_ROW)))](
         tokens.reshape(B), positions.reshape(B), slot, embed, x, cos_tab, sin_tab, cos, sin,
         key_valid.view(torch.uint8), bias, kv_len, hidden, hd, window or 0, embed.stride(0), cos_tab.stride(0),
         key_valid.stride(0), bias.stride(0),
-        BLOCK_S=BLOCK_S, BLOCK_ROW=1024, HAS_WINDOW=window is not None, num_warps=4)
+        BLOCK_S=BLOCK_S, BLOCK_ROW=BLOCK_ROW, HAS_WINDOW=window is not None, num_warps=4)
     return x, cos, sin, bias

@@ -1,14 +1,14 @@
 """The one-kernel decode-step prologue (interpreter) against the torch construction it replaces:
 exact equality (the mask is 0 / -inf, the rows are copies), over batch rows with padding, stale
-valid flags after the step's slot (masked), a sliding window, a bucket longer than one program's
-slots, and the slot marked valid in place."""
+valid flags after the step's slot (masked), a sliding window, masks and embedding rows longer than
+one program's share, and the slot marked valid in place."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from awqconv.kernels.decode_prologue import BLOCK_S, decode_prologue
+from awqconv.kernels.decode_prologue import BLOCK_ROW, BLOCK_S, decode_prologue
 
 
 def _torch_prologue(tokens, positions, slot, embed, table, key_valid, kv_len, window):
@@ -23,12 +23,14 @@ def _torch_prologue(tokens, positions, slot, embed, table, key_valid, kv_len, wi
     return embed[tokens], cos, sin, bias, kv
 
 
-@pytest.mark.parametrize("B,kv_len,slot,window", [(1, 40, 17, None), (3, 300, 299, None), (2, BLOCK_S + 77, 1000, None),
-                                                  (2, 256, 130, 64)])
+@pytest.mark.parametrize("B,kv_len,slot,window,hidden", [(1, 40, 17, None, 96), (3, 300, 299, None, 2 * BLOCK_ROW + 40),
+                                                         (2, 2 * BLOCK_S + 77, 2 * BLOCK_S + 1, None, 96),
+                                                         (2, 256, 130, 64, 96)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_prologue_matches_torch(B, kv_len, slot, window, dtype):
+def test_decode_prologue_matches_torch(B, kv_len, slot, window, hidden, dtype):
+    """Cases: one program; an embedding row over three programs; a mask over three; a window."""
     g = torch.Generator().manual_seed(kv_len + slot)
-    V, hidden, hd, max_len = 50, 96, 32, kv_len + 5
+    V, hd, max_len = 50, 32, kv_len + 5
     embed = torch.randn(V, hidden, generator=g).to(dtype)
     table = (torch.randn(max_len, hd, generator=g).to(dtype), torch.randn(max_len, hd, generator=g).to(dtype))
     key_valid = torch.rand(B, max_len, generator=g) < 0.8  # padding, and stale flags after the slot
