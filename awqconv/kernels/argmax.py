@@ -17,7 +17,8 @@ from torch import Tensor
 from .workspace import WORKSPACE
 
 MAX_PARTS = 16
-NONE = 1 << 24  # "no index" (indices are exact in fp32 below 2^24)
+MAX_V = 1 << 24  # indices are exact in fp32 below this
+NONE = tl.constexpr(MAX_V)  # "no index"
 
 
 @triton.jit
@@ -69,8 +70,8 @@ def greedy_argmax(logits: Tensor, block: int = 2048) -> Tensor:
     if logits.dim() != 2 or logits.stride(1) != 1:
         logits = logits.reshape(-1, logits.shape[-1]).contiguous()
     B, V = logits.shape
-    if not 0 < V < NONE:
-        raise ValueError(f"greedy_argmax: vocabulary of {V} (1 .. {NONE - 1})")
+    if not 0 < V < MAX_V:
+        raise ValueError(f"greedy_argmax: vocabulary of {V} (1 .. {MAX_V - 1})")
     chunk = triton.cdiv(triton.cdiv(V, MAX_PARTS), block) * block
     parts = triton.cdiv(V, chunk)
     parts_p2 = triton.next_power_of_2(parts)
