@@ -137,11 +137,13 @@ class _Fused:
     after the o and down projections to the merge kernels (``Layer.add_norm``; GPU only,
     AWQCONV_PENDING_NORM=0 turns it off). ``prologue``: one-token steps build their mask, RoPE rows
     and embeddings in one kernel (kernels/decode_prologue.py; GPU only, AWQCONV_DECODE_PROLOGUE=0
-    turns it off)."""
+    turns it off). ``head_gemv``: one row's lm_head runs on the Triton GEMV (kernels/dense_gemv.py,
+    ~7 % faster than cuBLAS there; GPU only, AWQCONV_HEAD_GEMV=0 turns it off)."""
 
-    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True, prologue: bool = True):
+    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True, prologue: bool = True,
+                 head_gemv: bool = True):
         self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
-        self.x16 = self.pending_norm = self.prologue = False
+        self.x16 = self.pending_norm = self.prologue = self.head_gemv = False
         if gpu:
             from ..kernels import norm_act  # Triton import only where a GPU path runs
             from ..kernels.ops import _PTX
@@ -150,6 +152,7 @@ class _Fused:
             self.x16 = x16 and _PTX and _env_on("AWQCONV_X16")
             self.pending_norm = pending_norm and _env_on("AWQCONV_PENDING_NORM")
             self.prologue = prologue and _env_on("AWQCONV_DECODE_PROLOGUE")
+            self.head_gemv = head_gemv and _env_on("AWQCONV_HEAD_GEMV")
 
 
 def _env_on(name: str) -> bool:
@@ -297,6 +300,10 @@ class Decoder(nn.Module):
             x, h = x[:, -1:], h[:, -1:]
         _, x = self.fused.add_norm(x, h, self.norm.weight, self.norm.eps)
         head = self.embed if self.lm_head is None else self.lm_head
+        if self.fused.head_gemv and x.numel() == x.shape[-1]:
+            from ..kernels.dense_gemv import dense_gemv
+
+            return dense_gemv(x, head)
         return F.linear(x, head)
 
     def _step_inputs(self, tokens: Tensor, positions: Tensor, slot: Tensor, kv_len: int,

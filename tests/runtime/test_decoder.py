@@ -300,6 +300,26 @@ def test_decode_step_prologue_kernel(make_tiny_llama_qm, monkeypatch, dtype):
     assert torch.equal(logits[True], logits[False])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_step_head_gemv(make_tiny_llama_qm, monkeypatch, dtype):
+    """A one-row decode step on the GPU code path (interpreter) computes its logits with the Triton
+    lm_head GEMV (kernels/dense_gemv.py), which really runs (for the prefill's last row and the
+    step: twice); they match the cuBLAS-path step
+    (``F.linear``) to an output rounding (relative max |dlogit| < 1e-2) with the same argmax."""
+    from awqconv.kernels import dense_gemv as mod
+
+    calls = []
+    real = mod.dense_gemv
+    monkeypatch.setattr(mod, "dense_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qm = make_tiny_llama_qm(head_dim=64, scale_dtype=dtype)
+    ids = torch.tensor([PROMPTS[2]])
+    logits = {h: _decode_step(qm, dtype, ids, [], head_gemv=h).float() for h in (False, True)}
+    assert len(calls) == 2
+    got, base = logits[True], logits[False]
+    assert ((got - base).abs().max() / base.abs().max()).item() < 1e-2
+    assert got.argmax() == base.argmax()
+
+
 def test_clear_errors(tiny_qm):
     bad = QuantizedModel({**tiny_qm.hf_config, "architectures": ["GPT2LMHeadModel"]}, tiny_qm.quant_config,
                          tiny_qm.linears, tiny_qm.dense)
