@@ -14,7 +14,6 @@ Usage: python benchmarks/gpu_gemv_tma.py
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -27,11 +26,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait  # noqa: E402
-from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import one_wave_split  # noqa: E402
 from awqconv.kernels.triton_w4 import _gemv_f16x2_chunk, _gemv_f16x2_load_x, gemv_f16x2_slice  # noqa: E402
-from awqconv.packed import PackedLinear  # noqa: E402
-from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
+from gpu_kernels import SHAPES, G, distinct_kernel_weights, time_graph  # noqa: E402
 
 DEV = torch.device("cuda")
 BN, KC = 64, 64
@@ -85,13 +82,8 @@ def main() -> None:
     variants = [(st, sz, per_sm, mr) for st in (2, 3, 4) for sz in (False, True) for per_sm, mr in ((16, 64), (8, None))]
     variants += [(6, False, 8, None), (3, False, 12, 80)]
     for name, (K, N) in SHAPES.items():
-        R = max(2, math.ceil(400e6 / (K * N * 2)))
-        kws = []
-        for _ in range(R):
-            p = PackedLinear(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV),
-                             (torch.rand(N, K // G, device=DEV) * 0.01).half(),
-                             torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV), K, G)
-            kws.append(KernelWeight.from_packed(p))
+        kws = distinct_kernel_weights(K, N)
+        R = len(kws)
         descs = [(TensorDescriptor(kw.qw, [K // 8, N], [N, 1], [KC // 8, BN]),
                   TensorDescriptor(kw.scales, [K // G, N], [N, 1], [1, BN])) for kw in kws]
         x = torch.randn(1, K, dtype=torch.float16, device=DEV)

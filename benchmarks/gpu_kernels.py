@@ -42,12 +42,23 @@ DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
 DT = torch.float16  # activations, scales and the cuBLAS baseline (--dtype)
 
 
-def make_set(K: int, N: int) -> dict:
+def make_packed(K: int, N: int) -> PackedLinear:
+    """Random INT4 g``G`` weights ``[N, K]`` on the benchmark device (``DT`` scales)."""
     qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV)
     zeros = torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV)
     scales = (torch.rand(N, K // G, device=DEV) * 0.01 + 0.001).to(DT)
-    p = PackedLinear(qweight, scales, zeros, K, G)
+    return PackedLinear(qweight, scales, zeros, K, G)
+
+
+def make_set(K: int, N: int) -> dict:
+    p = make_packed(K, N)
     return {"p": p, "W": p.dequantize(DT)}  # W [N, K]
+
+
+def distinct_kernel_weights(K: int, N: int, min_bytes: float = 400e6) -> list[KernelWeight]:
+    """Enough random weights ``[N, K]`` in kernel layout (at least two) that cycling through them
+    reads >= ``min_bytes`` of fp16-sized weights: the L2 cannot hold them."""
+    return [KernelWeight.from_packed(make_packed(K, N)) for _ in range(max(2, math.ceil(min_bytes / (K * N * 2))))]
 
 
 # ---- methods: build(set) -> state; call(x, state) -> y -------------------------------------------

@@ -18,7 +18,6 @@ volume and the per-kernel cost of this protocol. Usage: python benchmarks/gpu_re
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import replace
@@ -30,11 +29,9 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.kernels.launch import pdl_launch, pdl_start, pdl_wait  # noqa: E402
-from awqconv.kernels.layout import KernelWeight  # noqa: E402
 from awqconv.kernels.ops import _n_sm, default_config, w4_matmul  # noqa: E402
 from awqconv.kernels.triton_w4 import _gemv_f16x2_load_wsz, gemv_f16x2_slice  # noqa: E402
-from awqconv.packed import PackedLinear  # noqa: E402
-from gpu_kernels import SHAPES, G, time_graph  # noqa: E402
+from gpu_kernels import SHAPES, G, distinct_kernel_weights, time_graph  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -123,13 +120,8 @@ def gemv_partials_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, ws_ptr, N, K, G, K_SPLIT,
 def main() -> None:
     out = {"device": torch.cuda.get_device_name(0), "rows": []}
     for name, (K, N) in SHAPES.items():
-        R = max(2, math.ceil(400e6 / (K * N * 2)))
-        kws = []
-        for _ in range(R):
-            p = PackedLinear(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV),
-                             (torch.rand(N, K // G, device=DEV) * 0.01).half(),
-                             torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV), K, G)
-            kws.append(KernelWeight.from_packed(p))
+        kws = distinct_kernel_weights(K, N)
+        R = len(kws)
         x = torch.randn(1, K, dtype=torch.float16, device=DEV)
         cfg = default_config(1, kws[0], DEV)
         n_words = kws[0].qw.numel()

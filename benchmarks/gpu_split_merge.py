@@ -26,13 +26,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpu_kernels import SHAPES, G, time_graph
+from gpu_kernels import SHAPES, distinct_kernel_weights, time_graph
 
 from awqconv.kernels.launch import pdl_start
-from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.ops import default_config, plan_matmul
 from awqconv.kernels.tile_t import tile_t_slice
-from awqconv.packed import PackedLinear
 
 DEV = torch.device("cuda")
 
@@ -58,13 +56,8 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "rows": []}
     for name, (K, N) in SHAPES.items():
-        R = max(2, math.ceil(400e6 / (K * N * 2)))
-        kws = []
-        for _ in range(R):
-            p = PackedLinear(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=DEV),
-                             (torch.rand(N, K // G, device=DEV) * 0.01 + 0.001).half(),
-                             torch.randint(0, 16, (N, K // G), dtype=torch.uint8, device=DEV), K, G)
-            kws.append(KernelWeight.from_packed(p))
+        kws = distinct_kernel_weights(K, N)
+        R = len(kws)
         for M in a.ms:
             x = torch.randn(M, K, dtype=torch.float16, device=DEV)
             cfg = default_config(M, kws[0], DEV)
