@@ -1,9 +1,8 @@
 """The decode step's lm_head (fp16 [32000, 4096], one row): cuBLAS against a Triton GEMV (an experiment).
 
 In the 7B decode step the vocabulary projection is one cuBLAS GEMV of 262 MB, ~98 us at ~2.7 TB/s
-(4 % of a step at 2048 context). The Triton kernel here streams W in [BLOCK_N, BLOCK_K] tiles with
-the next tile's loads issued before the current tile's arithmetic, fp32 accumulation, one row sum
-at the end. Protocol of gpu_kernels.py (a CUDA graph over enough distinct weights to defeat L2,
+(4 % of a step at 2048 context) against the runtime's Triton GEMV (kernels/dense_gemv.py) over a
+sweep of its tiles (rows x columns x warps). Protocol of gpu_kernels.py (a CUDA graph over enough distinct weights to defeat L2,
 median), us per call, the read rate, and max |dy| against fp32 math.
 Usage: python benchmarks/gpu_lm_head.py
 """
@@ -20,30 +19,14 @@ os.environ["TRITON_INTERPRET"] = "0"
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gpu_kernels import time_graph
 
+from awqconv.kernels.dense_gemv import dense_gemv_kernel
+
 DEV = torch.device("cuda")
 V, D = 32000, 4096
-
-
-@triton.jit
-def dense_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    mn = rn < N
-    rows = w_ptr + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    w = tl.load(rows, mask=mn[:, None], other=0.0, eviction_policy="evict_first")
-    for k0 in range(0, K, BLOCK_K):
-        nk = tl.minimum(k0 + BLOCK_K, K - BLOCK_K)  # the last prefetch re-reads the last tile (no masks)
-        nw = tl.load(rows + nk, mask=mn[:, None], other=0.0, eviction_policy="evict_first")
-        x = tl.load(x_ptr + k0 + rk).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-        w = nw
-    tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mn)
 
 
 def main() -> None:
