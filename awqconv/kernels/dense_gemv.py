@@ -2,7 +2,7 @@
 
 cuBLAS runs Llama-2's [32000, 4096] fp16 lm_head for one row at ~2.6 TB/s (99.9 us on an H100);
 this kernel streams W in [BLOCK_N, BLOCK_K] row tiles, the next tile's loads issued before the
-current tile's arithmetic, at ~2.8 TB/s (93.0 us; benchmarks/gpu_lm_head.py, BENCHMARKS.md §2).
+current tile's arithmetic, at ~2.9 TB/s (90.4 us; benchmarks/gpu_lm_head.py, BENCHMARKS.md §2).
 fp32 accumulation, one rounding of each output. In the programmatic-dependent-launch chain its
 first weight tile is read before it waits for the previous kernel (the final norm).
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .launch import pdl_launch, pdl_start, pdl_wait
 
-BLOCK_N, BLOCK_K, NUM_WARPS = 8, 512, 4  # H100 sweep (run CN): 8 x 512 x 4 warps, 93.0 us
+BLOCK_N, BLOCK_K, NUM_WARPS = 2, 2048, 4  # H100 sweep (run CP): 90.4 us; 4 x 1024 90.8, 8 x 512 92.6
 
 
 @triton.jit
