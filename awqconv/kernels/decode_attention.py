@@ -154,8 +154,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     launch). ``slot`` (int64 [1], on the device) is the only cache slot the previous kernels of this
     step wrote, and the newest: slots after it are not read (the runtime's bias masks them; at
     power-of-two cache buckets they are up to half the slots). With it, ``early`` (default:
-    S <= EARLY_MAX_S) reads the first cache block before the
-    previous kernel finishes and that slot's row again after. It overlaps the previous kernel's tail
+    S <= EARLY_MAX_S) reads the first cache block before the previous kernel finishes and that
+    slot's row again after. It overlaps the previous kernel's tail
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
     slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
     block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
