@@ -5,7 +5,7 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--prologue-compare] [--argmax-compare] [--head-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
+Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--prologue-compare] [--argmax-compare] [--head-compare] [--stage-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
        [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--attn-compare", action="store_true",
                     help="also time with the attention reading every cache slot of the bucket (not only up to "
                          "this step's)")
+    ap.add_argument("--stage-compare", action="store_true",
+                    help="also time with each step's token, position and slot staged by torch ops")
     ap.add_argument("--head-compare", action="store_true", help="also time with the lm_head on cuBLAS (F.linear)")
     ap.add_argument("--argmax-compare", action="store_true", help="also time greedy decoding with torch's argmax")
     ap.add_argument("--prologue-compare", action="store_true",
@@ -209,6 +211,22 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_torch_argmax", n, 256, 2048))
         gen_mod._sample = keep
+    if a.stage_compare:  # each step's inputs staged by torch ops (the path before the staging kernel)
+        keep = Generator.step
+
+        def step_torch(self, tok, pos, slot, history=None):
+            g, t_buf, p_buf, s_buf, logits = self._graph_for(tok.shape[0], self.kv_bucket(slot))
+            t_buf.copy_(tok.view(t_buf.shape))
+            p_buf.copy_(pos.view(p_buf.shape))
+            s_buf.fill_(slot)
+            if history is not None:
+                history.copy_(tok)
+            g.replay()
+            return logits[:, -1], pos + 1
+        Generator.step = step_torch
+        for n in (64, 1792):
+            results["runs"].append(run_decode(dec, "awqconv_int4_torch_staging", n, 256, 2048))
+        Generator.step = keep
     if a.head_compare:  # read at every forward: a new Generator recaptures
         keep, dec.fused.head_gemv = dec.fused.head_gemv, False
         for n in (64, 1792):

@@ -1,4 +1,5 @@
-"""Everything a one-token decode step needs before its first layer, in one Triton kernel.
+"""Everything a one-token decode step needs before its first layer, in one Triton kernel; and the
+one launch that stages a step's token, positions and slot into a decode graph's input buffers.
 
 Per step the runtime marks this step's cache slot valid, builds the attention's additive mask over
 the cache bucket, gathers this position's RoPE cos/sin rows and the token's embedding row. In torch
@@ -79,3 +80,36 @@ def decode_prologue(tokens: Tensor, positions: Tensor, slot: Tensor, embed: Tens
         key_valid.stride(0), bias.stride(0),
         BLOCK_S=BLOCK_S, BLOCK_ROW=BLOCK_ROW, HAS_WINDOW=window is not None, num_warps=4)
     return x, cos, sin, bias
+
+
+@triton.jit(do_not_specialize=["slot"])
+def stage_kernel(tok_ptr, pos_ptr, t_buf, p_buf, s_buf, hist_ptr, next_pos_ptr, slot, B, stride_hist,
+                 BLOCK: tl.constexpr, HIST: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    m = r < B
+    tok = tl.load(tok_ptr + r, mask=m)
+    pos = tl.load(pos_ptr + r, mask=m)
+    tl.store(t_buf + r, tok, mask=m)
+    tl.store(p_buf + r, pos, mask=m)
+    tl.store(next_pos_ptr + r, pos + 1, mask=m)
+    if HIST:
+        tl.store(hist_ptr + r * stride_hist, tok, mask=m)
+    tl.store(s_buf, slot.to(s_buf.dtype.element_ty))
+
+
+def stage_step_inputs(tok: Tensor, pos: Tensor, slot: int, t_buf: Tensor, p_buf: Tensor, s_buf: Tensor,
+                      history: Tensor | None = None) -> Tensor:
+    """One launch for what a decode step's host loop did in five: ``t_buf <- tok``, ``p_buf <- pos``
+    (``[B]`` or ``[B, 1]`` each), ``s_buf <- slot`` (0-d), ``history <- tok`` (a ``[B]`` view, e.g.
+    a column of the output tokens) when given; returns ``pos + 1`` (the next step's positions)."""
+    B = tok.numel()
+    if pos.numel() != B or t_buf.numel() != B or p_buf.numel() != B or s_buf.numel() != 1:
+        raise ValueError("stage_step_inputs: one token and one position per row, a 0-d slot buffer")
+    tok, pos = tok.reshape(B).contiguous(), pos.reshape(B).contiguous()
+    if not (t_buf.is_contiguous() and p_buf.is_contiguous()):
+        raise ValueError("stage_step_inputs: contiguous input buffers")
+    nxt = torch.empty_like(pos)
+    hist = history if history is not None else tok
+    stage_kernel[(1,)](tok, pos, t_buf, p_buf, s_buf, hist, nxt, slot, B, hist.stride(0) if hist.dim() else 0,
+                       BLOCK=triton.next_power_of_2(B), HIST=history is not None, num_warps=1)
+    return nxt

@@ -190,19 +190,22 @@ class Generator:
                 self._graph_for(B, kv)
 
     @torch.no_grad()
-    def step(self, tok: Tensor, pos: Tensor, slot: int) -> Tensor:
-        """Logits [B, V] for one new token per row at cache ``slot``."""
+    def step(self, tok: Tensor, pos: Tensor, slot: int, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Logits [B, V] for one new token per row at cache ``slot``, and the next step's positions
+        (``pos + 1``); ``history`` (a ``[B]`` view, optional) receives ``tok``."""
         B = tok.shape[0]
         kv_len = self.kv_bucket(slot)
-        if self.use_graph:
+        if self.use_graph:  # one staging launch, not five small ops queued between graph replays
+            from ..kernels.decode_prologue import stage_step_inputs
+
             g, t_buf, p_buf, s_buf, logits = self._graph_for(B, kv_len)
-            t_buf.copy_(tok.view(B, 1))
-            p_buf.copy_(pos.view(B, 1))
-            s_buf.fill_(slot)
+            nxt = stage_step_inputs(tok, pos, slot, t_buf, p_buf, s_buf, history)
             g.replay()
-            return logits[:, -1]
+            return logits[:, -1], nxt
+        if history is not None:
+            history.copy_(tok)
         slot_t = torch.tensor(slot, device=self.model.device)
-        return self.model(tok.view(B, 1), pos.view(B, 1), slot_t, kv_len)[:, -1]
+        return self.model(tok.view(B, 1), pos.view(B, 1), slot_t, kv_len)[:, -1], pos + 1
 
     # --- prefill -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,16 +271,16 @@ class Generator:
         reader = _TokenReader(B, self.model.device) if need_host else None
         n = 0
         for i in range(p.max_new_tokens):
-            out[:, i] = tok
             n = i + 1
             if reader is not None:
                 reader.start(tok)
             last = i + 1 == p.max_new_tokens
-            if not last:  # queue the next step before waiting for this token on the host: the GPU
+            if last:
+                out[:, i] = tok
+            else:  # queue the next step before waiting for this token on the host: the GPU
                 # keeps working while the host streams it and checks for EOS (on an EOS the queued
-                # step is simply not used)
-                logits = self.step(tok, pos, slot + i)
-                pos = pos + 1
+                # step is simply not used); the step also writes tok into out[:, i]
+                logits, pos = self.step(tok, pos, slot + i, history=out[:, i])
                 nxt = _sample(logits, p, gen)
             if reader is not None:
                 for r, t in enumerate(reader.tokens()):

@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awqconv.kernels.decode_prologue import BLOCK_ROW, BLOCK_S, decode_prologue
+from awqconv.kernels.decode_prologue import (
+    BLOCK_ROW,
+    BLOCK_S,
+    decode_prologue,
+    stage_step_inputs,
+)
 
 
 def _torch_prologue(tokens, positions, slot, embed, table, key_valid, kv_len, window):
@@ -50,3 +55,22 @@ def test_decode_prologue_refuses_several_tokens():
     with pytest.raises(ValueError, match="one token per row"):
         decode_prologue(t, t, torch.tensor(0), torch.zeros(4, 8), (torch.zeros(4, 2), torch.zeros(4, 2)),
                         torch.zeros(1, 4, dtype=torch.bool), 4)
+
+
+@pytest.mark.parametrize("B,history", [(1, True), (3, True), (5, False)])
+def test_stage_step_inputs(B, history):
+    """The one staging launch writes what the five torch ops did: the graph's token, position and
+    slot buffers, the output column (a strided view), and returns the next positions."""
+    g = torch.Generator().manual_seed(B)
+    tok = torch.randint(0, 1000, (B,), generator=g)
+    pos = torch.randint(0, 100, (B, 1), generator=g)
+    t_buf, p_buf, s_buf = torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long), torch.zeros(
+        (), dtype=torch.long)
+    out = torch.full((B, 7), -1, dtype=torch.long)
+    nxt = stage_step_inputs(tok, pos, 3_000_000_000, t_buf, p_buf, s_buf, out[:, 4] if history else None)
+    assert torch.equal(t_buf.view(B), tok) and torch.equal(p_buf, pos) and s_buf.item() == 3_000_000_000
+    assert torch.equal(nxt, pos.view(B) + 1)
+    want = torch.full((B, 7), -1, dtype=torch.long)
+    if history:
+        want[:, 4] = tok
+    assert torch.equal(out, want)
