@@ -110,6 +110,6 @@ def stage_step_inputs(tok: Tensor, pos: Tensor, slot: int, t_buf: Tensor, p_buf:
         raise ValueError("stage_step_inputs: contiguous input buffers")
     nxt = torch.empty_like(pos)
     hist = history if history is not None else tok
-    stage_kernel[(1,)](tok, pos, t_buf, p_buf, s_buf, hist, nxt, slot, B, hist.stride(0) if hist.dim() else 0,
+    stage_kernel[(1,)](tok, pos, t_buf, p_buf, s_buf, hist, nxt, slot, B, hist.stride(0),
                        BLOCK=triton.next_power_of_2(B), HIST=history is not None, num_warps=1)
     return nxt
