@@ -66,6 +66,13 @@ def main() -> None:
             variants[f"walk{slots}_u{u}_w{warps}"] = (
                 lambda k, v, w=(slots, u, warps), q=q, bias=bias, slot=slot: decode_attention(q, k, v, bias, slot=slot,
                                                                                               walk=w))
+        for slots, u, warps in ((128, 2, 4), (256, 2, 4), (256, 4, 4), (256, 2, 8), (512, 4, 4), (512, 2, 8)):
+            def walk_o1(k, v, w=(slots, u, warps), q=q, bias=bias, slot=slot):
+                keep, attn.WALK_PTXAS = attn.WALK_PTXAS, "-O1"
+                out = decode_attention(q, k, v, bias, slot=slot, walk=w)
+                attn.WALK_PTXAS = keep
+                return out
+            variants[f"walk{slots}_u{u}_w{warps}_O1"] = walk_o1
         now = S - S // 16
         bias_now = torch.zeros(1, 1, 1, S, dtype=torch.float16, device=DEV)
         bias_now[..., now + 1:] = float("-inf")

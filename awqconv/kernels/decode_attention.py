@@ -33,6 +33,7 @@ SKIP_FUTURE = True  # with ``slot``, slots after it are not read (False: for the
 # in blocks of WALK[1] x num_warps x R slots with WALK[2] warps (off until measured)
 WALK_MIN_S = 1 << 30
 WALK = (256, 4, 4)
+WALK_PTXAS: str | None = None  # extra ptxas options for the walked slices ("-O1" keeps the loads first)
 
 
 @triton.jit
@@ -289,5 +290,6 @@ def _walk(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slot: Tensor | None, wa
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
         D=D, BLOCK_D=block_d, U=u, NW=nw, R=r, SPLIT_P2=split_p2, X16=x16,
-        LIMIT=slot is not None and SKIP_FUTURE, num_warps=nw, **pdl_launch(q.device))
+        LIMIT=slot is not None and SKIP_FUTURE, num_warps=nw, **pdl_launch(q.device),
+        **({"ptx_options": WALK_PTXAS} if WALK_PTXAS and not INTERPRET else {}))
     return X16(out) if x16 else out
