@@ -4,9 +4,8 @@ read from HBM, not L2), in one CUDA graph; us per layer and the cache read rate.
 Variants: cache slots per slice, with and without early cache reads (before the PDL wait; here the
 previous kernel is the previous layer's attention); with this step's slot at 15/16 of the cache
 (the mean of a power-of-two bucket's second half), the default reading only the slots up to it
-against reading all of them ("slot15_16", "slot15_16_noskip"); slices walked in blocks by
-``decode_attention_warps_kernel``, each warp its own online softmax ("walk{slots}_u{U}_w{warps}").
-Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048] [--only PREFIX,...]
+against reading all of them ("slot15_16", "slot15_16_noskip").
+Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048]
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", default="256,512,1024,2048")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    ap.add_argument("--only", default="", help="time only the variants whose names start with one of these")
     a = ap.parse_args()
     torch.manual_seed(0)
     kcs = [torch.randn(1, H, MAX_LEN, D, dtype=torch.float16, device=DEV) for _ in range(LAYERS)]
@@ -61,18 +59,6 @@ def main() -> None:
             variants[f"awq_slice{slice_}_w{warps}_mr{mr}"] = (
                 lambda k, v, n=n, warps=warps, mr=mr, q=q, bias=bias, slot=slot: decode_attention(
                     q, k, v, bias, n, slot, max_split=64, num_warps=warps, maxnreg=mr))
-        for slots, u, warps in ((128, 2, 4), (128, 4, 4), (256, 2, 4), (256, 4, 4), (512, 4, 4), (256, 4, 2),
-                                (256, 2, 8), (512, 2, 8), (128, 1, 4), (256, 1, 8)):
-            variants[f"walk{slots}_u{u}_w{warps}"] = (
-                lambda k, v, w=(slots, u, warps), q=q, bias=bias, slot=slot: decode_attention(q, k, v, bias, slot=slot,
-                                                                                              walk=w))
-        for slots, u, warps in ((128, 2, 4), (256, 2, 4), (256, 4, 4), (256, 2, 8), (512, 4, 4), (512, 2, 8)):
-            def walk_o1(k, v, w=(slots, u, warps), q=q, bias=bias, slot=slot):
-                keep, attn.WALK_PTXAS = attn.WALK_PTXAS, "-O1"
-                out = decode_attention(q, k, v, bias, slot=slot, walk=w)
-                attn.WALK_PTXAS = keep
-                return out
-            variants[f"walk{slots}_u{u}_w{warps}_O1"] = walk_o1
         now = S - S // 16
         bias_now = torch.zeros(1, 1, 1, S, dtype=torch.float16, device=DEV)
         bias_now[..., now + 1:] = float("-inf")
@@ -85,10 +71,6 @@ def main() -> None:
             return out
         variants["slot15_16"] = lambda k, v: at_slot(k, v, True)
         variants["slot15_16_noskip"] = lambda k, v: at_slot(k, v, False)
-        variants["slot15_16_walk256_u4_w4"] = lambda k, v, q=q, b=bias_now, s=slot_now: decode_attention(
-            q, k, v, b, slot=s, walk=(256, 4, 4))
-        if a.only:
-            variants = {n: f for n, f in variants.items() if n == "awq_default" or n.startswith(tuple(a.only.split(",")))}
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
             ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),

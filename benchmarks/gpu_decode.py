@@ -6,7 +6,7 @@ its logits against the same runtime with dequantised fp16 weights, then times gr
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
 Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--prologue-compare] [--argmax-compare] [--head-compare] [--stage-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
-       [--pending-compare] [--skip-compare] [--attn-walk 'slots,U,W;...' [--walk-min S]]
+       [--pending-compare] [--skip-compare]
        [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
 (--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
 one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AQ.)
@@ -151,13 +151,6 @@ def main() -> None:
     ap.add_argument("--host-compare", action="store_true",
                     help="also time 64 + 256 with every token read on the host (streaming + EOS check), greedy "
                          "and sampled")
-    ap.add_argument("--attn-walk", type=lambda s: [tuple(int(v) for v in c.split(",")) for c in s.split(";")],
-                    default=[], help="walked attention slices to time: 'slots,U,warps;...' (decode_attention WALK)")
-    ap.add_argument("--walk-min", type=int, default=1024, help="with --attn-walk: from this many cache slots on")
-    ap.add_argument("--walk-ptxas", default=None, help="with --attn-walk: ptxas options for the walked slices")
-    ap.add_argument("--gemv-compare", type=lambda s: [tuple(c.split(":")) for c in s.split(";")], default=[],
-                    help="one-row GEMV variants to time at both lengths: 'ptxas:pairs:per_sm:maxnreg;...' "
-                         "(ptxas '' = default; pairs 0/1; maxnreg 0 = none)")
     ap.add_argument("--bf16", action="store_true", help="bf16 scales and activations (default fp16)")
     ap.add_argument("--fp32-gemv-compare", action="store_true",
                     help="with --bf16: also time one-row linears on the fp32 CUDA-core GEMV")
@@ -212,30 +205,6 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_attn_noskip", n, 256, 2048))
         attn.SKIP_FUTURE = True
-    if a.attn_walk:  # read at every launch; a new Generator recaptures
-        from awqconv.kernels import decode_attention as attn
-
-        keep = (attn.WALK_MIN_S, attn.WALK)
-        attn.WALK_MIN_S = a.walk_min
-        attn.WALK_PTXAS = a.walk_ptxas
-        for cfg in a.attn_walk:
-            attn.WALK = cfg
-            for n in ((64, 1792) if a.walk_min <= 512 else (1792,)):
-                results["runs"].append(run_decode(dec, "awqconv_int4_attn_walk_" + "_".join(map(str, cfg)), n, 256, 2048))
-        attn.WALK_MIN_S, attn.WALK = keep
-    if a.gemv_compare:  # read at every launch; a new Generator recaptures
-        from awqconv.kernels import ops
-
-        keep = (ops.ONE_ROW_PTXAS, ops.ONE_ROW_PAIRS, ops.ONE_WAVE_PROGRAMS, ops.one_row_config.__defaults__)
-        for opt, pairs, per_sm, mr in a.gemv_compare:
-            ops.ONE_ROW_PTXAS, ops.ONE_ROW_PAIRS = opt or None, pairs == "1"
-            d = list(keep[3])
-            d[0], d[1] = int(per_sm), int(mr) or None
-            ops.one_row_config.__defaults__ = tuple(d)
-            for n in (64, 1792):
-                results["runs"].append(run_decode(dec, f"awqconv_int4_gemv_{opt or 'O3'}_p{pairs}_w{per_sm}_mr{mr}",
-                                                  n, 256, 2048))
-        ops.ONE_ROW_PTXAS, ops.ONE_ROW_PAIRS, _, ops.one_row_config.__defaults__ = keep
     if a.argmax_compare:  # greedy tokens by torch's argmax (one block per row) instead of the split kernel
         keep = gen_mod._sample
         gen_mod._sample = lambda logits, p, g: logits.argmax(-1) if p.temperature <= 0 else keep(logits, p, g)

@@ -116,13 +116,6 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for per_sm, mr in [(16, 64), (12, 80), (8, 128), (10, 96)]:  # 128-row chunks: twice the bytes in flight
             out[f"h2_wave{per_sm}_mr{mr}_kc128"] = one_row_config(kw, DEV, per_sm, mr, kc=128)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
-        # ptxas -O1 keeps the next chunk's loads before the current chunk's arithmetic (-O3 sinks them to
-        # the end of the loop body); two chunk buffers (pairs); caps for their registers (run CT)
-        for per_sm, mr, pairs, opt in [(16, 64, False, "-O1"), (14, None, False, "-O1"), (12, 80, False, "-O1"),
-                                       (16, 64, True, None), (12, 80, True, None), (16, 64, True, "-O1"),
-                                       (10, 96, True, "-O1"), (12, 80, True, "-O1")]:
-            out[f"h2_ct_wave{per_sm}_mr{mr}" + ("_pairs" if pairs else "") + ("_O1" if opt else "")] = (
-                one_row_config(kw, DEV, per_sm, mr, ptxas=opt, pairs=pairs))
     if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
         for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
                                    (256, 4, 16, 8, 3), (128, 1, 16, 16, 4), (256, 2, 8, 8, 1)]:

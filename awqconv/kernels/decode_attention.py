@@ -29,11 +29,6 @@ MAX_BLOCK_S = 128
 SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots, benchmarks/gpu_attention.py)
 EARLY_MAX_S = 512  # early cache reads help up to here (see decode_attention)
 SKIP_FUTURE = True  # with ``slot``, slots after it are not read (False: for the benchmarks' A/B)
-# From WALK_MIN_S cache slots on, slices of WALK[0] slots are walked by decode_attention_warps_kernel
-# in blocks of WALK[1] x num_warps x R slots with WALK[2] warps (off until measured)
-WALK_MIN_S = 1 << 30
-WALK = (256, 4, 4)
-WALK_PTXAS: str | None = None  # extra ptxas options for the walked slices ("-O1" keeps the loads first)
 
 
 @triton.jit
@@ -118,73 +113,6 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
 
 
 @triton.jit
-def _attend_warps(k, v, q4, bias_row, rs, hi, m_i, l_i, acc):
-    """One block of ``_attend`` in the [U, NW, R, D] form: warp w owns its rows [:, w] and its own
-    running (max, sum, accumulator) [NW], so every reduction stays inside a warp (no barrier)."""
-    bias = tl.load(bias_row + rs, mask=rs < hi, other=float("-inf")).to(tl.float32)
-    sc = tl.sum(k.to(tl.float32) * q4, axis=3) + bias  # [U, NW, R]
-    m_new = tl.maximum(m_i, tl.max(tl.max(sc, axis=0), axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(sc - m_ref[None, :, None])
-    alpha = tl.exp(m_i - m_ref)
-    pv = tl.sum(tl.sum(p[:, :, :, None] * v.to(tl.float32), axis=0), axis=1)  # [NW, D]
-    return m_new, l_i * alpha + tl.sum(tl.sum(p, axis=0), axis=1), acc * alpha[:, None] + pv
-
-
-@triton.jit
-def decode_attention_warps_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_ptr, cnt_ptr,
-                                  S, CHUNK, N_SPLIT, H, GROUP, scale,
-                                  stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
-                                  D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr, NW: tl.constexpr,
-                                  R: tl.constexpr, SPLIT_P2: tl.constexpr, USE_PDL: tl.constexpr = False,
-                                  X16: tl.constexpr = False, LIMIT: tl.constexpr = False):
-    """``decode_attention_kernel`` for long slices: a slice is walked in blocks of U * NW * R slots,
-    each next block loaded before the current one's arithmetic. A block is shaped [U, NW, R, D]
-    (R rows of 16-byte vectors fill a warp, so Triton lays the NW axis across the warps): each warp
-    keeps its own online softmax, and the warps are combined once, at the end of the slice."""
-    pdl_start(USE_PDL)
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
-    b = bh // H
-    kh = (bh % H) // GROUP
-    kb = k_ptr + b * stride_kb + kh * stride_kh
-    vb = v_ptr + b * stride_vb + kh * stride_vh
-    lo = sp * CHUNK
-    hi = tl.minimum(lo + CHUNK, S)
-    if LIMIT:
-        hi = tl.minimum(hi, tl.load(slot_ptr).to(tl.int32) + 1)
-    BLK: tl.constexpr = U * NW * R
-    rows = ((tl.arange(0, NW)[None, :, None] * U + tl.arange(0, U)[:, None, None]) * R
-            + tl.arange(0, R)[None, None, :])  # [U, NW, R]: warp w reads U * R consecutive slots
-    rd = tl.arange(0, BLOCK_D)
-    md = rd < D
-    rd4 = rd[None, None, None, :]
-    md4 = md[None, None, None, :]
-    bias_row = bias_ptr + b * stride_bias
-    pdl_wait(USE_PDL)  # q, the cache and the mask are this step's
-    q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
-    q4 = q[None, None, None, :]
-    rs = lo + rows
-    m2 = (rs < hi)[:, :, :, None] & md4
-    k = tl.load(kb + rs[:, :, :, None] * stride_ks + rd4, mask=m2, other=0.0)
-    v = tl.load(vb + rs[:, :, :, None] * stride_vs + rd4, mask=m2, other=0.0)
-    m_i = tl.full((NW,), float("-inf"), tl.float32)
-    l_i = tl.zeros((NW,), tl.float32)
-    acc = tl.zeros((NW, BLOCK_D), tl.float32)
-    for s0 in range(lo + BLK, hi + BLK, BLK):  # the last pass's loads are all masked off
-        rn = s0 + rows
-        mn = (rn < hi)[:, :, :, None] & md4
-        kn = tl.load(kb + rn[:, :, :, None] * stride_ks + rd4, mask=mn, other=0.0)
-        vn = tl.load(vb + rn[:, :, :, None] * stride_vs + rd4, mask=mn, other=0.0)
-        m_i, l_i, acc = _attend_warps(k, v, q4, bias_row, rs, hi, m_i, l_i, acc)
-        k, v, rs = kn, vn, rn
-    m_all = tl.max(m_i, axis=0)
-    w = tl.exp(m_i - tl.where(m_all == float("-inf"), 0.0, m_all))
-    _finish(tl.sum(acc * w[:, None], axis=0), m_all, tl.sum(l_i * w, axis=0), o_ptr + bh * D, ws_ptr, cnt_ptr,
-            bh, sp, N_SPLIT, rd, md, BLOCK_D, SPLIT_P2, X16)
-
-
-@triton.jit
 def _finish(acc, m_i, l_i, o_row, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOCK_D: tl.constexpr,
             SPLIT_P2: tl.constexpr, X16: tl.constexpr):
     """One slice's state out: the output itself (one slice), else parked for the head's last slice
@@ -215,8 +143,7 @@ def _finish(acc, m_i, l_i, o_row, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOC
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None,
-                     walk: tuple[int, int, int] | None = None) -> Tensor | X16:
+                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None) -> Tensor | X16:
     """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
@@ -232,18 +159,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
     slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
     block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
-    ``walk`` = (slots per slice, U, warps) runs ``decode_attention_warps_kernel`` instead (default:
-    ``WALK`` from ``WALK_MIN_S`` slots on).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     if T != 1 or H % HKV or k.stride(3) != 1 or v.stride(3) != 1 or bias.stride(3) != 1:
         raise ValueError("decode_attention: one query token, H a multiple of the KV heads, contiguous last dims")
     q = q.contiguous()
-    if walk is None and n_split is None and S >= WALK_MIN_S:
-        walk = WALK
-    if walk is not None:
-        return _walk(q, k, v, bias, slot, walk, x16)
     if n_split is None:
         n_split = triton.cdiv(S, SLICE)
     if early is None:
@@ -267,29 +188,4 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         LIMIT=slot is not None and SKIP_FUTURE,
         num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device),
         **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
-    return X16(out) if x16 else out
-
-
-def _walk(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, slot: Tensor | None, walk: tuple[int, int, int],
-          x16: bool) -> Tensor | X16:
-    """decode_attention through ``decode_attention_warps_kernel``: slices of ``walk[0]`` slots."""
-    B, H, _, D = q.shape
-    HKV, S = k.shape[1], k.shape[2]
-    slots, u, nw = walk
-    block_d = triton.next_power_of_2(D)
-    r = max(1, 256 // block_d)  # rows of 16-byte fp16 vectors that fill one warp
-    blk = u * nw * r
-    chunk = triton.cdiv(max(slots, blk), blk) * blk
-    n_split = triton.cdiv(S, chunk)
-    split_p2 = triton.next_power_of_2(n_split) if n_split > 1 else 1
-    ws, cnt = WORKSPACE.get(q.device, B * H * split_p2 * (block_d + 2), B * H)
-    if x16 and q.dtype != torch.bfloat16:
-        raise TypeError(f"X16 output needs bf16 attention, got {q.dtype}")
-    out = torch.empty_like(q, dtype=torch.float16 if x16 else q.dtype)
-    decode_attention_warps_kernel[(B * H, n_split)](
-        q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
-        D=D, BLOCK_D=block_d, U=u, NW=nw, R=r, SPLIT_P2=split_p2, X16=x16,
-        LIMIT=slot is not None and SKIP_FUTURE, num_warps=nw, **pdl_launch(q.device),
-        **({"ptx_options": WALK_PTXAS} if WALK_PTXAS and not INTERPRET else {}))
     return X16(out) if x16 else out

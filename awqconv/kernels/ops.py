@@ -55,8 +55,6 @@ class KernelConfig:
     # (tile_t: stages of its cp.async ring, 1 = none)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
-    pairs: bool = False  # gemv_f16x2, M = 1, prefetch 1: two chunks in registers (each reloaded after its use)
-    ptxas: str | None = None  # extra ptxas options for the kernel (e.g. "-O1"), GPU only
     park: bool = True  # split-K of the one-row fp16x2 GEMV and tile_t: partials summed by w4_merge_kernel
     # (False: by each tile's last program after a ticket; notes, run BJ)
 
@@ -87,9 +85,6 @@ def cuda_core_gemv_config(m: int, kw: KernelWeight) -> KernelConfig:
 
 
 ONE_WAVE_PROGRAMS = 16  # one-row GEMV programs per SM, all resident at once (64 registers x 64 threads each)
-# ptxas options and two-chunk register buffers for the one-row GEMV (for the benchmarks' A/B, notes run CT)
-ONE_ROW_PTXAS: str | None = None
-ONE_ROW_PAIRS = False
 
 
 def one_wave_split(n_out: int, block_n: int, per_sm: int, device: torch.device) -> int:
@@ -99,8 +94,7 @@ def one_wave_split(n_out: int, block_n: int, per_sm: int, device: torch.device) 
 
 
 def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAVE_PROGRAMS,
-                   maxnreg: int | None = 64, block_n: int = 64, num_warps: int = 2, kc: int = 64,
-                   ptxas: str | None = None, pairs: bool | None = None) -> KernelConfig:
+                   maxnreg: int | None = 64, block_n: int = 64, num_warps: int = 2, kc: int = 64) -> KernelConfig:
     """The fp16x2 one-row GEMV with register prefetch, split-K into at most ``per_sm`` programs per
     SM, registers capped at ``maxnreg`` so that all of them are resident at once: one wave. The
     defaults (64 columns x 2 warps, 64-row chunks, 16 per SM, 64 registers: 16 x 64 threads x 64 =
@@ -111,8 +105,7 @@ def one_row_config(kw: KernelWeight, device: torch.device, per_sm: int = ONE_WAV
     tile shapes and 128-row chunks lost (runs CC, CG). The other arguments are for the sweeps."""
     return KernelConfig("gemv_f16x2", block_n=block_n, kc=_pow2_divisor(kw.group_size, kc),
                         split_k=one_wave_split(kw.out_features, block_n, per_sm, device), num_warps=num_warps,
-                        num_stages=2, maxnreg=maxnreg, ptxas=ptxas or ONE_ROW_PTXAS,
-                        pairs=ONE_ROW_PAIRS if pairs is None else pairs)
+                        num_stages=2, maxnreg=maxnreg)
 
 
 def default_config(m: int, kw: KernelWeight, device: torch.device,
@@ -237,8 +230,6 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = Fals
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
-        if cfg.pairs and bm == 1:
-            extra["PAIRS"] = True
         if x16:
             extra["X16"] = True
     else:
@@ -248,8 +239,6 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = Fals
     extra.update(pdl_launch(x.device, cfg.pdl))
     if cfg.maxnreg and not _INTERPRET:
         extra["maxnreg"] = cfg.maxnreg
-    if cfg.ptxas and not _INTERPRET:
-        extra["ptx_options"] = cfg.ptxas
     bias = kw.bias if kw.bias is not None else kw.scales  # dummy pointer when absent
     k_args = (M, N, K) if cfg.kind == "tile_t" else (M, N, K, g)  # the transposed tile takes G as GROUP
     args = (x, kw.qw, kw.scales, kw.zeros, bias, y, ws, cnt, *k_args, k_split, split, x.stride(0), y.stride(0))

@@ -400,14 +400,9 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr,
-                     PAIRS: tl.constexpr = False):
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """The one-row GEMV's K loop over rows [k_lo, k_hi) for columns ``rn``: returns the [KC/8, BN] fp32
-    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads.
-    PAIRS (with PREFETCH = 1): two chunks in registers, A and B, each reloaded right after its own
-    arithmetic, so one chunk's loads are in flight during the other's arithmetic. (With one loop-carried
-    chunk, ptxas gives the next chunk's loads the current chunk's registers, so it issues them after the
-    current chunk's arithmetic, just before they are waited on: no prefetch at all; notes, run CT.)"""
+    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads."""
     rw = tl.arange(0, KC // 8)
     mn = rn < N
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
@@ -422,24 +417,6 @@ def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N:
             w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k0, rw, rn, mn, N, G)
             x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k0, rw, xdt, USE_ASM)
             acc2 += _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM)
-    elif PREFETCH and PAIRS:
-        last = k_hi - KC  # loads past the end re-read the last chunk (L2/L1 hits), no masks
-        wa, sa, za = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
-        wb, sb, zb = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, tl.minimum(k_lo + KC, last), rw, rn, mn, N, G)
-        _pdl_wait(USE_PDL)
-        xa0, xa1, xa2, xa3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw, xdt, USE_ASM)
-        xb0, xb1, xb2, xb3 = _gemv_f16x2_load_x(xw_ptr, tl.minimum(k_lo + KC, last), rw, xdt, USE_ASM)
-        for k0 in range(k_lo, k_hi, 2 * KC):
-            acc2 += _gemv_f16x2_chunk(wa, xa0, xa1, xa2, xa3, sa, za, USE_ASM)
-            wa, xa0, xa1, xa2, xa3, sa, za = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
-                                                              tl.minimum(k0 + 2 * KC, last), rw, rn, mn, N, G,
-                                                              xdt, USE_ASM)
-            # an odd chunk count ends on A: B then holds the last chunk again and adds nothing (a factor,
-            # not a branch, so that the code stays one block and A's loads can go out before B's arithmetic)
-            acc2 += _gemv_f16x2_chunk(wb, xb0, xb1, xb2, xb3, sb, zb, USE_ASM) * (k0 + KC < k_hi).to(tl.float32)
-            wb, xb0, xb1, xb2, xb3, sb, zb = _gemv_f16x2_load(w_ptrs, xw_ptr, s_ptr, z_ptr,
-                                                              tl.minimum(k0 + 3 * KC, last), rw, rn, mn, N, G,
-                                                              xdt, USE_ASM)
     elif PREFETCH:
         last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
         w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
@@ -466,7 +443,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
                          USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, X16: tl.constexpr = False,
-                         PARK: tl.constexpr = False, PAIRS: tl.constexpr = False):
+                         PARK: tl.constexpr = False):
     """Decode GEMV (M = 1; fp16, or bf16 read as fp16 x / 16, or with ``X16`` fp16 x / 16 already
     converted by the producer for a bf16 output) on packed fp16x2 math
     (``_word_dot_f16x2``: about 3.3 SASS instructions per weight against 4.3+ for the fp32 GEMV);
@@ -478,15 +455,14 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     costs no registers."""
     _pdl_start(USE_PDL)
     acc, pid_n, pid_k, rn = gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N, KC, PREFETCH,
-                                             USE_ASM, USE_PDL, X16, PAIRS)
+                                             USE_ASM, USE_PDL, X16)
     _finish_tile(acc[None, :], tl.arange(0, 1), rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
                  SPLIT_K, SPLIT_P2, HAS_BIAS, PARK)
 
 
 @triton.jit
 def gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, X16: tl.constexpr,
-                     PAIRS: tl.constexpr = False):
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, X16: tl.constexpr):
     """The one-row GEMV program's K slice, before any split-K merge: (fp32 [BN] sums, column tile,
     split index, columns)."""
     pid_n = tl.program_id(0)
@@ -494,7 +470,7 @@ def gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N: tl.
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
-                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL, PAIRS)
+                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
     return _gemv_f16x2_unscale(x_ptr.dtype.element_ty, X16) * tl.sum(acc2, axis=0), pid_n, pid_k, rn
 
 

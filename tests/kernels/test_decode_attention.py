@@ -3,9 +3,7 @@ tolerance 2e-3 relative (fp16 output rounding; the kernel accumulates in fp32), 
 several cache slices, grouped-query heads, head dims that are not powers of two, cache views whose
 strides are those of the full static cache, masked (padding) slots, a slice that is all masked, and
 the step's slot given (the slots after it, which the runtime's bias masks, are not read; here the
-bias leaves them open, so reading them would show). The same cases run through the walked-slice
-kernel (``walk``: slices walked in blocks, each warp its own online softmax), with slices shorter
-and longer than a block and a head dim that gives one row per warp-row (D 24 -> 32: R = 8)."""
+bias leaves them open, so reading them would show)."""
 
 from __future__ import annotations
 
@@ -24,9 +22,8 @@ def _ref(q, k, v, bias):
 
 @pytest.mark.parametrize("B,H,HKV,D,S,n_split", [(1, 4, 4, 64, 40, 1), (2, 4, 2, 32, 200, 3), (1, 6, 2, 24, 130, None),
                                                  (2, 2, 1, 128, 256, 16)])
-@pytest.mark.parametrize("early,slot_given,walk", [(False, False, None), (True, True, None), (False, True, None),
-                                                   (False, False, (64, 2, 2)), (False, True, (96, 1, 4))])
-def test_decode_attention_matches_sdpa(B, H, HKV, D, S, n_split, early, slot_given, walk):
+@pytest.mark.parametrize("early,slot_given", [(False, False), (True, True), (False, True)])
+def test_decode_attention_matches_sdpa(B, H, HKV, D, S, n_split, early, slot_given):
     """``early``: the step's slot is passed, so the first K/V block is read before the PDL wait and
     the slot's row read again after it (the same values here: the interpreter runs no kernels
     concurrently, so this checks that the row patch keeps the result, not the overlap)."""
@@ -41,7 +38,7 @@ def test_decode_attention_matches_sdpa(B, H, HKV, D, S, n_split, early, slot_giv
     if S > 128:
         bias[-1, ..., 64:128] = float("-inf")  # a whole 64-slot block masked
     slot = torch.tensor([S - 3]) if slot_given else None
-    out = decode_attention(q, k, v, bias, n_split, slot=slot, early=early, walk=walk)
+    out = decode_attention(q, k, v, bias, n_split, slot=slot, early=early)
     if slot is not None:  # the two slots after the step's are the future: not attended
         bias[..., S - 2:] = float("-inf")
     ref = _ref(q, k, v, bias)
@@ -60,8 +57,8 @@ def test_decode_attention_refuses_several_tokens():
 
 
 
-@pytest.mark.parametrize("early,walk", [(False, None), (True, None), (False, (32, 2, 2))])
-def test_decode_attention_reads_nothing_past_the_slot(early, walk):
+@pytest.mark.parametrize("early", [False, True])
+def test_decode_attention_reads_nothing_past_the_slot(early):
     """Slices wholly after the step's slot load nothing: NaN there (unmasked by the bias) changes
     nothing, while one NaN at or before the slot poisons the output (so the test can fail)."""
     torch.manual_seed(7)
@@ -70,7 +67,7 @@ def test_decode_attention_reads_nothing_past_the_slot(early, walk):
     q, bias = torch.randn(1, 2, 1, 32).half(), torch.zeros(1, 1, 1, S).half()
     k[..., slot + 1:, :] = float("nan")
     v[..., slot + 1:, :] = float("nan")
-    kw = {"n_split": 4, "slot": torch.tensor([slot]), "early": early, "walk": walk}
+    kw = {"n_split": 4, "slot": torch.tensor([slot]), "early": early}
     out = decode_attention(q, k, v, bias, **kw)
     ref = _ref(q[..., :], k[..., :slot + 1, :], v[..., :slot + 1, :], bias[..., :slot + 1])
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-3

@@ -61,20 +61,6 @@ def test_gemv_f16x2_kernel(make_packed, n, k, g, prefetch, split):
     assert _workspace_clean()
 
 
-@pytest.mark.parametrize("k,kc,split", [(384, 64, 1), (384, 32, 2), (320, 64, 1), (256, 64, 4), (192, 64, 3)])
-def test_gemv_f16x2_pairs_loop_same_bits(make_packed, k, kc, split):
-    """Two chunk buffers (``pairs``) add the same chunks in the same order as the one-buffer loop, for
-    even and odd chunk counts per program (an odd count's last B adds the re-read last chunk times 0):
-    bit-identical outputs, and both within TOL fp16 of the reference."""
-    p = make_packed(48, k, 64, seed=k + kc)
-    kw = KernelWeight.from_packed(p)
-    x = torch.randn(1, k).half()
-    one = w4_matmul(x, kw, KernelConfig("gemv_f16x2", block_n=16, kc=kc, split_k=split))
-    two = w4_matmul(x, kw, KernelConfig("gemv_f16x2", block_n=16, kc=kc, split_k=split, pairs=True))
-    assert torch.equal(one, two)
-    _check(two, _reference(x, p), torch.float16)
-
-
 @pytest.mark.parametrize("amp", [1e-3, 3e3, 6.5e4])
 def test_gemv_f16x2_extreme_activations(make_packed, amp):
     """Activations near fp16's limits: with the 1/64 folded into the weights every fp16 lane stays
