@@ -154,9 +154,6 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 scales and activations (default fp16)")
     ap.add_argument("--fp32-gemv-compare", action="store_true",
                     help="with --bf16: also time one-row linears on the fp32 CUDA-core GEMV")
-    ap.add_argument("--l2pre-compare", default=None, type=lambda v: [int(n) for n in v.split(",")],
-                    help="also time with each one-row GEMV asking L2 for N chunks of its slice before the PDL wait "
-                         "(comma-separated N)")
     ap.add_argument("--x16-compare", action="store_true",
                     help="with --bf16: also time with the GEMV inputs handed over as bf16 (no X16; the GEMV converts)")
     a = ap.parse_args()
@@ -294,20 +291,6 @@ def main() -> None:
         ops.default_config = fp32_gemv_for_one_row
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_fp32_gemv", n, 256, 2048))
-        ops.default_config = keep
-    for n in a.l2pre_compare or []:  # read at every forward: a new Generator recaptures
-        from dataclasses import replace
-
-        from awqconv.kernels import ops
-
-        keep = ops.default_config
-
-        def with_l2pre(m, kw, device, dtype=torch.float16, n=n):
-            cfg = keep(m, kw, device, dtype)
-            return replace(cfg, l2_preload=n) if m == 1 and cfg.kind == "gemv_f16x2" else cfg
-        ops.default_config = with_l2pre
-        for ctx in (64, 1792):
-            results["runs"].append(run_decode(dec, f"awqconv_int4_l2pre{n}", ctx, 256, 2048))
         ops.default_config = keep
     if a.x16_compare:  # each one-row GEMV converts its bf16 input itself (the path before X16)
         keep, dec.fused.x16 = dec.fused.x16, False  # read at every forward: a new Generator recaptures

@@ -113,8 +113,6 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
                                   (8, 64, 128, 4), (16, 64, 32, 1), (24, 80, 32, 1)]:
             out[f"h2_wave{per_sm}_mr{mr}_bn{bn}_w{w}"] = one_row_config(kw, DEV, per_sm, mr, bn, w)
         out["h2_wave16_mr64_ticket"] = replace(one_row_config(kw, DEV), park=False)  # merged by the last program
-        for n in (2, 4, 8):  # n chunks of each program's own slice asked of L2 before the PDL wait (run CW)
-            out[f"h2_wave16_mr64_l2pre{n}"] = replace(one_row_config(kw, DEV), l2_preload=n)
         for per_sm, mr in [(16, 64), (12, 80), (8, 128), (10, 96)]:  # 128-row chunks: twice the bytes in flight
             out[f"h2_wave{per_sm}_mr{mr}_kc128"] = one_row_config(kw, DEV, per_sm, mr, kc=128)
         out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ

@@ -55,7 +55,6 @@ class KernelConfig:
     # (tile_t: stages of its cp.async ring, 1 = none)
     pdl: bool | None = None  # programmatic dependent launch (launch.py); None = where supported
     maxnreg: int | None = None  # register cap per thread (more resident programs), GPU only
-    l2_preload: int = 0  # one-row fp16x2 GEMV: chunks of its own slice asked of L2 before the PDL wait
     park: bool = True  # split-K of the one-row fp16x2 GEMV and tile_t: partials summed by w4_merge_kernel
     # (False: by each tile's last program after a ticket; notes, run BJ)
 
@@ -231,8 +230,6 @@ def plan_matmul(x: Tensor, kw: KernelWeight, cfg: KernelConfig, x16: bool = Fals
         extra = {"EXPAND": cfg.expand}
     elif cfg.kind == "gemv_f16x2":
         extra = {"PREFETCH": int(cfg.prefetch), "USE_ASM": _PTX and not _INTERPRET}  # else its Triton emulation
-        if cfg.l2_preload and bm == 1:
-            extra["L2PRE"] = int(cfg.l2_preload)
         if x16:
             extra["X16"] = True
     else:

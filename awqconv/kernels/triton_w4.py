@@ -398,38 +398,11 @@ def _gemv_f16x2_chunk(w, x0, x1, x2, x3, s, z, USE_ASM: tl.constexpr):
     return s.to(tl.float32) * r
 
 
-_PREFETCH_L2_ASM = tl.constexpr("prefetch.global.L2 [$1];\n    mov.u32 $0, 0;")
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at ``ptrs`` (nothing comes back to registers)."""
-    tl.inline_asm_elementwise(asm=_PREFETCH_L2_ASM, constraints="=r,l", args=[ptrs], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@triton.jit
-def _preload_l2(qw_ptr, s_ptr, z_ptr, N, G, k0, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                CHUNKS: tl.constexpr):
-    """Ask L2 for CHUNKS chunks of this program's words from row ``k0`` (clamped below ``k_hi``), one
-    prefetch per 128-byte line, and their groups' scales and zeros."""
-    LINE: tl.constexpr = 32  # int32 words per 128-byte line
-    rows = tl.minimum(k0 // 8 + tl.arange(0, CHUNKS * KC // 8), k_hi // 8 - 1)
-    col0 = tl.program_id(0) * BLOCK_N  # the grid's first axis is the column tiles
-    cols = tl.minimum(col0 + LINE * tl.arange(0, BLOCK_N // LINE), N - 1)
-    _prefetch_l2(qw_ptr + rows[:, None] * N + cols[None, :])
-    g = tl.minimum(k0 + KC * tl.arange(0, CHUNKS), k_hi - 1) // G
-    _prefetch_l2(s_ptr + g * N + col0)
-    _prefetch_l2(z_ptr + g * N + col0)
-
-
 @triton.jit
 def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, L2PRE: tl.constexpr = 0):
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr):
     """The one-row GEMV's K loop over rows [k_lo, k_hi) for columns ``rn``: returns the [KC/8, BN] fp32
-    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads
-    (``L2PRE``, register prefetch on the GPU: and after asking L2 for the next L2PRE chunks, so a program
-    resident while the kernel before finishes streams them then)."""
+    accumulator (x the caller's 64x). Waits for the previous kernel (PDL) after the first weight loads."""
     rw = tl.arange(0, KC // 8)
     mn = rn < N
     acc2 = tl.zeros((KC // 8, BLOCK_N), dtype=tl.float32)
@@ -447,8 +420,6 @@ def _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, k_hi, BLOCK_N:
     elif PREFETCH:
         last = k_hi - KC  # the prefetch past the end re-reads the last chunk (L2/L1 hits), no masks
         w, s, z = _gemv_f16x2_load_wsz(w_ptrs, s_ptr, z_ptr, k_lo, rw, rn, mn, N, G)
-        if L2PRE and USE_ASM:
-            _preload_l2(qw_ptr, s_ptr, z_ptr, N, G, k_lo + KC, k_hi, BLOCK_N, KC, L2PRE)
         _pdl_wait(USE_PDL)  # the first weights are on their way; x is the previous kernel's output
         x0, x1, x2, x3 = _gemv_f16x2_load_x(xw_ptr, k_lo, rw, xdt, USE_ASM)
         for k0 in range(k_lo, k_hi, KC):
@@ -472,7 +443,7 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
                          SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr = 1,
                          USE_ASM: tl.constexpr = True, USE_PDL: tl.constexpr = False, X16: tl.constexpr = False,
-                         PARK: tl.constexpr = False, L2PRE: tl.constexpr = 0):
+                         PARK: tl.constexpr = False):
     """Decode GEMV (M = 1; fp16, or bf16 read as fp16 x / 16, or with ``X16`` fp16 x / 16 already
     converted by the producer for a bf16 output) on packed fp16x2 math
     (``_word_dot_f16x2``: about 3.3 SASS instructions per weight against 4.3+ for the fp32 GEMV);
@@ -484,15 +455,14 @@ def w4_gemv_f16x2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_
     costs no registers."""
     _pdl_start(USE_PDL)
     acc, pid_n, pid_k, rn = gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N, KC, PREFETCH,
-                                             USE_ASM, USE_PDL, X16, L2PRE)
+                                             USE_ASM, USE_PDL, X16)
     _finish_tile(acc[None, :], tl.arange(0, 1), rn, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
                  SPLIT_K, SPLIT_P2, HAS_BIAS, PARK)
 
 
 @triton.jit
 def gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N: tl.constexpr, KC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, X16: tl.constexpr,
-                     L2PRE: tl.constexpr = 0):
+                     PREFETCH: tl.constexpr, USE_ASM: tl.constexpr, USE_PDL: tl.constexpr, X16: tl.constexpr):
     """The one-row GEMV program's K slice, before any split-K merge: (fp32 [BN] sums, column tile,
     split index, columns)."""
     pid_n = tl.program_id(0)
@@ -500,7 +470,7 @@ def gemv_f16x2_slice(x_ptr, qw_ptr, s_ptr, z_ptr, N, K, G, K_SPLIT, BLOCK_N: tl.
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = pid_k * K_SPLIT
     acc2 = _gemv_f16x2_loop(x_ptr, qw_ptr, s_ptr, z_ptr, rn, N, G, k_lo, tl.minimum(k_lo + K_SPLIT, K),
-                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL, L2PRE)
+                            BLOCK_N, KC, PREFETCH, USE_ASM, USE_PDL)
     return _gemv_f16x2_unscale(x_ptr.dtype.element_ty, X16) * tl.sum(acc2, axis=0), pid_n, pid_k, rn
 
 

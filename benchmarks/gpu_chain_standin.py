@@ -14,11 +14,16 @@ for a kernel to wait for the one before:
   fine   - the same with one counter per group of programs: each program waits only for the
            programs of the kernel before that share its group (as a merge program needs only its
            columns' split-K programs), so a slow program no longer holds up the whole next kernel.
-The chain per layer: GEMV(qkv) -> merge(48 heads) -> attention(1024 programs x 32 KB) -> finish(32)
+The chain per layer: GEMV(qkv) -> merge(96 programs) -> attention(1024 programs x 32 KB) -> finish(32)
 -> GEMV(o) -> merge -> GEMV(gate_up) -> merge -> GEMV(down) -> merge; GEMVs read the shape's words
 over one wave of 16 programs per SM (2 KB chunks, the first before the wait). Counters are zeroed
 once per step. Also a chain of small kernels only (the per-boundary latency with nothing else).
-Usage: python benchmarks/gpu_flag_sync.py [--layers 32]
+Then, with PDL, the layer with one structural change at a time (``--variants``): GEMVs reading more
+of their slice before the wait, the attention reading before it, kernels left out. ``no_finish`` is
+the runtime's own structure (its attention merges its slices in the last program of each head).
+The stand-in kernels hold few registers, so unlike the real ones, two of them fit on an SM at once:
+a gain from reading before the wait here is an upper bound for kernels that fill the register file.
+Usage: python benchmarks/gpu_chain_standin.py [--layers 32] [--modes plain,pdl,flag,fine] [--variants ...]
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from awqconv.kernels.launch import gdc_launch_dependents, gdc_wait  # noqa: E402
-from gpu_kernels import run_info  # noqa: E402
+from gpu_kernels import run_info
+
+from awqconv.kernels.launch import gdc_launch_dependents, gdc_wait
 
 MODES = {"plain": 0, "pdl": 1, "flag": 2, "fine": 3}
 CHUNK = tl.constexpr(512)  # int32 words per load of a GEMV stand-in program (2 KB, 2 warps x 16 bytes x 16)
@@ -99,13 +105,15 @@ def layer_links(n_sm: int) -> list[dict]:
 
     def gemv(name, k, n):
         words = k * n // 8 + k * n // 128 * 3 // 4  # the words plus fp16 scales and uint8 zeros (group 128)
-        return dict(name=name, p=wave, w=triton.cdiv(triton.cdiv(words, wave), CHUNK.value), early=1, per=64)
+        chunks = triton.cdiv(triton.cdiv(words, wave), CHUNK.value)
+        return {"name": name, "p": wave, "w": chunks, "early": 1, "per": 64}
 
     def small(name, p, per):
-        return dict(name=name, p=p, w=0, early=0, per=per)
+        return {"name": name, "p": p, "w": 0, "early": 0, "per": per}
 
     return [gemv("qkv", 4096, 12288), small("rope_merge", 96, 256),
-            dict(name="attention", p=1024, w=8192 // CHUNK.value, early=0, per=128), small("attn_finish", 32, 128),
+            {"name": "attention", "p": 1024, "w": 8192 // CHUNK.value, "early": 0, "per": 128},
+            small("attn_finish", 32, 128),
             gemv("o", 4096, 4096), small("residual_merge", 16, 256),
             gemv("gate_up", 4096, 22016), small("silu_merge", 86, 256),
             gemv("down", 11008, 4096), small("residual_merge", 16, 256)]
@@ -123,9 +131,8 @@ def variant(links: list[dict], name: str) -> list[dict]:
             d["early"], d["hold"] = min(d["w"], int(name[7:])), True
         elif name == "attn_early" and d["name"] == "attention":
             d["early"] = d["w"]
-        elif name == "no_merge" and not d["w"] and d["name"] != "attn_finish":
-            continue
-        elif name == "no_finish" and d["name"] == "attn_finish":
+        elif ((name == "no_merge" and not d["w"] and d["name"] != "attn_finish")
+              or (name == "no_finish" and d["name"] == "attn_finish")):
             continue
         out.append(d)
     return out
@@ -192,7 +199,7 @@ def main() -> None:
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     res = run_info(layers=a.layers, n_sm=n_sm, results={})
     base = layer_links(n_sm)
-    runs = [("small", [dict(name="small", p=64, w=0, early=0, per=256)] * 10, m) for m in a.modes.split(",")]
+    runs = [("small", [{"name": "small", "p": 64, "w": 0, "early": 0, "per": 256}] * 10, m) for m in a.modes.split(",")]
     runs += [("layer", base, m) for m in a.modes.split(",")]
     runs += [(v, variant(base, v), "pdl") for v in a.variants.split(",") if v]
     for cname, links, mname in runs:
@@ -211,7 +218,7 @@ def main() -> None:
               f"  same={same}", flush=True)
         del step, outs
         torch.cuda.empty_cache()
-    with open(os.path.join(a.out, "gpu_flag_sync.json"), "w") as f:
+    with open(os.path.join(a.out, "gpu_chain_standin.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 
