@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gpu_kernels import run_info
+from gpu_kernels import run_info, time_graph
 
 from awqconv.kernels.launch import gdc_launch_dependents, gdc_wait
 
@@ -168,21 +168,6 @@ def build_chain(links: list[dict], layers: int, mode: int, dev) -> tuple:
     return step, outs
 
 
-def time_step(step, reps: int = 30) -> float:
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    return triton.testing.do_bench(g.replay, warmup=20, rep=200, return_mode="median") * 1e3  # us
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -204,7 +189,7 @@ def main() -> None:
     runs += [(v, variant(base, v), "pdl") for v in a.variants.split(",") if v]
     for cname, links, mname in runs:
         step, outs = build_chain(links, a.layers, MODES[mname], dev)
-        us = time_step(step)
+        us = time_graph(step, 1)[0]  # us per replay of the whole step (median)
         step()
         torch.cuda.synchronize()
         got = torch.cat([o.flatten() for o in outs])
