@@ -44,7 +44,7 @@ from gpu_kernels import run_info, time_graph
 from awqconv.kernels.launch import gdc_launch_dependents, gdc_wait
 
 MODES = {"plain": 0, "pdl": 1, "flag": 2, "fine": 3}
-CHUNK = tl.constexpr(512)  # int32 words per load of a GEMV stand-in program (2 KB, 2 warps x 16 bytes x 16)
+CHUNK = tl.constexpr(512)  # int32 words per load of a GEMV stand-in program (2 KB, as the real GEMV's chunk)
 
 
 @triton.jit
