@@ -1,61 +1,21 @@
-"""File-system helpers shared by every writer and reader.
+"""File helpers shared by every writer and reader: JSON, sharded safetensors, dtype names.
 
-Outputs are written to a temporary sibling directory and renamed into place at the end, so a
-failure never leaves a half-written artifact and an existing directory is replaced only with
-``overwrite=True``. Safetensors files are read with errors that name the file and the fix.
+Safetensors files are read with errors that name the file and the fix. Output directories
+(temporary siblings, locks, swaps) live in ``outdir.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .errors import CorruptFileError, InputError, OutputExistsError
+from .errors import CorruptFileError, InputError
 
 SHARD_SIZE = "5GB"
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty output directory unless ``overwrite``; refuse a file in its place."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory; choose another -o path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"output directory {out} is not empty; pass --overwrite to replace it or choose another -o"
-        )
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out_dir`` in one rename."""
-    out = check_output_dir(out_dir, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the artifact should get normal permissions
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -10,22 +10,23 @@ The library never prints or exits; the CLI does.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import __version__
-from ._io import atomic_output_dir, check_output_dir
 from .config import QuantConfig
-from .errors import FormatConstraintError, InputError, ShapeError
-from .formats import ExportRequest, Target, detect_format, get_format, parse_targets
+from .devices import resolve_device
+from .errors import CorruptFileError, FormatConstraintError, InputError, ShapeError, UsageError
+from .formats import ExportRequest, Target, detect_format, get_format, parse_targets, read_artifact
+from .formats.integrity import record
 from .model import QuantizedModel
-from .quant.mappings import arch_spec, quantizable_slots, resolve_layer
+from .outdir import OutputLock, check_output, fmt_bytes, reserved, staged_output
+from .quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
 from .quant.pipeline import scale_dtype_for
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class Plan:
     scale_dtype: torch.dtype
     estimated_bytes: int
     mappings: list[str] = field(default_factory=list)  # resolved smoothing mappings of layer 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    inputs: list[Path] = field(default_factory=list)  # what -o may never overlap
+    calib_blocks: Any = None  # CalibBlocks, tokenized once here and reused by convert()
 
     def describe(self) -> str:
         c = self.config
@@ -70,8 +74,12 @@ class Plan:
             )
         if c.method == "awq" and self.mappings:
             lines.append(f"mappings     {len(self.mappings)} per layer: {'; '.join(self.mappings)}")
+        if self.calib_blocks is not None:
+            n, t = self.calib_blocks.ids.shape
+            lines.append(f"calib data   {n} blocks x {t} tokens available")
+        lines.append(f"device       {self.device}")
         lines.append(f"outputs      {', '.join(t.label for t in self.targets)} -> {self.out_dir}/")
-        lines.append(f"disk         ~{self.estimated_bytes / 2**20:.0f} MiB needed")
+        lines.append(f"disk         ~{fmt_bytes(self.estimated_bytes)} needed")
         return "\n".join(lines)
 
 
@@ -90,9 +98,55 @@ def build_config(config: QuantConfig | None = None, **overrides: Any) -> QuantCo
 def _meta_model(hf_config: dict[str, Any], path: Path, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        if "trust_remote_code" in str(e):
+            raise InputError(f"{path} needs custom code from its repository; pass --trust-remote-code "
+                             "if you trust it (it runs that Python code)") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"transformers cannot build a model from {path / 'config.json'} ({first}); fix the config") from None
+
+
+def estimate_bytes(shapes: dict[str, tuple[int, int]], n_params: int, bits: int, group_size: int,
+                   targets: list[Target]) -> int:
+    """Disk that writing ``targets`` needs: packed integers, scales and zeros, float dense tensors;
+    the canonical artifact's prescaled floats and peft's float weights at 2 bytes per weight."""
+    lin_params = sum(o * i for o, i in shapes.values())
+    per_target = lin_params * bits / 8 + (n_params - lin_params) * 2 + lin_params / max(group_size, 32) * 4
+    extra = sum(2 * lin_params for t in targets if t.name in ("canonical", "peft"))
+    return int(per_target * len(targets) + extra)
+
+
+def _model_inputs(path: Path) -> list[Path]:
+    """The model directory, and for a Hub snapshot the cached repository around it (its files are
+    links into that repository's blobs)."""
+    inputs = [path]
+    if path.parent.name == "snapshots":
+        inputs.append(path.parent.parent)
+    return inputs
+
+
+def _context_length(hf_config: dict[str, Any]) -> int | None:
+    v = hf_config.get("max_position_embeddings")
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _plan_calibration(cfg: QuantConfig, path: Path, hf_config: dict[str, Any], calib_data, trust_remote_code: bool):
+    """Read and tokenize the calibration source now, so a missing, unreadable or too short one
+    fails before any model is loaded; the blocks are reused by convert()."""
+    from .quant.calib import build_blocks, load_calibration_texts
+    from .sources import load_tokenizer
+
+    ctx = _context_length(hf_config)
+    if ctx is not None and cfg.calib_seq_len > ctx:
+        raise UsageError(f"--calib-seq-len {cfg.calib_seq_len} exceeds the model's context of {ctx} tokens "
+                         f"(max_position_embeddings); use at most {ctx}")
+    source = list(calib_data) if calib_data is not None and not isinstance(calib_data, str) else cfg.calib
+    texts = load_calibration_texts(source, split=cfg.calib_split, text_column=cfg.calib_text_column, n_samples=None)
+    return build_blocks(texts, load_tokenizer(path, trust_remote_code), cfg.calib_samples, cfg.calib_seq_len)
 
 
 def _fitting_groups(shapes: dict[str, tuple[int, int]]) -> list[int]:
@@ -109,18 +163,28 @@ def plan(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device: str | torch.device | None = None,
+    calib_data: str | Sequence[str] | None = None,
 ) -> Plan:
-    """Resolve the model and check every constraint; no calibration, nothing written."""
+    """Resolve the model and check every constraint (output directory, device, formats, disk,
+    calibration data); nothing calibrated, nothing written."""
     from .sources import check_causal_lm, load_hf_config, resolve_model
 
     cfg = config or QuantConfig()
     targets = parse_targets(to)
-    out = check_output_dir(out_dir, overwrite)
+    dev = resolve_device(device)
+    local = [Path(x).expanduser() for x in (str(model), cfg.calib) if Path(x).expanduser().exists()]
+    check_output(out_dir, overwrite=overwrite, inputs=local)  # the cheap checks first, before a download
     path = resolve_model(str(model), revision=revision)
+    inputs = _model_inputs(path)
+    if isinstance(cfg.calib, str) and Path(cfg.calib).expanduser().exists():
+        inputs.append(Path(cfg.calib).expanduser())
     hf_config = load_hf_config(path)
     hf_config.pop("quantization_config", None)
     check_causal_lm(hf_config, path)
     arch = arch_spec(hf_config)  # unsupported architectures fail here, before any work
+    if not hf_config.get("architectures"):  # inferred from model_type: the artifacts name it
+        hf_config["architectures"] = [next(k for k, v in ARCHITECTURES.items() if v is arch)]
 
     meta = _meta_model(hf_config, path, trust_remote_code)
     layers = meta.get_submodule(arch.layers_path)
@@ -154,19 +218,14 @@ def plan(
     if problems:
         raise FormatConstraintError("; ".join(problems))
 
-    lin_params = sum(o * i for o, i in shapes.values())
-    per_target = lin_params * cfg.w_bit / 8 + (n_params - lin_params) * 2 + lin_params / max(cfg.group_size, 32) * 4
-    estimated = int(per_target * len(targets) * 1.1 + sum(2 * lin_params for t in targets if t.name in ("canonical", "peft")))
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < estimated:
-        raise InputError(
-            f"not enough free disk at {parent}: ~{estimated / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free; "
-            "free some space or write elsewhere with -o"
-        )
-    return Plan(str(model), path, hf_config, cfg, targets, out, shapes, n_params, sdtype, estimated, mapping_names)
+    estimated = estimate_bytes(shapes, n_params, cfg.w_bit, cfg.group_size, targets)
+    out = check_output(out_dir, overwrite=overwrite, inputs=inputs, needed_bytes=estimated)
+    OutputLock(out).probe()
+    blocks = None
+    if cfg.method == "awq":
+        blocks = _plan_calibration(cfg, path, hf_config, calib_data, trust_remote_code)
+    return Plan(str(model), path, hf_config, cfg, targets, out, shapes, n_params, sdtype, estimated,
+                mapping_names, dev, inputs, blocks)
 
 
 def _config_dtype(hf_config: dict[str, Any]) -> torch.dtype:
@@ -201,28 +260,27 @@ def convert(
     grid (the prescaled weights then suit that GGUF type best); the canonical integers are still
     taken on the QuantConfig grid.
     """
-    from .quant.calib import build_blocks, load_calibration_texts
-    from .quant.pipeline import quantize_model
-    from .sources import collect_assets, load_causal_lm
-
     cfg = build_config(config, **overrides)
     if isinstance(calib_data, str):
         cfg = cfg.with_overrides(calib=calib_data)
-    p = plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision)
+    grid = _search_grid(search_grid)
+    p = plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision,
+             device=device, calib_data=calib_data)
+    with reserved(p.out_dir) as lock:  # one writer per output, from here to the final swap
+        return _convert(p, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock)
+
+
+def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock) -> ConvertResult:
+    from .quant.pipeline import quantize_model
+    from .sources import collect_assets, load_causal_lm
+
     t0 = time.time()
     report: dict[str, Any] = {}
-
-    blocks, calib_hash = None, None
-    hf_model, tokenizer = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
-    if cfg.method == "awq":
-        source = list(calib_data) if calib_data is not None and not isinstance(calib_data, str) else cfg.calib
-        texts = load_calibration_texts(
-            source, split=cfg.calib_split, text_column=cfg.calib_text_column, n_samples=None
-        )
-        blocks, calib_hash = build_blocks(texts, tokenizer, cfg.calib_samples, cfg.calib_seq_len)
+    blocks, calib_hash = (None, None) if p.calib_blocks is None else p.calib_blocks
+    if blocks is not None:
         report["calibration_blocks"] = int(blocks.shape[0])
-    grid = _search_grid(search_grid)
-    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=device, progress=progress)
+    hf_model, _ = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
+    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device, progress=progress)
     del hf_model
     report.update(qout.report)
     report["seconds_quantize"] = round(time.time() - t0, 1)
@@ -250,7 +308,7 @@ def convert(
         assets=collect_assets(p.path),
         prescaled=qout.prescaled,
     )
-    artifacts = write_artifacts(qm, p.targets, p.out_dir, overwrite=overwrite)
+    artifacts = write_artifacts(qm, p.targets, p.out_dir, overwrite=overwrite, inputs=p.inputs, lock=lock)
     report["seconds_total"] = round(time.time() - t0, 1)
     return ConvertResult(p.out_dir, artifacts, qm, report)
 
@@ -260,37 +318,39 @@ def _search_grid(spec: str | None):
         return None
     kind, _, variant = spec.partition(":")
     if kind != "gguf" or not variant:
-        raise InputError(f"--search-grid {spec!r}: use 'int' or 'gguf:<type>' (e.g. gguf:q4_0)")
+        raise UsageError(f"--search-grid {spec!r}: use 'int' or 'gguf:<type>' (e.g. gguf:q4_0)")
     from .quant.gguf_grid import GGUFGrid
 
     try:
         return GGUFGrid(variant)
     except (KeyError, ValueError) as e:
-        raise InputError(f"--search-grid {spec!r}: {e}") from None
+        raise UsageError(f"--search-grid {spec!r}: {e}") from None
 
 
-def write_artifacts(qm: QuantizedModel, targets: list[Target], out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write each target into ``out_dir/<target>``: all or nothing."""
+def write_artifacts(qm: QuantizedModel, targets: list[Target], out_dir: str | Path, overwrite: bool = False,
+                    inputs: Sequence[str | Path] = (), lock: OutputLock | None = None,
+                    also: Callable[[Path], Any] | None = None) -> dict[str, Path]:
+    """Write each target into ``out_dir/<target>`` with its checksum manifest: all or nothing.
+
+    A model that fails validation (NaN/inf values, malformed integers) is refused before a byte
+    is written; ``-o`` may not overlap ``inputs``."""
+    qm.validate("the model to write")
     out = Path(out_dir)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with staged_output(out, overwrite=overwrite, inputs=inputs, lock=lock) as tmp:
         for t in targets:
             sub = tmp / t.dirname
             sub.mkdir()
             get_format(t.name).write(qm, sub, t.variant)
+            if also is not None:
+                also(sub)
+            record(sub, t.label, qm.provenance, qm.quant_config.to_dict())
     return {t.label: out / t.dirname for t in targets}
 
 
 def load(path: str | Path) -> QuantizedModel:
-    """Read any awqconv artifact (canonical, hf-awq, gguf transplant, exllamav2, peft) as canonical."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p} does not exist; pass an artifact directory such as out/canonical")
-    name = detect_format(p)
-    if name is None:
-        raise InputError(
-            f"{p} is not an awqconv artifact (no canonical manifest, AWQ config, GGUF, ExLlamaV2 or PEFT layout found)"
-        )
-    return get_format(name).read(p)
+    """Read any awqconv artifact (canonical, hf-awq, gguf transplant, exllamav2, peft) as canonical,
+    after checking its files against the checksums recorded when it was written."""
+    return read_artifact(path)[0]
 
 
 def export(
@@ -304,7 +364,8 @@ def export(
 ) -> dict[str, Path]:
     """Re-lay an existing artifact out as other formats; never re-quantizes (except an adapter merge)."""
     targets = parse_targets(to)
-    check_output_dir(out_dir, overwrite)
+    inputs = [Path(artifact)] + ([Path(adapter)] if adapter is not None else [])
+    check_output(out_dir, overwrite=overwrite, inputs=inputs)  # before reading anything big
     qm = load(artifact)
     for t in targets:
         req = ExportRequest(
@@ -319,17 +380,19 @@ def export(
         problems = get_format(t.name).plan(req)
         if problems:
             raise FormatConstraintError(f"{t.label}: {'; '.join(problems)}")
+    shapes = {n: (p.out_features, p.in_features) for n, p in qm.linears.items()}
+    n_params = sum(o * i for o, i in shapes.values()) + sum(t.numel() for t in qm.dense.values())
+    needed = estimate_bytes(shapes, n_params, qm.quant_config.w_bit, qm.quant_config.group_size, targets)
+    check_output(out_dir, overwrite=overwrite, inputs=inputs, needed_bytes=needed)
     if adapter is None:
-        return write_artifacts(qm, targets, out_dir, overwrite=overwrite)
+        return write_artifacts(qm, targets, out_dir, overwrite=overwrite, inputs=inputs)
     from .formats.adapter import apply_adapter, copy_adapter
 
     qm, report = apply_adapter(qm, Path(adapter), mode=adapter_mode)
     log.warning("%s", report.summary())
-    written = write_artifacts(qm, targets, out_dir, overwrite=overwrite)
-    if adapter_mode == "separate":  # runtimes that apply LoRA themselves get the adapter beside each export
-        for path in written.values():
-            copy_adapter(Path(adapter), path)
-    return written
+    # runtimes that apply LoRA themselves get the adapter beside each export (inside it, checksummed)
+    beside = (lambda d: copy_adapter(Path(adapter), d)) if adapter_mode == "separate" else None
+    return write_artifacts(qm, targets, out_dir, overwrite=overwrite, inputs=inputs, also=beside)
 
 
 def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int | None = None, device: str | None = None) -> float:
@@ -337,14 +400,18 @@ def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int |
     from .evaluate import perplexity
     from .sources import load_causal_lm
 
+    dev = resolve_device(device)
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists() and detect_format(p) is None:
         model, tok = load_causal_lm(p)
+        ctx = _context_length(model.config.to_dict())
     else:
         from .reference import load_tokenizer_from_assets, reference_model
 
         qm = load(p)
+        ctx = _context_length(qm.hf_config)
         model, tok = reference_model(qm), load_tokenizer_from_assets(qm)
-    if device:
-        model.to(device)
+    if ctx is not None and seq_len > ctx:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {ctx} tokens; use at most {ctx}")
+    model.to(dev)
     return perplexity(model, tok, text, seq_len=seq_len, max_windows=max_windows)

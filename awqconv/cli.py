@@ -1,16 +1,22 @@
 """The ``awqconv`` command line: parse options, call the API, map errors to exit codes.
 
 Options default to None and inherit their defaults from QuantConfig, so the CLI and the Python
-API cannot drift. Errors the user can fix print one ``error:`` line and exit 1; bad usage exits 2
-(click's convention). Only this module prints or exits.
+API cannot drift. Every error prints one ``error:`` line: exit 2 for bad usage (click's own and
+UsageError), 1 for everything else; SIGTERM unwinds like Ctrl-C so no temporary directory is left.
+Only this module prints or exits.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,24 +24,81 @@ import click
 
 from . import __version__
 from .config import QuantConfig
-from .errors import AwqconvError
+from .errors import AwqconvError, UsageError
 
 _DEFAULTS = QuantConfig()
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so every ``finally`` and staging cleanup runs."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One ``error:`` line and exit 2 (usage) or 1 (anything else); never a traceback for a
+    user's mistake or the machine's state (disk full, permissions). An unexpected exception is
+    an awqconv bug: one line too, with the traceback under -v."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
+        except UsageError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
         except AwqconvError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            click.echo(f"error: {_os_error(e)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("terminated; nothing was written", err=True)
+            sys.exit(143)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug of ours: one line, the traceback with -v
+            os_err = _wrapped_os_error(e)
+            if os_err is not None:  # safetensors' writer reports I/O failures as its own error type
+                click.echo(f"error: {_os_error(os_err)}", err=True)
+                sys.exit(1)
+            logging.getLogger("awqconv").debug("traceback", exc_info=True)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"error: internal error ({type(e).__name__}: {first}); rerun with -v to see the traceback "
+                       "and please report it", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+def _wrapped_os_error(e: Exception) -> OSError | None:
+    """The OSError behind a library's own exception whose message says ``(os error N)``."""
+    m = re.search(r"os error (\d+)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as the file and the cause, with the fix for the usual ones."""
+    where = f" ({e.filename})" if e.filename else ""
+    hint = {
+        errno.ENOSPC: "the disk is full; free some space or write elsewhere with -o (nothing was left behind)",
+        errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere with -o",
+        errno.EACCES: "permission denied; choose a location you can write to",
+        errno.EPERM: "operation not permitted; choose a location you can write to",
+        errno.EROFS: "the file system is read-only; choose another location",
+        errno.ENAMETOOLONG: "a file name is too long; choose a shorter -o",
+        errno.ENOTDIR: "a part of the path is a file, not a directory",
+        errno.ELOOP: "a symbolic link in the path points back at itself",
+    }.get(e.errno, e.strerror or str(e))
+    return f"{hint}{where}"
 
 
 def _int_list(text: str) -> list[int]:
@@ -122,7 +185,8 @@ def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero
         from dataclasses import replace
         cfg = replace(cfg, search_tokens=None)
     if dry_run:
-        p = api.plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision)
+        p = api.plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision,
+                     device=device)
         click.echo(p.describe())
         click.echo("dry run: all checks passed; nothing was calibrated or written")
         return
@@ -164,7 +228,7 @@ def export(artifact: Path, to: str, out_dir: Path, adapter, adapter_mode: str, o
 
 @main.command(name="eval")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path), required=True,
               help="Held-out text file to measure perplexity on.")
 @click.option("--seq-len", type=click.IntRange(16), default=512, show_default=True)
 @click.option("--max-windows", type=click.IntRange(1), default=None)
@@ -174,12 +238,16 @@ def eval_cmd(artifact: Path, text_file: Path, seq_len: int, max_windows, device)
     """Perplexity of ARTIFACT (or a float model directory) on a text file."""
     from . import api
 
-    ppl = api.evaluate(artifact, text_file.read_text(encoding="utf-8"), seq_len=seq_len, max_windows=max_windows, device=device)
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text {text_file} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    ppl = api.evaluate(artifact, text, seq_len=seq_len, max_windows=max_windows, device=device)
     click.echo(f"perplexity {ppl:.4f} ({artifact}, seq_len {seq_len})")
 
 
 @main.command()
-@click.argument("directory", type=click.Path(exists=True, path_type=Path))
+@click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--device", default=None)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write verify.json [default: DIRECTORY/verify.json].")
@@ -203,31 +271,51 @@ def verify(directory: Path, device, json_path, threads, no_bench: bool) -> None:
 
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, path_type=Path))
-@click.option("--batch-size", "batch_sizes", default="1", show_default=True, callback=lambda c, p, v: _int_list(v))
-@click.option("--prefill", "prefill_lens", default="64", show_default=True, callback=lambda c, p, v: _int_list(v))
-@click.option("--decode", "decode_lens", default="64", show_default=True, callback=lambda c, p, v: _int_list(v))
+# the lists are parsed in the command body, not a click callback, so a bad value is awqconv's
+# one-line usage error (exit 2) like every other one
+@click.option("--batch-size", "batch_sizes", default="1", show_default=True,
+              help="Comma-separated batch sizes, each >= 1.")
+@click.option("--prefill", "prefill_lens", default="64", show_default=True,
+              help="Comma-separated prompt lengths, each >= 1; prefill + decode must fit the model's context.")
+@click.option("--decode", "decode_lens", default="64", show_default=True,
+              help="Comma-separated numbers of generated tokens, each >= 1.")
 @click.option("--compare-fp16", is_flag=True, help="Also benchmark the float (dequantized) model.")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when present, else cpu].")
 @_fail_cleanly
-def bench(artifact: Path, batch_sizes, prefill_lens, decode_lens, compare_fp16: bool, device) -> None:
+def bench(artifact: Path, batch_sizes: str, prefill_lens: str, decode_lens: str, compare_fp16: bool, device) -> None:
     """AutoAWQ-style benchmark table for ARTIFACT on awqconv's runtime."""
-    from .runtime.bench import bench as run_bench, format_table
+    from .devices import resolve_device
+    from .runtime.bench import bench as run_bench, format_table, parse_lengths
 
-    rows = run_bench(artifact, batch_sizes=batch_sizes, prefill_lens=prefill_lens, decode_lens=decode_lens,
-                     compare_fp16=compare_fp16, device=device)
+    dev = resolve_device(device)  # every option is checked before the model loads
+    rows = run_bench(artifact, batch_sizes=parse_lengths(batch_sizes, "--batch-size"),
+                     prefill_lens=parse_lengths(prefill_lens, "--prefill"),
+                     decode_lens=parse_lengths(decode_lens, "--decode"), compare_fp16=compare_fp16, device=dev)
     click.echo(format_table(rows))
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, path_type=Path))
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda when present, else cpu].")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @_fail_cleanly
 def chat(artifact: Path, device, max_new_tokens: int) -> None:
-    """Interactive streaming chat with ARTIFACT using its chat template."""
-    from .runtime.chat import chat as run_chat
+    """Interactive streaming chat with ARTIFACT using its chat template.
 
-    run_chat(artifact, device=device, max_new_tokens=max_new_tokens)
+    Replies stream as they are generated. End the session with /exit, /quit or Ctrl-D (EOF);
+    /reset starts a new conversation."""
+    from .devices import resolve_device
+    from .runtime.chat import chat as run_chat, read_line, write_stream
+
+    dev = resolve_device(device)
+    try:
+        # read_line reads stdin as bytes: a line that is not UTF-8 is reported and skipped
+        run_chat(artifact, device=dev, max_new_tokens=max_new_tokens, input_fn=read_line, output_fn=write_stream)
+    except KeyboardInterrupt:
+        # Ctrl-C is a normal way out of a chat: end the half-written reply line, no "nothing was written"
+        click.echo("")
+        click.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

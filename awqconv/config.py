@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import InputError
+from .errors import CorruptFileError, InputError, UsageError
 
 METHODS = ("awq", "rtn")
 
@@ -44,19 +44,19 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.w_bit <= 8:
-            raise InputError(f"w_bit={self.w_bit} is not supported; use 2..8 (4 for AWQ runtimes)")
+            raise UsageError(f"w_bit={self.w_bit} is not supported; use 2..8 (4 for AWQ runtimes)")
         if self.group_size != -1 and self.group_size <= 0:
-            raise InputError(f"group_size={self.group_size} is invalid; use 32, 64, 128 or -1")
+            raise UsageError(f"group_size={self.group_size} is invalid; use 32, 64, 128 or -1")
         if self.method not in METHODS:
-            raise InputError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+            raise UsageError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if self.scale_dtype not in (None, "float16", "bfloat16"):
-            raise InputError(f"scale_dtype={self.scale_dtype!r}: use float16 or bfloat16")
+            raise UsageError(f"scale_dtype={self.scale_dtype!r}: use float16 or bfloat16")
         if self.n_grid < 2 or self.clip_n_grid < 2:
-            raise InputError("n_grid and clip_n_grid must be at least 2")
+            raise UsageError("n_grid and clip_n_grid must be at least 2")
         if not 0.0 <= self.clip_max_shrink < 1.0:
-            raise InputError("clip_max_shrink must lie in [0, 1)")
+            raise UsageError("clip_max_shrink must lie in [0, 1)")
         if self.calib_samples <= 0 or self.calib_seq_len <= 0:
-            raise InputError("calib_samples and calib_seq_len must be positive")
+            raise UsageError("calib_samples and calib_seq_len must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -65,12 +65,40 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in fields(cls)}
+        """Read a manifest's ``quant_config``; a field of the wrong type is a CorruptFileError
+        (``"false"`` is not a bool: it would read as True)."""
+        if not isinstance(d, dict):
+            raise CorruptFileError(f"quant_config must be a JSON object, got {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        for k, v in kw.items():
+            if not _type_ok(known[k], v):
+                raise CorruptFileError(f"quant_config.{k} = {v!r} has the wrong type (expected {known[k]})")
         if "modules_to_not_convert" in kw:
             kw["modules_to_not_convert"] = tuple(kw["modules_to_not_convert"] or ())
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except InputError as e:
+            raise CorruptFileError(f"quant_config: {e}") from None
 
     def with_overrides(self, **kw: Any) -> "QuantConfig":
         """A copy with the given fields replaced; ``None`` values keep the current default."""
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _type_ok(annotation: str, v: Any) -> bool:
+    """Whether a JSON value fits a field annotation (annotations are strings: postponed evaluation)."""
+    ann = annotation.replace(" ", "")
+    if v is None:
+        return "None" in ann
+    if ann.startswith("bool"):
+        return type(v) is bool
+    if ann.startswith("int"):
+        return type(v) is int
+    if ann.startswith("float"):
+        return type(v) in (int, float)
+    if ann.startswith("str"):
+        return isinstance(v, str)
+    if ann.startswith("tuple"):
+        return isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+    return True

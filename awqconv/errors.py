@@ -15,6 +15,10 @@ class InputError(AwqconvError):
     """A model path, file or option that cannot be used as given."""
 
 
+class UsageError(InputError):
+    """An option value that can never work (bad device, length, format name): exit 2, like click's."""
+
+
 class UnsupportedArchitecture(AwqconvError):
     """The model's architecture has no AWQ mapping (or no writer for a format)."""
 

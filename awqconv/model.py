@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from .config import QuantConfig
+from .errors import CorruptFileError, ShapeError
+from .hfconfig import validate_hf_config
 from .packed import PackedLinear
 
 
@@ -61,6 +63,22 @@ class QuantizedModel:
         """The dtype of the scales (fp16, or bf16 for bf16 models)."""
         first = next(iter(self.linears.values()))
         return first.scales.dtype
+
+    def validate(self, where: str = "the model") -> None:
+        """CorruptFileError naming the first config field, linear or dense tensor that is malformed
+        or holds NaN/inf: such a model must not be written into any format."""
+        validate_hf_config(self.hf_config, f"{where}: config")
+        if not self.linears:
+            raise CorruptFileError(f"{where}: no quantized linears")
+        for name, p in self.linears.items():
+            try:
+                p.validate(name)
+            except ShapeError as e:
+                raise CorruptFileError(f"{where}: {e}; re-export or re-quantize") from None
+        for key, t in self.dense.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise CorruptFileError(f"{where}: tensor {key} holds {bad} NaN/inf value(s); re-export or re-quantize")
 
     def dequantized_state_dict(self, dtype: torch.dtype = torch.float32, fuse_experts: bool = True) -> dict[str, Tensor]:
         """A plain HF state dict whose linear weights are the dequantized canonical values.

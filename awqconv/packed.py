@@ -157,6 +157,13 @@ class PackedLinear:
             raise ShapeError(f"{name}.zeros must be uint8, got {self.zeros.dtype}")
         if self.bias is not None and tuple(self.bias.shape) != (out,):
             raise ShapeError(f"{name}.bias has shape {tuple(self.bias.shape)}, expected {(out,)}")
+        # values too: a NaN scale or an out-of-range zero would be copied into every format
+        if not torch.isfinite(self.scales).all():
+            raise ShapeError(f"{name}.scales holds {int((~torch.isfinite(self.scales)).sum())} NaN/inf value(s)")
+        if self.bias is not None and not torch.isfinite(self.bias).all():
+            raise ShapeError(f"{name}.bias holds NaN/inf values")
+        if self.bits < 8 and self.zeros.numel() and int(self.zeros.max()) >= 1 << self.bits:
+            raise ShapeError(f"{name}.zeros holds {int(self.zeros.max())}, out of range for {self.bits}-bit integers")
 
     def unpack(self) -> Tensor:
         """uint8 ``q [out, in]``."""

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_output_dir, read_json, safetensors_metadata, write_json
+from ._io import read_json, safetensors_metadata, write_json
 from .errors import InputError
+from .hfconfig import validate_hf_config
+from .outdir import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ def materialize_builtin(name: str = BUILTIN_SMOLLM2) -> Path:
         if _builtin_complete(out):  # another process finished while we waited
             return out
         log.info("materializing %s%s from %s into %s (once, ~20 s)", BUILTIN_PREFIX, name, gguf.name, out)
-        with atomic_output_dir(out, overwrite=True) as tmp:
+        with staged_output(out, overwrite=True, owned=False) as tmp:
             _write_smollm2(gguf, tmp)
     return out
 
@@ -233,10 +235,7 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise InputError(f"{path} has no config.json; pass a Hugging Face model directory")
-    config = read_json(cfg)
-    if not isinstance(config, dict):
-        raise InputError(f"{cfg} does not hold a JSON object; re-download the model")
-    return config
+    return validate_hf_config(read_json(cfg), str(cfg))
 
 
 def is_causal_lm(config: dict[str, Any]) -> bool:
@@ -281,7 +280,7 @@ def load_causal_lm(
     ``dtype=None`` keeps the checkpoint's dtype (``config.json`` ``dtype``/``torch_dtype``). Safetensors
     are preferred; pickled ``*.bin`` go through transformers' ``torch.load(weights_only=True)``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory = Path(path)
     config = load_hf_config(directory)
@@ -316,13 +315,19 @@ def load_causal_lm(
     model.to(device)
     if check:
         check_finite(model)
+    return model, load_tokenizer(directory, trust_remote_code)
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model directory, or InputError naming the missing files."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
         raise InputError(
-            f"{directory} has no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files next to config.json"
+            f"{path} has no usable tokenizer ({str(e).splitlines()[0]}); copy the tokenizer files next to config.json"
         ) from None
-    return model, tokenizer
 
 
 def check_finite(model: torch.nn.Module) -> None:

@@ -39,7 +39,7 @@ def tiny(tmp_path: Path) -> Path:
 
 def _no_leftovers(parent: Path, name: str) -> None:
     assert not (parent / name).exists()
-    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+    assert not [p for p in parent.iterdir() if p.name.startswith(".awqconv-")], list(parent.iterdir())
 
 
 def test_missing_model_path(tmp_path: Path) -> None:
@@ -89,15 +89,26 @@ def test_nan_weights_are_refused(tiny: Path, tmp_path: Path) -> None:
 
 def test_non_empty_output_needs_overwrite(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
-    r = _run("quantize", str(tiny), "-o", str(out), *FAST)
+    assert _run("quantize", str(tiny), "-o", str(out), *FAST, "--to", "canonical").exit_code == 0
+    r = _run("quantize", str(tiny), "-o", str(out), *FAST, "--to", "hf-awq")
     assert r.exit_code == 1
     assert "--overwrite" in _one_error_line(r)
-    assert (out / "keep.txt").read_text() == "user data"
-    r = _run("quantize", str(tiny), "-o", str(out), *FAST, "--overwrite", "--to", "canonical")
+    assert (out / "canonical" / "awqconv.json").exists()
+    r = _run("quantize", str(tiny), "-o", str(out), *FAST, "--overwrite", "--to", "hf-awq")
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "canonical" / "awqconv.json").exists()
+    assert not (out / "canonical").exists() and (out / "hf-awq" / "config.json").exists()
+
+
+def test_overwrite_never_replaces_a_directory_awqconv_did_not_write(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    for extra in ((), ("--overwrite",)):
+        r = _run("quantize", str(tiny), "-o", str(out), *FAST, *extra)
+        assert r.exit_code == 1
+        line = _one_error_line(r)
+        assert "not written by awqconv" in line and "--overwrite" not in line.split(";")[-1]
+        assert (out / "keep.txt").read_text() == "user data"
 
 
 def test_truncated_safetensors_source(tiny: Path, tmp_path: Path) -> None:
@@ -152,7 +163,7 @@ def test_hf_awq_refuses_other_bit_widths_before_work(tiny: Path, tmp_path: Path)
 
 def test_unknown_format(tiny: Path, tmp_path: Path) -> None:
     r = _run("quantize", str(tiny), "-o", str(tmp_path / "out"), *FAST, "--to", "onnx")
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert "unknown format 'onnx'" in _one_error_line(r)
 
 

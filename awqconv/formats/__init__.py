@@ -14,14 +14,17 @@ Modules are imported lazily so one format's optional dependency never breaks ano
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 
 # name -> module (relative to this package)
 FORMATS: dict[str, str] = {
@@ -72,12 +75,12 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> list[Target]:
         name, _, variant = raw.partition(":")
         name = name.strip().lower()
         if name not in FORMATS:
-            raise InputError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
+            raise UsageError(f"--to: unknown format {name!r}; choose from {', '.join(FORMATS)}")
         t = Target(name, variant.strip().lower() or None)
         if t not in targets:
             targets.append(t)
     if not targets:
-        raise InputError(f"no output format given; use --to with some of {', '.join(FORMATS)}")
+        raise UsageError(f"no output format given; use --to with some of {', '.join(FORMATS)}")
     return targets
 
 
@@ -88,7 +91,17 @@ def get_format(name: str) -> ModuleType:
 
 
 def detect_format(path) -> str | None:
-    """The name of the first format whose detect() accepts ``path``."""
+    """The format recorded in the artifact's checksum manifest, else the first whose detect()
+    accepts ``path`` (a manifest names it even when a damaged file fools detection)."""
+    from ..errors import CorruptFileError
+    from .integrity import read_manifest
+
+    try:
+        m = read_manifest(path)
+    except CorruptFileError:
+        m = None
+    if m is not None and m["artifact_format"].partition(":")[0] in FORMATS:
+        return m["artifact_format"].partition(":")[0]
     for name in FORMATS:
         try:
             mod = get_format(name)
@@ -97,3 +110,44 @@ def detect_format(path) -> str | None:
         if mod.detect(path):
             return name
     return None
+
+
+def read_artifact(path) -> tuple[Any, str]:
+    """``(QuantizedModel, format name)`` of the artifact at ``path``, after every check: the files
+    against their recorded checksums, then the reader, then types and finite values."""
+    import json
+
+    from ..errors import CorruptFileError
+    from .integrity import check
+
+    p = require_path(path)
+    check(p)  # before detection: a damaged file is named, not guessed around
+    name = detect_format(p)
+    if name is None:
+        cfg = p / "config.json"
+        if p.is_dir() and cfg.is_file():
+            try:
+                json.loads(cfg.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CorruptFileError(f"{cfg} is not valid JSON ({e}); re-create or re-export it") from None
+        raise InputError(
+            f"{p} is not an awqconv artifact (no canonical manifest, AWQ config, GGUF, ExLlamaV2 or PEFT "
+            "layout found); pass a directory written by awqconv quantize or export"
+        )
+    qm = get_format(name).read(p)
+    qm.validate(str(p))
+    return qm, name
+
+
+def require_path(path) -> Path:
+    """``path`` as a Path when it exists; InputError telling a missing path from a broken link."""
+    p = Path(path)
+    try:
+        p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{p} is a symbolic link loop; point it at an artifact directory") from None
+        if os.path.islink(p):
+            raise InputError(f"{p} is a symbolic link to a missing target ({os.readlink(p)})") from None
+        raise InputError(f"{p} does not exist; pass an artifact directory such as out/canonical") from None
+    return p

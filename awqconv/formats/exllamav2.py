@@ -69,7 +69,7 @@ def _shape_problems(name: str, out: int, n_in: int, group_size: int, g_idx: bool
     if out % 8 or n_in % 8:
         problems.append(
             f"{name}: shape [{out}, {n_in}] is not a multiple of 8 in both dims, which GPTQ packing "
-            "needs; keep this layer in 16-bit (modules_to_not_convert)"
+            "needs; keep this layer in 16-bit (quantize with --skip NAME)"
         )
     g = n_in if group_size == -1 else group_size
     if g <= 0 or n_in % g:

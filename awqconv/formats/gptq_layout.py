@@ -63,7 +63,7 @@ def to_gptq(p: PackedLinear, with_g_idx: bool = False, name: str = "weight") -> 
     if out % NIBBLES or n_in % NIBBLES:
         raise FormatConstraintError(
             f"{name}: [{out}, {n_in}] is not a multiple of 8 in both dims, which GPTQ packing needs; "
-            "keep this layer in 16-bit (modules_to_not_convert)"
+            "keep this layer in 16-bit (quantize with --skip NAME)"
         )
     if bool(torch.signbit(p.scales).any()):
         raise FormatConstraintError(

@@ -60,7 +60,7 @@ def _shape_problems(name: str, out: int, n_in: int, group_size: int) -> list[str
     if out % 8:
         problems.append(
             f"{name}: out_features={out} is not a multiple of 8, which the AWQ GEMM layout packs "
-            "per int32; keep this layer in 16-bit (modules_to_not_convert) or use the canonical format"
+            "per int32; keep this layer in 16-bit (quantize with --skip NAME) or use the canonical format"
         )
     g = n_in if group_size == -1 else group_size
     if n_in % g:

@@ -141,7 +141,7 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
             if column not in row:
                 raise InputError(
                     f"{path}:{lineno} has no column {column!r}; available: {', '.join(map(str, row))} "
-                    "(choose one with --calib-text-column)"
+                    "(choose one with --text-column)"
                 )
             value = row[column]
             if not isinstance(value, str):
@@ -161,7 +161,7 @@ def _read_parquet(path: Path, column: str) -> list[str]:
         raise InputError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
     if column not in schema.names:
         raise InputError(
-            f"{path} has no column {column!r}; available: {', '.join(schema.names)} (choose one with --calib-text-column)"
+            f"{path} has no column {column!r}; available: {', '.join(schema.names)} (choose one with --text-column)"
         )
     values = pq.read_table(path, columns=[column]).column(column).to_pylist()
     bad = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
@@ -190,7 +190,7 @@ def _load_hub(name: str, config: str | None, split: str, column: str, n: int | N
     if column not in ds.column_names:
         raise InputError(
             f"dataset {label} has no column {column!r}; available: {', '.join(ds.column_names)} "
-            "(choose one with --calib-text-column)"
+            "(choose one with --text-column)"
         )
     ds = ds.shuffle(seed=SHUFFLE_SEED)
     take = min(len(ds), n if n is not None else HUB_DEFAULT_DOCS)

@@ -96,12 +96,21 @@ def supported_architectures() -> list[str]:
 def arch_spec(hf_config: dict) -> ArchSpec:
     """The mapping table for a config, or UnsupportedArchitecture naming the supported ones."""
     archs = hf_config.get("architectures") or []
+    if not archs:  # an empty or missing list: transformers' own class for the model_type
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        inferred = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(hf_config.get("model_type")))
+        if inferred in ARCHITECTURES:
+            return ARCHITECTURES[inferred]
+        raise UnsupportedArchitecture(
+            f"config.json has no architectures and model_type {hf_config.get('model_type')!r} maps to no supported "
+            f"class; set architectures to one of {', '.join(supported_architectures())}"
+        )
     for a in archs:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
-    name = archs[0] if archs else hf_config.get("model_type", "unknown")
     raise UnsupportedArchitecture(
-        f"architecture {name} is not supported; awqconv has AWQ mappings for "
+        f"architecture {archs[0]} is not supported; awqconv has AWQ mappings for "
         f"{', '.join(supported_architectures())}"
     )
 

@@ -1,7 +1,7 @@
 """Loading artifacts into the runtime, and a transformers-shaped wrapper for scoring.
 
-``load_quantized(path)`` reads any artifact through the format registry (``detect_format`` +
-``get_format(name).read``) into a QuantizedModel. ``RuntimeLM`` wraps a Decoder so code written for
+``load_quantized(path)`` reads any artifact through the format registry (``read_artifact``: checksums,
+reader, validation) into a QuantizedModel. ``RuntimeLM`` wraps a Decoder so code written for
 transformers models (``model(input_ids=..., use_cache=False).logits``, e.g. ``evaluate.perplexity``)
 scores it: each call is one full-sequence prefill into a fresh cache.
 """
@@ -14,22 +14,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
 from ..model import QuantizedModel
 from .model import Decoder
 
 
 def load_quantized(path: str | Path) -> tuple[QuantizedModel, str]:
-    """``(QuantizedModel, format name)`` of the artifact at ``path``."""
-    from ..formats import detect_format, get_format
+    """``(QuantizedModel, format name)`` of the artifact at ``path``, checked (see ``read_artifact``)."""
+    from ..formats import read_artifact
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path} does not exist; give an artifact directory written by awqconv")
-    name = detect_format(path)
-    if name is None:
-        raise InputError(f"{path} holds no artifact format awqconv can read (canonical, hf-awq, gguf, ...)")
-    return get_format(name).read(path), name
+    return read_artifact(Path(path))
 
 
 @dataclass

@@ -18,13 +18,16 @@ from typing import Any
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import (
     AwqconvError,
     FormatConstraintError,
     InputError,
     UnsupportedArchitecture,
 )
+from ..formats.integrity import MANIFEST
 from ..model import QuantizedModel
+from ..outdir import read_marker
 from ..packed import bitwise_equal
 
 log = logging.getLogger(__name__)
@@ -92,22 +95,59 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def find_artifacts(path: Path) -> list[tuple[str, Path, str]]:
-    """``(label, path, format)`` for ``path`` itself if it is an artifact, else each sub-directory that is."""
-    from ..formats import detect_format
+# files whose presence marks a directory as meant to be a model, detected or not
+_MODEL_FILES = ("config.json", "awqconv.json", MANIFEST)
+_MODEL_SUFFIXES = (".safetensors", ".gguf")
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path} does not exist; give the output directory of an awqconv export")
-    fmt = detect_format(path)
-    if fmt is not None:
-        return [(path.name or str(path), path, fmt)]
+
+def find_artifacts(path: Path) -> list[tuple[str, Path, str | None]]:
+    """``(label, path, format)`` for ``path`` itself if it is an artifact, else each sub-directory that
+    is or should be one. ``format`` is None for a directory that looks like an artifact (a model file,
+    a config, a checksum manifest) but cannot be read, and for an entry the output's
+    ``awqconv-output.json`` lists that is gone: verify fails those instead of dropping them."""
+
+    from ..formats import require_path
+
+    path = require_path(path)
+    if not path.is_dir() or _looks_like_artifact(path):
+        return [(path.name or str(path), path, _safe_detect(path))]
     found = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        fmt = detect_format(sub)
-        if fmt is not None:
-            found.append((sub.name, sub, fmt))
+        if _looks_like_artifact(sub):
+            found.append((sub.name, sub, _safe_detect(sub)))
+    marker = read_marker(path)
+    for name in (marker or {}).get("entries", []):
+        if not (path / str(name)).exists():
+            found.append((str(name), path / str(name), None))
     return found
+
+
+def _safe_detect(path: Path) -> str | None:
+    from ..formats import detect_format
+
+    try:
+        return detect_format(path)
+    except (OSError, AwqconvError):
+        return None
+
+
+def _looks_like_artifact(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix in _MODEL_SUFFIXES
+    if _safe_detect(path) is not None:
+        return True
+    try:
+        return any(f.name in _MODEL_FILES or f.name.endswith(_MODEL_SUFFIXES) for f in path.iterdir())
+    except OSError:
+        return True
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """The first line of a message, shortened at a word boundary with an ellipsis when too long."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _compare_canonical(rep: VerifyReport, label: str, qm: QuantizedModel, canon: QuantizedModel) -> bool:
@@ -167,9 +207,10 @@ def verify(path: str | Path, *, prompts: list[str] | None = None, eval_text: str
 
 def _verify(path, prompts, eval_text, device, max_new_tokens, ppl_windows, ppl_seq_len, bench,
             recheck_identical) -> VerifyReport:
-    from ..formats import get_format
+    from ..formats import read_artifact
+    from ..formats.integrity import check
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     rep = VerifyReport(str(path), str(device))
     arts = find_artifacts(Path(path))
     if not arts:
@@ -177,17 +218,27 @@ def _verify(path, prompts, eval_text, device, max_new_tokens, ppl_windows, ppl_s
     prompts = list(prompts or DEFAULT_PROMPTS)
     models: dict[str, QuantizedModel] = {}
     for label, p, fmt in arts:
-        rep.artifacts.append({"name": label, "format": fmt, "path": str(p)})
+        rep.artifacts.append({"name": label, "format": fmt or "?", "path": str(p)})
         t0 = time.perf_counter()
+        if not p.exists():
+            rep.add(label, "structure", False, "missing", f"listed in the output's awqconv-output.json but {p} is gone")
+            continue
         try:
-            qm = get_format(fmt).read(p)
-            for n, lin in qm.linears.items():
-                lin.validate(n)
+            manifest = check(p)
+            rep.add(label, "checksums", manifest is not None or None,
+                    f"{len(manifest['files'])} files match" if manifest else "none recorded",
+                    "" if manifest else f"no {MANIFEST}: not written by awqconv, bytes not checked")
+        except AwqconvError as e:
+            rep.add(label, "checksums", False, type(e).__name__, _first_line(str(e)))
+            continue
+        try:
+            qm, fmt = read_artifact(p)
+            rep.artifacts[-1]["format"] = fmt
         except FormatConstraintError as e:  # a lossy variant: not decodable to canonical integers
-            rep.add(label, "structure", None, "not canonical", str(e).splitlines()[0][:160])
+            rep.add(label, "structure", None, "not canonical", _first_line(str(e)))
             continue
         except Exception as e:  # noqa: BLE001 - any reader failure is this artifact's failed check
-            rep.add(label, "structure", False, type(e).__name__, str(e).splitlines()[0][:160] if str(e) else "")
+            rep.add(label, "structure", False, type(e).__name__, _first_line(str(e)))
             continue
         models[label] = qm
         q0 = next(iter(qm.linears.values()), None)
@@ -195,10 +246,12 @@ def _verify(path, prompts, eval_text, device, max_new_tokens, ppl_windows, ppl_s
                 f"{fmt}, {q0.bits if q0 else '?'}-bit g{q0.group_size if q0 else '?'}, {qm.architecture}, "
                 f"read in {time.perf_counter() - t0:.1f}s")
     canon_label = next((lb for lb, _, f in arts if f == "canonical" and lb in models), None)
+    broken_canon = next((lb for lb, _, f in arts if f == "canonical" and lb not in models), None)
     to_run = dict(models)
     for label, qm in models.items():
         if canon_label is None:
-            rep.add(label, "bit-exact linears", None, "no canonical artifact to compare with")
+            why = f"{broken_canon} failed its own checks" if broken_canon else "no canonical artifact"
+            rep.add(label, "bit-exact linears", None, "not compared", why)
         elif label != canon_label:
             if _compare_canonical(rep, label, qm, models[canon_label]) and not recheck_identical:
                 del to_run[label]
@@ -221,7 +274,7 @@ def _run_models(rep, base, models, prompts, eval_text, device, max_new_tokens, p
         tok = load_tokenizer_from_assets(base)
     except AwqconvError as e:
         tok = None
-        rep.add("*", "tokenizer", None, "none", str(e)[:120])
+        rep.add("*", "tokenizer", None, "none", _first_line(str(e)))
     vocab = base.hf_config.get("vocab_size", 32000)
     ids = _prompt_ids(tok, prompts, vocab)
     text = eval_text if eval_text is not None else _default_eval_text()
@@ -233,13 +286,13 @@ def _run_models(rep, base, models, prompts, eval_text, device, max_new_tokens, p
         try:
             dec = build_decoder(qm, device)
         except UnsupportedArchitecture as e:
-            rep.add(label, "runtime", None, "not supported", str(e)[:160])
+            rep.add(label, "runtime", None, "not supported", _first_line(str(e)))
             continue
         dt = dec.dtype
         try:
             r = refs.setdefault(id(qm), _Reference.build(qm, ids, device, max_new_tokens, ppl_ids, ppl_seq_len, ppl_windows))
         except Exception as e:  # noqa: BLE001
-            rep.add(label, "reference model", False, type(e).__name__, str(e)[:160])
+            rep.add(label, "reference model", False, type(e).__name__, _first_line(str(e)))
             continue
         ref_logits, ref_greedy, ref_ppl = r.logits, r.greedy, r.ppl
         if ref_ppl is not None:

@@ -38,6 +38,8 @@ def test_tampered_artifact_fails(out_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from awqconv.formats.integrity import record
+
     bad = tmp_path / "out"
     shutil.copytree(out_dir, bad)
     f = next((bad / "hf-awq").glob("*.safetensors"))
@@ -48,6 +50,12 @@ def test_tampered_artifact_fails(out_dir, tmp_path):
     save_file(t, f, metadata={"format": "pt"})
     rep = verify(bad, device="cpu", max_new_tokens=4, bench=False)
     assert not rep.ok
+    failed = [(r.artifact, r.check) for r in rep.rows if r.ok is False]
+    assert failed == [("hf-awq", "checksums")]  # the recorded sha256 catches it before any reading
+    # re-recorded checksums (a tool that wrote wrong integers to begin with): the comparison with
+    # the canonical artifact still catches it
+    record(bad / "hf-awq", "hf-awq", {}, {})
+    rep = verify(bad, device="cpu", max_new_tokens=4, bench=False)
     failed = [(r.artifact, r.check) for r in rep.rows if r.ok is False]
     assert ("hf-awq", "bit-exact linears") in failed
     assert all(a == "hf-awq" for a, _ in failed)
