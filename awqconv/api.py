@@ -24,6 +24,7 @@ from .devices import resolve_device
 from .errors import CorruptFileError, FormatConstraintError, InputError, ShapeError, UsageError
 from .formats import ExportRequest, Target, detect_format, get_format, parse_targets, read_artifact
 from .formats.integrity import record
+from .hfconfig import context_length
 from .model import QuantizedModel
 from .outdir import OutputLock, check_output, fmt_bytes, reserved, staged_output
 from .quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
@@ -129,18 +130,13 @@ def _model_inputs(path: Path) -> list[Path]:
     return inputs
 
 
-def _context_length(hf_config: dict[str, Any]) -> int | None:
-    v = hf_config.get("max_position_embeddings")
-    return v if isinstance(v, int) and v > 0 else None
-
-
 def _plan_calibration(cfg: QuantConfig, path: Path, hf_config: dict[str, Any], calib_data, trust_remote_code: bool):
     """Read and tokenize the calibration source now, so a missing, unreadable or too short one
     fails before any model is loaded; the blocks are reused by convert()."""
     from .quant.calib import build_blocks, load_calibration_texts
     from .sources import load_tokenizer
 
-    ctx = _context_length(hf_config)
+    ctx = context_length(hf_config)
     if ctx is not None and cfg.calib_seq_len > ctx:
         raise UsageError(f"--calib-seq-len {cfg.calib_seq_len} exceeds the model's context of {ctx} tokens "
                          f"(max_position_embeddings); use at most {ctx}")
@@ -404,12 +400,12 @@ def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int |
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists() and detect_format(p) is None:
         model, tok = load_causal_lm(p)
-        ctx = _context_length(model.config.to_dict())
+        ctx = context_length(model.config.to_dict())
     else:
         from .reference import load_tokenizer_from_assets, reference_model
 
         qm = load(p)
-        ctx = _context_length(qm.hf_config)
+        ctx = context_length(qm.hf_config)
         model, tok = reference_model(qm), load_tokenizer_from_assets(qm)
     if ctx is not None and seq_len > ctx:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {ctx} tokens; use at most {ctx}")

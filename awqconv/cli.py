@@ -101,13 +101,6 @@ def _os_error(e: OSError) -> str:
     return f"{hint}{where}"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def _search_tokens(text: str | None) -> Any:
     if text is None:
         return None

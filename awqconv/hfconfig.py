@@ -46,3 +46,12 @@ def validate_hf_config(config: Any, where: str) -> dict[str, Any]:
             f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}; fix the config"
         )
     return config
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``, also under ``text_config``), if given."""
+    for cfg in (config, config.get("text_config") or {}):
+        n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+        if type(n) is int and n > 0:
+            return n
+    return None

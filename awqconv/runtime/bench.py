@@ -24,6 +24,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import UsageError
+from ..hfconfig import context_length
 from .generate import Generator, SamplingParams, padded_prefill_len
 from .lm import load_quantized
 from .model import build_decoder
@@ -68,15 +69,6 @@ def _check_lengths(values: Any, flag: str, shown: str | None = None) -> list[int
         if v < 1:
             raise UsageError(f"{flag} {shown}: {v} is out of range; each length must be an integer >= 1")
     return [int(v) for v in values]
-
-
-def _context_len(hf_config: dict[str, Any]) -> int | None:
-    """The model's context (``max_position_embeddings``, also under ``text_config``), if it says."""
-    for cfg in (hf_config, hf_config.get("text_config") or {}):
-        n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
 
 
 def _check_context(prefill_lens: list[int], decode_lens: list[int], context: int | None) -> None:
@@ -137,7 +129,7 @@ def bench(path: str | Path, batch_sizes: Sequence[int] = (1,), prefill_lens: Seq
     prefill_lens = _check_lengths(prefill_lens, _FLAGS["prefill_lens"])
     decode_lens = _check_lengths(decode_lens, _FLAGS["decode_lens"])
     qm, fmt = load_quantized(path)
-    context = _context_len(qm.hf_config)
+    context = context_length(qm.hf_config)
     _check_context(prefill_lens, decode_lens, context)
     rows: list[dict[str, Any]] = []
     modes = [("int4", "auto")] + ([("fp16", "dense")] if compare_fp16 else [])

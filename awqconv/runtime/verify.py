@@ -26,6 +26,7 @@ from ..errors import (
     UnsupportedArchitecture,
 )
 from ..formats.integrity import MANIFEST
+from ..hfconfig import context_length
 from ..model import QuantizedModel
 from ..outdir import read_marker
 from ..packed import bitwise_equal
@@ -276,6 +277,9 @@ def _run_models(rep, base, models, prompts, eval_text, device, max_new_tokens, p
         tok = None
         rep.add("*", "tokenizer", None, "none", _first_line(str(e)))
     vocab = base.hf_config.get("vocab_size", 32000)
+    ctx = context_length(base.hf_config)
+    if ctx is not None:  # never score windows longer than the model's context
+        ppl_seq_len = min(ppl_seq_len, ctx)
     ids = _prompt_ids(tok, prompts, vocab)
     text = eval_text if eval_text is not None else _default_eval_text()
     ppl_ids = None
