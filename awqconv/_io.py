@@ -55,6 +55,20 @@ def save_sharded(
     return sorted(p.name for p in out_dir.glob(f"{prefix}*.safetensors"))
 
 
+def unshare_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Clone tensors that share storage (tied embeddings): huggingface_hub would drop all but one."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, t in tensors.items():
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
+        if ident is not None and ident in seen:
+            t = t.clone()
+        elif ident is not None:
+            seen.add(ident)
+        out[k] = t.contiguous()
+    return out
+
+
 def safetensors_files(directory: Path, prefix: str = "model") -> list[Path]:
     """The shard files of a checkpoint, from its index when there is one."""
     index = directory / f"{prefix}.safetensors.index.json"

@@ -22,12 +22,12 @@ from . import __version__
 from .config import QuantConfig
 from .devices import resolve_device
 from .errors import CorruptFileError, FormatConstraintError, InputError, ShapeError, UsageError
-from .formats import ExportRequest, Target, detect_format, get_format, parse_targets, read_artifact
+from .formats import ExportRequest, Target, detect_format, get_format, needs_prescaled, parse_targets, read_artifact
 from .formats.integrity import record
 from .hfconfig import context_length
 from .model import QuantizedModel
 from .outdir import OutputLock, check_output, fmt_bytes, reserved, staged_output
-from .quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
+from .quant.mappings import arch_spec, quantizable_slots, resolve_layer
 from .quant.pipeline import scale_dtype_for
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class Plan:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     inputs: list[Path] = field(default_factory=list)  # what -o may never overlap
     calib_blocks: Any = None  # CalibBlocks, tokenized once here and reused by convert()
+    keep_prescaled: bool = False  # store the prescaled float weights in the canonical artifact
 
     def describe(self) -> str:
         c = self.config
@@ -79,7 +80,8 @@ class Plan:
             n, t = self.calib_blocks.ids.shape
             lines.append(f"calib data   {n} blocks x {t} tokens available")
         lines.append(f"device       {self.device}")
-        lines.append(f"outputs      {', '.join(t.label for t in self.targets)} -> {self.out_dir}/")
+        kept = " (canonical keeps the prescaled weights)" if self.keep_prescaled else ""
+        lines.append(f"outputs      {', '.join(t.label for t in self.targets)} -> {self.out_dir}/{kept}")
         lines.append(f"disk         ~{fmt_bytes(self.estimated_bytes)} needed")
         return "\n".join(lines)
 
@@ -112,12 +114,14 @@ def _meta_model(hf_config: dict[str, Any], path: Path, trust_remote_code: bool) 
 
 
 def estimate_bytes(shapes: dict[str, tuple[int, int]], n_params: int, bits: int, group_size: int,
-                   targets: list[Target]) -> int:
+                   targets: list[Target], keep_prescaled: bool = False) -> int:
     """Disk that writing ``targets`` needs: packed integers, scales and zeros, float dense tensors;
-    the canonical artifact's prescaled floats and peft's float weights at 2 bytes per weight."""
+    peft's float weights and, with ``keep_prescaled``, the canonical artifact's prescaled floats
+    at 2 bytes per weight."""
     lin_params = sum(o * i for o, i in shapes.values())
     per_target = lin_params * bits / 8 + (n_params - lin_params) * 2 + lin_params / max(group_size, 32) * 4
-    extra = sum(2 * lin_params for t in targets if t.name in ("canonical", "peft"))
+    floats = ("canonical", "peft") if keep_prescaled else ("peft",)
+    extra = sum(2 * lin_params for t in targets if t.name in floats)
     return int(per_target * len(targets) + extra)
 
 
@@ -161,6 +165,7 @@ def plan(
     revision: str | None = None,
     device: str | torch.device | None = None,
     calib_data: str | Sequence[str] | None = None,
+    keep_prescaled: bool = False,
 ) -> Plan:
     """Resolve the model and check every constraint (output directory, device, formats, disk,
     calibration data); nothing calibrated, nothing written."""
@@ -180,7 +185,7 @@ def plan(
     check_causal_lm(hf_config, path)
     arch = arch_spec(hf_config)  # unsupported architectures fail here, before any work
     if not hf_config.get("architectures"):  # inferred from model_type: the artifacts name it
-        hf_config["architectures"] = [next(k for k, v in ARCHITECTURES.items() if v is arch)]
+        hf_config["architectures"] = [arch.arch]
 
     meta = _meta_model(hf_config, path, trust_remote_code)
     layers = meta.get_submodule(arch.layers_path)
@@ -214,14 +219,14 @@ def plan(
     if problems:
         raise FormatConstraintError("; ".join(problems))
 
-    estimated = estimate_bytes(shapes, n_params, cfg.w_bit, cfg.group_size, targets)
+    estimated = estimate_bytes(shapes, n_params, cfg.w_bit, cfg.group_size, targets, keep_prescaled)
     out = check_output(out_dir, overwrite=overwrite, inputs=inputs, needed_bytes=estimated)
     OutputLock(out).probe()
     blocks = None
     if cfg.method == "awq":
         blocks = _plan_calibration(cfg, path, hf_config, calib_data, trust_remote_code)
     return Plan(str(model), path, hf_config, cfg, targets, out, shapes, n_params, sdtype, estimated,
-                mapping_names, dev, inputs, blocks)
+                mapping_names, dev, inputs, blocks, keep_prescaled)
 
 
 def _config_dtype(hf_config: dict[str, Any]) -> torch.dtype:
@@ -243,6 +248,7 @@ def convert(
     revision: str | None = None,
     progress: bool = True,
     search_grid: str | None = None,
+    keep_prescaled: bool = False,
     **overrides: Any,
 ) -> ConvertResult:
     """Quantize ``model`` once and write every format in ``to`` under ``out_dir``.
@@ -255,13 +261,19 @@ def convert(
     ``search_grid="gguf:q4_0"`` makes the scale and clip search target a GGUF block type's own
     grid (the prescaled weights then suit that GGUF type best); the canonical integers are still
     taken on the QuantConfig grid.
+
+    ``keep_prescaled=True`` also stores those prescaled float weights in the canonical artifact
+    (``prescaled*.safetensors``, about 2 bytes per quantized weight) so that a later
+    ``export --to gguf:q4_0`` (or a K-quant) re-quantizes them. Without it they are kept in memory
+    only when a target of this run re-quantizes them, and a later export uses the dequantized
+    canonical integers.
     """
     cfg = build_config(config, **overrides)
     if isinstance(calib_data, str):
         cfg = cfg.with_overrides(calib=calib_data)
     grid = _search_grid(search_grid)
     p = plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision,
-             device=device, calib_data=calib_data)
+             device=device, calib_data=calib_data, keep_prescaled=keep_prescaled)
     with reserved(p.out_dir) as lock:  # one writer per output, from here to the final swap
         return _convert(p, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock)
 
@@ -276,7 +288,8 @@ def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote
     if blocks is not None:
         report["calibration_blocks"] = int(blocks.shape[0])
     hf_model, _ = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
-    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device, progress=progress)
+    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device, progress=progress,
+                          keep_prescaled=p.keep_prescaled or needs_prescaled(p.targets))
     del hf_model
     report.update(qout.report)
     report["seconds_quantize"] = round(time.time() - t0, 1)
@@ -303,6 +316,7 @@ def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote
         provenance=provenance,
         assets=collect_assets(p.path),
         prescaled=qout.prescaled,
+        keep_prescaled=p.keep_prescaled,
     )
     artifacts = write_artifacts(qm, p.targets, p.out_dir, overwrite=overwrite, inputs=p.inputs, lock=lock)
     report["seconds_total"] = round(time.time() - t0, 1)
@@ -362,7 +376,7 @@ def export(
     targets = parse_targets(to)
     inputs = [Path(artifact)] + ([Path(adapter)] if adapter is not None else [])
     check_output(out_dir, overwrite=overwrite, inputs=inputs)  # before reading anything big
-    qm = load(artifact)
+    qm, _ = read_artifact(artifact)
     for t in targets:
         req = ExportRequest(
             t,
@@ -378,7 +392,8 @@ def export(
             raise FormatConstraintError(f"{t.label}: {'; '.join(problems)}")
     shapes = {n: (p.out_features, p.in_features) for n, p in qm.linears.items()}
     n_params = sum(o * i for o, i in shapes.values()) + sum(t.numel() for t in qm.dense.values())
-    needed = estimate_bytes(shapes, n_params, qm.quant_config.w_bit, qm.quant_config.group_size, targets)
+    needed = estimate_bytes(shapes, n_params, qm.quant_config.w_bit, qm.quant_config.group_size, targets,
+                            qm.keep_prescaled and qm.prescaled is not None)
     check_output(out_dir, overwrite=overwrite, inputs=inputs, needed_bytes=needed)
     if adapter is None:
         return write_artifacts(qm, targets, out_dir, overwrite=overwrite, inputs=inputs)
@@ -404,7 +419,7 @@ def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int |
     else:
         from .reference import load_tokenizer_from_assets, reference_model
 
-        qm = load(p)
+        qm, _ = read_artifact(p)
         ctx = context_length(qm.hf_config)
         model, tok = reference_model(qm), load_tokenizer_from_assets(qm)
     if ctx is not None and seq_len > ctx:

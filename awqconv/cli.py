@@ -153,6 +153,10 @@ def main(verbose: int) -> None:
 @click.option("--search-grid", default=None,
               help="Grid the search targets: int (the canonical grid, default) or gguf:<type>, e.g. gguf:q4_0.")
 @click.option("--skip", "skip", multiple=True, help="Keep linears whose name contains this in full precision (repeatable).")
+@click.option("--keep-prescaled", is_flag=True,
+              help="Also store the AWQ-prescaled float weights in the canonical artifact (prescaled*.safetensors, "
+                   "~2 bytes per weight), so a later export to gguf:q4_0 or a K-quant re-quantizes them instead of "
+                   "the dequantized integers. Not needed for gguf targets of the same run.")
 @click.option("--device", default=None, help="Compute device [default: cuda when present, else cpu].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
@@ -162,7 +166,8 @@ def main(verbose: int) -> None:
 @_fail_cleanly
 def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero_point, duo_scaling, search_scales, apply_clip,
              smooth_gqa_vo, n_grid, calib, calib_samples, calib_seq_len, text_column, split, search_tokens,
-             scale_dtype, search_grid, skip, device, trust_remote_code, revision, overwrite, dry_run, quiet) -> None:
+             scale_dtype, search_grid, skip, keep_prescaled, device, trust_remote_code, revision, overwrite, dry_run,
+             quiet) -> None:
     """Quantize MODEL (a local directory, a hub id, or builtin:smollm2-135m) and write formats."""
     from . import api
 
@@ -179,13 +184,13 @@ def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero
         cfg = replace(cfg, search_tokens=None)
     if dry_run:
         p = api.plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision,
-                     device=device)
+                     device=device, keep_prescaled=keep_prescaled)
         click.echo(p.describe())
         click.echo("dry run: all checks passed; nothing was calibrated or written")
         return
     res = api.convert(model, to, out_dir, cfg, overwrite=overwrite, device=device,
                       trust_remote_code=trust_remote_code, revision=revision, progress=not quiet,
-                      search_grid=search_grid)
+                      search_grid=search_grid, keep_prescaled=keep_prescaled)
     ratio = _mean_loss_ratio(res.model)
     click.echo(f"quantized {len(res.model.linears)} linears in {res.report.get('seconds_quantize')} s"
                + (f"; search kept {ratio:.1%} of the round-to-nearest loss" if ratio is not None else ""))

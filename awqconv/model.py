@@ -49,9 +49,13 @@ class QuantizedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     assets: dict[str, bytes] = field(default_factory=dict)  # file name -> bytes (tokenizer etc.)
     # AWQ-prescaled float weights of the quantized linears (scales folded, clips applied, not
-    # rounded to the grid), present when the quantizer ran in this process; writers that
-    # re-quantize onto another grid (GGUF q4_0, K-quants) use them instead of dequantized ints.
+    # rounded to the grid), present when the quantizer ran in this process and a target needs them,
+    # or read from a canonical artifact that stored them; writers that re-quantize onto another
+    # grid (GGUF q4_0, K-quants) use them instead of dequantized ints.
     prescaled: dict[str, Tensor] | None = None
+    # store ``prescaled`` in the canonical artifact (prescaled*.safetensors, ~2 bytes per quantized
+    # parameter) so a later GGUF export can re-quantize them; off by default (--keep-prescaled)
+    keep_prescaled: bool = False
 
     @property
     def architecture(self) -> str:

@@ -7,7 +7,8 @@ packs ``q`` densely along the input dimension, little-endian in bits: element ``
 occupies bits ``[i*bits, (i+1)*bits)`` of that row's byte string, so for 4 bits byte ``b`` holds
 ``q[2b] | q[2b+1] << 4``. Symmetric quantization is the special case ``zeros == 2**(bits-1)``.
 Every writer and the runtime re-lay these integers out with pure functions; nothing here knows a
-file format.
+file format. Whole values per byte (1, 2, 4 bits) go through ``nibbles.py``, the packer every
+layout shares; widths that straddle bytes (3, 5, 6, 7) go through a bit stream.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import nibbles
 from .errors import ShapeError
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -27,6 +29,11 @@ def packed_width(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+def _byte_shifts(bits: int) -> tuple[int, ...]:
+    """Shifts of the ``8 // bits`` values of one byte (little-endian in bits)."""
+    return tuple(bits * k for k in range(8 // bits))
+
+
 def pack_bits(q: Tensor, bits: int) -> Tensor:
     """Pack uint8 values ``< 2**bits`` along the last dim into bytes (see module docstring)."""
     if not 1 <= bits <= 8:
@@ -35,14 +42,12 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return q.contiguous()
     lead, n = q.shape[:-1], q.shape[-1]
-    if 8 % bits == 0:  # whole values per byte: one shift-and-sum
+    if 8 % bits == 0:  # whole values per byte, the first in the low bits
         per = 8 // bits
         pad = (-n) % per
         if pad:
             q = torch.cat([q, q.new_zeros(*lead, pad)], dim=-1)
-        shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
-        words = (q.reshape(*lead, q.shape[-1] // per, per).to(torch.int32) << shifts).sum(-1)
-        return words.to(torch.uint8)
+        return nibbles.pack(q, _byte_shifts(bits), bits=bits, dtype=torch.uint8)
     # values straddle bytes: go through single bits
     bit_idx = torch.arange(bits, dtype=torch.uint8, device=q.device)
     stream = ((q.unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, n * bits)
@@ -66,13 +71,10 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         )
     if bits == 8:
         return packed.contiguous()
-    lead = packed.shape[:-1]
-    mask = (1 << bits) - 1
     if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-        vals = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & mask
-        return vals.reshape(*lead, vals.shape[-2] * per)[..., :n].to(torch.uint8)
+        vals = nibbles.unpack(packed, _byte_shifts(bits), bits=bits)
+        return vals if vals.shape[-1] == n else vals[..., :n].contiguous()
+    lead = packed.shape[:-1]
     bit_idx = torch.arange(8, dtype=torch.int32, device=packed.device)
     stream = ((packed.to(torch.int32).unsqueeze(-1) >> bit_idx) & 1).reshape(*lead, 8 * packed.shape[-1])
     stream = stream[..., : n * bits].reshape(*lead, n, bits)

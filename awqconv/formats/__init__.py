@@ -1,15 +1,17 @@
 """Format writers and readers: pure re-layouts of the canonical integers.
 
-Each format lives in its own module exposing the same five module-level names:
+Each format lives in its own module meeting :class:`~awqconv.formats.base.FormatModule`:
 
     NAME: str                                    # "hf-awq", "gguf", ...
     plan(request: ExportRequest) -> list[str]    # problems that would make write() fail; no side effects
-    write(qm: QuantizedModel, out_dir: Path, variant: str | None) -> None   # into an existing empty dir
+    write(qm: QuantizedModel, out_dir: Path, variant: str | None) -> Any   # into an existing empty dir
     read(path: Path) -> QuantizedModel           # back to canonical (exact where the format is)
     detect(path: Path) -> bool                   # does this directory/file hold this format?
+    uses_prescaled(variant: str | None) -> bool  # does write() read qm.prescaled?
 
 A target is written ``name`` or ``name:variant`` (``gguf:q4_0``). Formats never import ``quant``.
 Modules are imported lazily so one format's optional dependency never breaks another.
+:func:`read_artifact` is the one way to read an artifact: checksums, reader, validation.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from types import ModuleType
-from typing import Any
-
-import torch
+from typing import cast
 
 from ..errors import InputError, UsageError
+from ..model import QuantizedModel
+from .base import ExportRequest, FormatModule, Target
+
+__all__ = ["FORMATS", "ExportRequest", "FormatModule", "Target", "detect_format", "get_format",
+           "needs_prescaled", "parse_targets", "read_artifact", "require_path"]
 
 # name -> module (relative to this package)
 FORMATS: dict[str, str] = {
@@ -34,34 +38,6 @@ FORMATS: dict[str, str] = {
     "exllamav2": ".exllamav2",
     "peft": ".peft",
 }
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    variant: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name if self.variant is None else f"{self.name}:{self.variant}"
-
-    @property
-    def dirname(self) -> str:
-        """The sub-directory of the output that holds this artifact."""
-        return self.label.replace(":", "-")
-
-
-@dataclass
-class ExportRequest:
-    """What a format's plan() may inspect before any work is done."""
-
-    target: Target
-    hf_config: dict[str, Any]
-    bits: int
-    group_size: int  # resolved (per-channel already replaced by in_features is NOT done here: -1 stays)
-    zero_point: bool
-    scale_dtype: torch.dtype
-    linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (out, in)
 
 
 def parse_targets(spec: str | list[str] | tuple[str, ...]) -> list[Target]:
@@ -84,10 +60,16 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> list[Target]:
     return targets
 
 
-def get_format(name: str) -> ModuleType:
+def get_format(name: str) -> FormatModule:
+    """The format module registered as ``name`` (imported on first use)."""
     if name not in FORMATS:
         raise InputError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
-    return importlib.import_module(FORMATS[name], __name__)
+    return cast(FormatModule, importlib.import_module(FORMATS[name], __name__))
+
+
+def needs_prescaled(targets: Iterable[Target]) -> bool:
+    """Whether writing any of ``targets`` reads the AWQ-prescaled float weights."""
+    return any(get_format(t.name).uses_prescaled(t.variant) for t in targets)
 
 
 def detect_format(path) -> str | None:
@@ -112,7 +94,7 @@ def detect_format(path) -> str | None:
     return None
 
 
-def read_artifact(path) -> tuple[Any, str]:
+def read_artifact(path: str | os.PathLike[str]) -> tuple[QuantizedModel, str]:
     """``(QuantizedModel, format name)`` of the artifact at ``path``, after every check: the files
     against their recorded checksums, then the reader, then types and finite values."""
     import json

@@ -1,10 +1,10 @@
 """Pure re-layouts between canonical PackedLinear and AutoAWQ's GEMM tensors (no IO).
 
-GEMM layout (AutoAWQ ``WQLinear_GEMM``, awq_internals.md §2.1) stores the transposed ``[in, out]``
-view: ``qweight`` int32 ``[in, out/8]``, ``qzeros`` int32 ``[in/g, out/8]``, ``scales``
-``[in/g, out]``, ``bias`` ``[out]``. Eight output channels share one int32; nibble ``j`` (bits
-``4j..4j+3``) holds channel ``8c + AWQ_PACK_ORDER[j]``. Words are built in int64 and wrapped to
-int32 because nibble 7 reaches the sign bit. Both directions are vectorised over whole tensors.
+GEMM layout (AutoAWQ ``WQLinear_GEMM``, what transformers, vLLM and AutoAWQ load for
+``version: "gemm"``) stores the transposed ``[in, out]`` view: ``qweight`` int32 ``[in, out/8]``,
+``qzeros`` int32 ``[in/g, out/8]``, ``scales`` ``[in/g, out]``, ``bias`` ``[out]``. Eight output
+channels share one int32; nibble ``j`` (bits ``4j..4j+3``) holds channel ``8c + AWQ_PACK_ORDER[j]``
+(``nibbles.AWQ``). Both directions are vectorised over whole tensors.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .. import nibbles
 from ..errors import FormatConstraintError, ShapeError
 from ..packed import PackedLinear
 
-# nibble j of a GEMM word holds channel AWQ_PACK_ORDER[j] of its block of 8 (AutoAWQ
-# awq/utils/packing_utils.py AWQ_ORDER; AWQ paper §4.2 "w{0,2,4,6,1,3,5,7}")
-AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# nibble j of a GEMM word holds channel AWQ_PACK_ORDER[j] of its block of 8: the interleave
+# AutoAWQ's GEMM kernels unpack (even channels in the low half-word, odd ones in the high one)
+AWQ_PACK_ORDER = nibbles.AWQ_ORDER
 # channel c of a block sits in nibble AWQ_REVERSE_ORDER[c] (the inverse permutation)
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
-_NIBBLE_SHIFTS = tuple(4 * j for j in range(8))
+AWQ_REVERSE_ORDER = tuple(s // 4 for s in nibbles.AWQ)
 
 
 class GemmTensors(NamedTuple):
@@ -37,23 +37,14 @@ def pack_awq_int32(v: Tensor) -> Tensor:
     rows, cols = v.shape
     if cols % 8:
         raise ShapeError(f"AWQ packing needs a multiple of 8 columns, got {cols}")
-    order = torch.tensor(AWQ_PACK_ORDER, device=v.device)
-    shifts = torch.tensor(_NIBBLE_SHIFTS, dtype=torch.int64, device=v.device)
-    blocks = v.to(torch.int64).reshape(rows, cols // 8, 8).index_select(-1, order)
-    words = (blocks << shifts).sum(-1)  # int64 in [0, 2**32)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's-complement wrap
-    return words.to(torch.int32)
+    return nibbles.pack(v, nibbles.AWQ, dim=1)
 
 
 def unpack_awq_int32(w: Tensor) -> Tensor:
     """Inverse of :func:`pack_awq_int32`: int32 ``[rows, n]`` -> uint8 ``[rows, 8 n]``."""
     if w.dtype != torch.int32:
         raise ShapeError(f"AWQ packed tensors must be int32, got {w.dtype}")
-    rows, n = w.shape
-    shifts = torch.tensor(_NIBBLE_SHIFTS, dtype=torch.int64, device=w.device)
-    nibbles = (w.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF  # [rows, n, 8], nibble order
-    reverse = torch.tensor(AWQ_REVERSE_ORDER, device=w.device)
-    return nibbles.index_select(-1, reverse).reshape(rows, 8 * n).to(torch.uint8)
+    return nibbles.unpack(w, nibbles.AWQ, dim=1)
 
 
 def to_gemm(p: PackedLinear) -> GemmTensors:

@@ -4,7 +4,13 @@ Layout of the directory: ``awqconv.json`` (manifest: quant config, every linear'
 keys, search summary, provenance, asset names); ``model*.safetensors`` holding ``{name}.qweight``
 (uint8, PackedLinear layout), ``{name}.scales``, ``{name}.zeros`` (uint8), ``{name}.bias`` and the
 dense tensors under their HF keys; ``search.safetensors`` (``scales.{i}``, ``clip.{name}``);
-``prescaled*.safetensors`` (scale dtype) when present; ``config.json`` and verbatim asset files.
+``config.json`` and verbatim asset files.
+
+``prescaled*.safetensors`` (the AWQ-scaled float weights, in the scale dtype: about 2 bytes per
+quantized parameter) is written only when ``QuantizedModel.keep_prescaled`` asks for it
+(``awqconv quantize --keep-prescaled``): only the re-quantizing GGUF variants read those weights,
+and a same-run ``--to canonical,gguf:q4_0`` hands them over in memory. Without them a later GGUF
+export re-quantizes the dequantized canonical integers instead.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ from .._io import (
     read_json,
     safetensors_files,
     save_sharded,
+    unshare_storage,
     write_json,
 )
 from ..config import QuantConfig
 from ..errors import CorruptFileError, InputError, ShapeError
 from ..model import QuantizedModel, ScaleRecord, SearchResults
 from ..packed import PackedLinear
-from . import ExportRequest
 from ._hfdir import manifest_format
+from .base import ExportRequest
 
 NAME = "canonical"
 FORMAT_ID = "awqconv-canonical"
@@ -48,6 +55,11 @@ log = logging.getLogger(__name__)
 def plan(request: ExportRequest) -> list[str]:
     """The canonical format holds every bit width 2..8 and every group size: nothing to refuse."""
     return []
+
+
+def uses_prescaled(variant: str | None) -> bool:
+    """The canonical writer stores prescaled weights only when ``qm.keep_prescaled`` asks; it never needs them."""
+    return False
 
 
 def detect(path: Path) -> bool:
@@ -78,7 +90,7 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
     save_file(unshare_storage(search), str(out_dir / SEARCH_FILE), metadata={"format": "pt"})
 
     scale_dtype = _scale_dtype(qm)
-    if qm.prescaled is not None:
+    if _stores_prescaled(qm):
         pre = {k: v.detach().to(scale_dtype) for k, v in qm.prescaled.items()}
         save_sharded(unshare_storage(pre), out_dir, prefix="prescaled")
 
@@ -151,6 +163,7 @@ def read(path: Path) -> QuantizedModel:
         provenance=manifest.get("provenance", {}),
         assets=assets,
         prescaled=prescaled,
+        keep_prescaled=prescaled is not None,  # re-exporting as canonical keeps what was stored
     )
 
 
@@ -163,18 +176,8 @@ def _put(tensors: dict[str, Tensor], key: str, t: Tensor) -> None:
     tensors[key] = t.detach().cpu()
 
 
-def unshare_storage(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Clone tensors that share storage (tied embeddings): huggingface_hub would drop all but one."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, t in tensors.items():
-        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
-        if ident is not None and ident in seen:
-            t = t.clone()
-        elif ident is not None:
-            seen.add(ident)
-        out[k] = t.contiguous()
-    return out
+def _stores_prescaled(qm: QuantizedModel) -> bool:
+    return qm.keep_prescaled and qm.prescaled is not None
 
 
 def _scale_dtype(qm: QuantizedModel) -> torch.dtype:
@@ -225,7 +228,7 @@ def _manifest(qm: QuantizedModel, scale_dtype: torch.dtype) -> dict[str, Any]:
         # provenance is free-form: anything not JSON-native is stored as its str()
         "provenance": json.loads(json.dumps(qm.provenance, default=str)),
         "assets": sorted(qm.assets),
-        "prescaled": qm.prescaled is not None,
+        "prescaled": _stores_prescaled(qm),
     }
 
 

@@ -1,4 +1,4 @@
-"""ExLlamaV2 checkpoints: the 4-bit GPTQ "v1" layout its GPTQ kernels run (exllama_peft.md §1.7), exact.
+"""ExLlamaV2 checkpoints: the 4-bit GPTQ "v1" layout its GPTQ kernels run, exact.
 
 Per quantized linear ``{name}.qweight`` int32 ``[in/8, out]``, ``{name}.qzeros`` int32 ``[G, out/8]``
 (zero - 1, nibble-packed), ``{name}.scales`` fp16 ``[G, out]`` (negative = zero-0 group stored
@@ -18,22 +18,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._io import load_checkpoint, read_json, safetensors_files, save_sharded, write_json
+from .._io import load_checkpoint, read_json, safetensors_files
 from ..config import QuantConfig
 from ..errors import CorruptFileError, FormatConstraintError, InputError, ShapeError
 from ..model import QuantizedModel
 from ..packed import PackedLinear
-from . import ExportRequest
-from .canonical import unshare_storage
+from ._hfdir import check_linears, collect_tensors, exact_fp16, quant_method, quant_method_of, read_assets, write_hf_dir
+from .base import ExportRequest
 from .gptq_layout import V1_OFFSET, from_gptq, to_gptq
-from .modelcard import awqconv_version, render_model_card
-from ._hfdir import quant_method, quant_method_of, read_assets, write_assets
+from .modelcard import awqconv_version, fp16_scales_note, render_model_card
 
 NAME = "exllamav2"
 FORMAT_ID = "awqconv-exllamav2"
 MANIFEST = "awqconv.json"
 VARIANTS = (None, "g_idx")
-STORAGE_DTYPE = torch.float16  # ExLlamaV2 checks scales and bias for fp16 (ext_qmatrix.cpp)
+STORAGE_DTYPE = torch.float16  # ExLlamaV2's GPTQ matrix loader accepts fp16 scales and bias only
+STORED_BY = "ExLlamaV2"
 _OWN_FILES = ("config.json", MANIFEST, "README.md")
 # config keys the writer may set; their source values are kept in the manifest
 _OVERRIDDEN = ("rope_theta", "rope_scaling", "original_max_position_embeddings", "dtype", "torch_dtype",
@@ -64,6 +64,11 @@ def plan(request: ExportRequest) -> list[str]:
     return problems
 
 
+def uses_prescaled(variant: str | None) -> bool:
+    """exllamav2 re-lays the canonical integers out; it never reads prescaled weights."""
+    return False
+
+
 def _shape_problems(name: str, out: int, n_in: int, group_size: int, g_idx: bool) -> list[str]:
     problems = []
     if out % 8 or n_in % 8:
@@ -87,40 +92,34 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
     """Write ``qm`` as an ExLlamaV2-loadable GPTQ checkpoint into the existing empty ``out_dir``."""
     if variant not in VARIANTS:
         raise InputError(f"exllamav2 has no variant {variant!r}; use 'exllamav2' or 'exllamav2:g_idx'")
-    out_dir = Path(out_dir)
-    problems: list[str] = []
-    for name, p in qm.linears.items():
-        p.validate(name)
-        if p.group_size & (p.group_size - 1) and p.group_size != p.in_features:
-            problems.append(f"{name}: group_size={p.group_size} is not a power of two")
-        problems += _shape_problems(name, p.out_features, p.in_features, p.group_size, variant == "g_idx")
-    if problems:
-        raise FormatConstraintError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    g_idx = variant == "g_idx"
 
-    tensors: dict[str, Tensor] = {}
+    def problems(name: str, p: PackedLinear) -> list[str]:
+        found = []
+        if p.group_size & (p.group_size - 1) and p.group_size != p.in_features:
+            found.append(f"{name}: group_size={p.group_size} is not a power of two")
+        return found + _shape_problems(name, p.out_features, p.in_features, p.group_size, g_idx)
+
+    check_linears(qm, problems)
     flipped = 0
-    for name, p in qm.linears.items():
-        t = to_gptq(p, with_g_idx=variant == "g_idx", name=name)
+
+    def gptq_parts(name: str, p: PackedLinear) -> dict[str, Tensor]:
+        nonlocal flipped
+        t = to_gptq(p, with_g_idx=g_idx, name=name)
         flipped += t.flipped_groups
-        tensors[f"{name}.qweight"] = t.qweight
-        tensors[f"{name}.qzeros"] = t.qzeros
-        tensors[f"{name}.scales"] = exact_fp16(t.scales, f"{name}.scales")
+        exact_fp16(p.scales, f"{name}.scales", STORED_BY)  # checked in [out, group] coordinates
+        parts = {"qweight": t.qweight, "qzeros": t.qzeros, "scales": t.scales.detach().cpu().to(STORAGE_DTYPE)}
         if t.g_idx is not None:
-            tensors[f"{name}.g_idx"] = t.g_idx
+            parts["g_idx"] = t.g_idx
         if t.bias is not None:
-            tensors[f"{name}.bias"] = exact_fp16(t.bias, f"{name}.bias")
-    for key, t in qm.dense.items():
-        if key in tensors:
-            raise ShapeError(f"dense tensor {key} collides with a quantized linear's tensor")
-        tensors[key] = t.detach().cpu()
+            parts["bias"] = exact_fp16(t.bias, f"{name}.bias", STORED_BY)
+        return parts
+
+    tensors = collect_tensors(qm, gptq_parts)
     if flipped:
         log.info("exllamav2: %d zero-point-0 groups stored sign-flipped (exact)", flipped)
-    save_sharded(unshare_storage(tensors), out_dir, prefix="model")
-
-    write_assets(out_dir, qm.assets, _OWN_FILES)
     config, overridden = hf_config_for(qm)
-    write_json(out_dir / "config.json", config)
-    write_json(out_dir / MANIFEST, {
+    manifest = {
         "format": FORMAT_ID,
         "format_version": 1,
         "awqconv_version": awqconv_version(),
@@ -129,8 +128,9 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
         "flipped_groups": flipped,
         "config_overrides": overridden,
         "provenance": json.loads(json.dumps(qm.provenance, default=str)),
-    })
-    (out_dir / "README.md").write_text(_model_card(qm, flipped))
+    }
+    write_hf_dir(Path(out_dir), qm, tensors, label=NAME, own_files=_OWN_FILES, config=config,
+                 card=_model_card(qm, flipped), manifests={MANIFEST: manifest})
 
 
 def quantization_config_for(qm: QuantizedModel) -> dict[str, Any]:
@@ -147,7 +147,8 @@ def quantization_config_for(qm: QuantizedModel) -> dict[str, Any]:
 
 
 def hf_config_for(qm: QuantizedModel) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config.json, {key: source value or None}) with explicit RoPE keys for ExLlamaV2 (§1.7 item 6)."""
+    """(config.json, {key: source value or None}) with explicit RoPE keys: ExLlamaV2 reads
+    ``rope_theta`` and ``rope_scaling`` at the top level, not transformers 5's ``rope_parameters``."""
     src = qm.hf_config
     cfg = {k: v for k, v in src.items() if k != "quantization_config"}
     rope = src.get("rope_parameters")
@@ -170,19 +171,6 @@ def hf_config_for(qm: QuantizedModel) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, {"values": {k: v for k, v in overridden.items() if k in src}, "absent": absent}
 
 
-def exact_fp16(t: Tensor, label: str) -> Tensor:
-    """``t`` in fp16, refusing values fp16 cannot hold exactly (tiny bf16 scales, say)."""
-    t = t.detach().cpu()
-    h = t.to(STORAGE_DTYPE)
-    if t.dtype != STORAGE_DTYPE and not torch.equal(h.to(t.dtype), t):
-        n = int((h.to(t.dtype) != t).sum())
-        raise FormatConstraintError(
-            f"{label}: {n} value(s) are not exactly representable in fp16, which ExLlamaV2 requires; "
-            "quantize with --scale-dtype float16 or use the canonical format"
-        )
-    return h
-
-
 def _model_card(qm: QuantizedModel, flipped: int) -> str:
     usage = """\
 ```python
@@ -202,9 +190,9 @@ for multi-token forward passes."""
         notes.append(f"{flipped} (column, group) pairs have zero point 0, which GPTQ v1 cannot store; "
                      "they are stored exactly as scale -s, zero 15, q' = 15 - q (same weights). "
                      "Loaders that clamp or reject negative scales will mis-read those groups.")
-    if qm.linears and qm.dtype != STORAGE_DTYPE:
-        notes.append(f"Quantized with {str(qm.dtype).removeprefix('torch.')} scales; every scale is "
-                     "exactly representable in fp16 (checked at export).")
+    scales_note = fp16_scales_note(qm)
+    if scales_note:
+        notes.append(scales_note)
     return render_model_card(qm, "ExLlamaV2 (GPTQ v1 layout)", usage, notes)
 
 

@@ -2,8 +2,9 @@
 
 ``gguf`` (= ``gguf:q4_1-awq``) is the exact transplant: canonical 4-bit groups become Q4_1 blocks
 with the same integer codes, and ``read()`` recovers the canonical model bit for bit. Every other
-variant re-quantizes the AWQ-prescaled float weights (``qm.prescaled``; the dequantized canonical
-weights when absent, reported) with gguf-py (q4_0 ... q8_0, f16, bf16, f32) or llama.cpp's own
+variant re-quantizes the AWQ-prescaled float weights (``qm.prescaled``: in memory when the
+quantizer ran in this process, or stored by ``quantize --keep-prescaled``; the dequantized
+canonical weights otherwise, logged) with gguf-py (q4_0 ... q8_0, f16, bf16, f32) or llama.cpp's own
 quantizer (K-quants, gguf_kquant.py). Tensors are produced and written one at a time.
 """
 
@@ -25,7 +26,9 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from ..errors import FormatConstraintError, InputError
 from ..model import QuantizedModel
 from ..packed import PackedLinear
-from . import ExportRequest
+from .base import ExportRequest
+from .gguf_kquant import report_fallbacks, write_kquant
+from .gguf_read import detect, read, tensor_types
 from .gguf_meta import (
     add_model_metadata,
     add_tokenizer_metadata,
@@ -118,6 +121,11 @@ def plan(request: ExportRequest) -> list[str]:
     return problems
 
 
+def uses_prescaled(variant: str | None) -> bool:
+    """Every variant but the exact transplant re-quantizes the prescaled float weights."""
+    return not parse_variant(variant).transplant
+
+
 def _have_llama_cpp() -> bool:
     import importlib.util
 
@@ -152,10 +160,10 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> GGUF
     tok = tokenizer_meta(qm.assets, qm.hf_config)
     path = output_path(qm, out_dir, variant)
     if v.kquant:
-        from .gguf_kquant import write_kquant
-
         inter = VARIANTS["bf16" if shapes.scale_dtype == torch.bfloat16 else "f16"]
-        return write_kquant(path, v, lambda p: _write_file(qm, shapes, p, inter, arch, permute, tok))
+        result = write_kquant(path, v, lambda p: _write_file(qm, shapes, p, inter, arch, permute, tok))
+        report_fallbacks(v.name, result.fallbacks)
+        return result
     return _write_file(qm, shapes, path, v, arch, permute, tok)
 
 
@@ -167,7 +175,9 @@ def _weights_source(qm: QuantizedModel, v: Variant) -> tuple[str, list[str]]:
     msg = (
         "AWQ-prescaled float weights are not available (the quantizer did not run in this process "
         "and the canonical artifact has no prescaled*.safetensors); quantizing the dequantized "
-        f"canonical weights to gguf:{v.name} instead, which re-rounds already-rounded values"
+        f"canonical weights to gguf:{v.name} instead, which re-rounds already-rounded values. "
+        f"For the prescaled weights, quantize with --to canonical,gguf:{v.name} in one run, or with "
+        "--keep-prescaled to store them in the canonical artifact"
     )
     return "dequantized canonical", [msg]
 
@@ -211,16 +221,6 @@ def _write_file(qm: QuantizedModel, shapes: _Shapes, path: Path, v: Variant, arc
     w.close()
     report_fallbacks(v.name, result.fallbacks)
     return result
-
-
-def report_fallbacks(variant: str, fallbacks: list[str]) -> None:
-    """One warning with the count and an example; every tensor at debug level."""
-    if not fallbacks:
-        return
-    log.warning("gguf:%s: %d tensor(s) written in another type because their rows are not whole "
-                "blocks (e.g. %s); see GGUFWriteResult.fallbacks", variant, len(fallbacks), fallbacks[0])
-    for f in fallbacks:
-        log.debug("gguf:%s fallback: %s", variant, f)
 
 
 def _progress(jobs: list[_Job], label: str):
@@ -402,6 +402,5 @@ def _permute_packed(p: PackedLinear, n_head: int) -> PackedLinear:
     )
 
 
-from .gguf_read import detect, read, tensor_types
-
-__all__ = ["NAME", "GGUFWriteResult", "detect", "parse_variant", "plan", "read", "tensor_types", "write"]
+__all__ = ["NAME", "GGUFWriteResult", "detect", "parse_variant", "plan", "read", "tensor_types", "uses_prescaled",
+           "write"]

@@ -4,7 +4,8 @@ gguf-py has no K-quant encoder, so the AWQ-prescaled weights are first written a
 (a temporary sibling file), then ``llama_model_quantize`` from llama-cpp-python turns it into the
 requested type with llama.cpp's usual per-tensor mixture. Embeddings and output stay at Q8_0.
 Rows that are not whole 256-blocks fall back inside llama.cpp (Q4_K -> Q5_0, Q6_K -> Q8_0 ...);
-the fallbacks are read back from the result and reported.
+the fallbacks are read back from the result (the caller reports them with ``report_fallbacks``).
+This module imports nothing of ``gguf.py``, which imports it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .gguf_tensors import Variant, block_size
 log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 
-# the GGML type a K-quant file type asks of most linears (llama.cpp:src/llama-quant.cpp)
+# the GGML type a K-quant file type asks of most linears (llama.cpp's per-tensor type choice)
 _MAIN_TYPE = {
     "q2_k": T.Q2_K, "q3_k_m": T.Q3_K, "q4_k_s": T.Q4_K, "q4_k_m": T.Q4_K,
     "q5_k_s": T.Q5_K, "q5_k_m": T.Q5_K, "q6_k": T.Q6_K,
@@ -62,8 +63,6 @@ def write_kquant(path: Path, v: Variant, write_float: Callable[[Path], Any]) -> 
 
     Returns the float writer's GGUFWriteResult with the final path, types and fallbacks.
     """
-    from .gguf import report_fallbacks
-
     tmp = path.with_name(f".{path.name}.float.tmp")
     try:
         result = write_float(tmp)
@@ -82,5 +81,14 @@ def write_kquant(path: Path, v: Variant, write_float: Callable[[Path], Any]) -> 
             fallbacks.append(f"{t.name}: K-quant -> {tt.name} (row of {ne0} is not whole 256-blocks)")
     result.tensor_types = counts
     result.fallbacks = fallbacks
-    report_fallbacks(v.name, fallbacks)
     return result
+
+
+def report_fallbacks(variant: str, fallbacks: list[str]) -> None:
+    """One warning with the count and an example; every tensor at debug level."""
+    if not fallbacks:
+        return
+    log.warning("gguf:%s: %d tensor(s) written in another type because their rows are not whole "
+                "blocks (e.g. %s); see GGUFWriteResult.fallbacks", variant, len(fallbacks), fallbacks[0])
+    for f in fallbacks:
+        log.debug("gguf:%s fallback: %s", variant, f)

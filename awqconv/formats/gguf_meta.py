@@ -2,10 +2,11 @@
 
 Everything comes from the HF ``config.json`` (``hf_config``) and the tokenizer files kept verbatim
 in ``QuantizedModel.assets``; keys follow llama.cpp's ``{arch}.*`` / ``tokenizer.ggml.*`` names and
-types (gguf_llamacpp.md §1.3-1.5). ``arch_problems`` is pure and feeds ``plan()``; the ``add_*``
-functions write into a ``gguf.GGUFWriter``. Tokenizers: byte-level BPE (``gpt2``, pre-tokenizer
-recognised from tokenizer.json's structure) and SentencePiece (``llama``, scores from
-tokenizer.model when present, else from the tokenizer.json vocabulary).
+types. Which architectures get a GGUF, under which llama.cpp name and graph constraints, is the
+GGUF column of the architecture registry (``awqconv/archs.py``). ``arch_problems`` is pure and
+feeds ``plan()``; the ``add_*`` functions write into a ``gguf.GGUFWriter``. Tokenizers: byte-level
+BPE (``gpt2``, pre-tokenizer recognised from tokenizer.json's structure) and SentencePiece
+(``llama``, scores from tokenizer.model when present, else from the tokenizer.json vocabulary).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFWriter, RopeScalingType, TokenType
 
+from .. import archs
 from ..errors import FormatConstraintError, UnsupportedArchitecture
-from .gguf_tensors import ARCHITECTURES
 
 # pre-tokenizer fingerprints (see _pre_fingerprint) -> llama.cpp tokenizer.ggml.pre names
 _GPT2_RE = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
@@ -62,38 +63,41 @@ def head_dim(cfg: dict[str, Any]) -> int:
 def arch_problems(cfg: dict[str, Any]) -> list[str]:
     """Why this HF config cannot become a GGUF llama.cpp runs (empty list: it can)."""
     arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in ARCHITECTURES:
-        supported = ", ".join(ARCHITECTURES)
+    row = archs.lookup(arch)
+    if row is None or row.gguf is None:
+        supported = ", ".join(archs.gguf_supported())
         return [f"gguf: architecture {arch} has no GGUF writer in awqconv; supported: {supported}"]
+    spec = row.gguf
     problems = []
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size", "vocab_size") if k not in cfg]
     if missing:
         problems.append(f"gguf: config.json lacks {', '.join(missing)}")
         return problems
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        problems.append(f"gguf: hidden_act={act!r}; llama.cpp's {arch} graph uses silu (SwiGLU)")
+    act = cfg.get(row.runtime.act_key, "silu")
+    if act != spec.act:
+        problems.append(f"gguf: {row.runtime.act_key}={act!r}; llama.cpp's {arch} graph uses {spec.act} (a gated MLP)")
     rp = rope_params(cfg)
     if rp["rope_type"] not in ("default", "linear", "yarn", "llama3"):
         problems.append(
             f"gguf: rope type {rp['rope_type']!r} is not written by awqconv; "
             "supported: default, linear, yarn, llama3"
         )
-    gguf_arch, _ = ARCHITECTURES[arch]
     hd = head_dim(cfg)
-    if gguf_arch == "qwen2" and hd * cfg["num_attention_heads"] != cfg["hidden_size"]:
-        problems.append("gguf: llama.cpp's qwen2 graph needs num_attention_heads * head_dim == hidden_size")
+    if spec.heads_span_hidden and hd * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        problems.append(f"gguf: llama.cpp's {spec.arch} graph needs num_attention_heads * head_dim == hidden_size")
     if hd % 2:
         problems.append(f"gguf: head_dim={hd} is odd; rotary embeddings need an even head size")
     return problems
 
 
 def check_arch(cfg: dict[str, Any]) -> tuple[str, bool]:
+    """(llama.cpp architecture, whether q/k rows take the rotary permutation), or UnsupportedArchitecture."""
     problems = arch_problems(cfg)
     if problems:
         raise UnsupportedArchitecture(problems[0])
-    return ARCHITECTURES[cfg["architectures"][0]]
+    spec = archs.REGISTRY[cfg["architectures"][0]].gguf
+    return spec.arch, spec.rope_permute is not None
 
 
 def add_model_metadata(w: GGUFWriter, cfg: dict[str, Any], n_vocab: int) -> None:

@@ -36,7 +36,7 @@ from .gguf_tensors import (
 T = GGMLQuantizationType
 _SKIP_KEYS = re.compile(r"rotary_emb\.inv_freq$")
 
-# GGUF value types (ggml-org/ggml docs/gguf.md): id -> struct format of a scalar
+# GGUF metadata value types (the gguf_metadata_value_type ids of the GGUF spec): id -> struct format of a scalar
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 

@@ -1,6 +1,7 @@
 """GGUF tensor naming, the rotary Q/K row permutation, tensor types and block encodings.
 
-HF keys map to llama.cpp names through one table (``blk.{bid}.attn_q`` etc.); shapes stay HF
+HF keys map to llama.cpp names through the GGUF columns of the architecture registry
+(``awqconv/archs.py``: ``blk.{bid}.attn_q`` etc.); shapes stay HF
 ``[out, in]`` (gguf-py reverses them, so blocks run along ``in``). ``permute_rows`` turns HF's
 half-split rotary layout into llama.cpp's adjacent-pair layout; it moves output rows only, so it
 commutes with every per-row block quantizer. The ``q4_1-awq`` transplant re-blocks canonical groups
@@ -18,70 +19,81 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gquants
 from torch import Tensor
 
-from ..errors import FormatConstraintError, ShapeError
+from .. import archs, nibbles
+from ..archs import GgufSpec
+from ..errors import FormatConstraintError, ShapeError, UnsupportedArchitecture
 from ..packed import PackedLinear
 
 T = GGMLQuantizationType
-
-# HF architectures[0] -> (gguf architecture, permute q/k rows for llama.cpp's adjacent-pair rope)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),  # llama.cpp runs qwen2 with NEOX (half-split) rope
-}
-
-# HF module path inside a decoder layer -> llama.cpp tensor stem (llama.cpp:gguf-py constants.py)
-LAYER_NAMES: dict[str, str] = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-GLOBAL_NAMES: dict[str, str] = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "lm_head": "output",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_DEFAULT = GgufSpec("llama")  # the tensor names and q/k permutation of every GGUF row today
 
 
-def gguf_name(hf_key: str) -> str | None:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; None if unknown."""
+def gguf_spec(arch: str | None = None) -> GgufSpec:
+    """The GGUF columns of registry row ``arch``; None: the Llama-family layout every GGUF row shares today."""
+    if arch is None:
+        return _DEFAULT
+    row = archs.lookup(arch)
+    if row is None or row.gguf is None:
+        raise UnsupportedArchitecture(
+            f"gguf: architecture {arch} has no GGUF writer in awqconv; supported: {', '.join(archs.gguf_supported())}"
+        )
+    return row.gguf
+
+
+def _layers_path(arch: str | None) -> str:
+    row = archs.lookup(arch) if arch is not None else None
+    return row.awq.layers_path if row is not None else "model.layers"
+
+
+def gguf_name(hf_key: str, arch: str | None = None) -> str | None:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; None if unknown.
+
+    ``arch``: the HF class whose registry row names the tensors (default: the Llama-family names).
+    """
+    spec = gguf_spec(arch)
     stem, _, suffix = hf_key.rpartition(".")
     if suffix not in ("weight", "bias"):
         return None
-    if stem in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[stem]}.{suffix}"
-    m = _LAYER_RE.match(stem)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{suffix}"
+    glob = dict(spec.global_tensors)
+    if stem in glob:
+        return f"{glob[stem]}.{suffix}"
+    prefix = _layers_path(arch) + "."
+    if stem.startswith(prefix):
+        bid, _, path = stem[len(prefix):].partition(".")
+        layer = dict(spec.layer_tensors)
+        if bid.isdigit() and path in layer:
+            return f"blk.{bid}.{layer[path]}.{suffix}"
     return None
 
 
-def hf_key(name: str) -> str | None:
+def hf_key(name: str, arch: str | None = None) -> str | None:
     """Inverse of :func:`gguf_name`."""
+    spec = gguf_spec(arch)
     stem, _, suffix = name.rpartition(".")
-    for hf, gg in GLOBAL_NAMES.items():
+    for hf, gg in spec.global_tensors:
         if stem == gg:
             return f"{hf}.{suffix}"
     m = re.match(r"^blk\.(\d+)\.(.+)$", stem)
     if m:
-        for hf, gg in LAYER_NAMES.items():
+        for hf, gg in spec.layer_tensors:
             if gg == m.group(2):
-                return f"model.layers.{m.group(1)}.{hf}.{suffix}"
+                return f"{_layers_path(arch)}.{m.group(1)}.{hf}.{suffix}"
     return None
 
 
-def rope_heads(hf_key_or_module: str, n_head: int, n_head_kv: int) -> int | None:
-    """How many heads to permute for this tensor (q: n_head, k: n_head_kv), None if not q/k."""
-    if ".self_attn.q_proj" in hf_key_or_module:
+def rope_heads(hf_key_or_module: str, n_head: int, n_head_kv: int, arch: str | None = None) -> int | None:
+    """How many heads to permute for this tensor (q: n_head, k: n_head_kv), None if not permuted.
+
+    Without ``arch`` this answers for the Llama-family q/k paths (callers check the permute flag of
+    ``check_arch``); with it, only where that row's ``rope_permute`` says so.
+    """
+    pair = gguf_spec(arch).rope_permute
+    if pair is None:
+        return None
+    q, k = pair
+    if f".{q}" in hf_key_or_module:
         return n_head
-    if ".self_attn.k_proj" in hf_key_or_module:
+    if f".{k}" in hf_key_or_module:
         return n_head_kv
     return None
 
@@ -140,7 +152,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 # what llama.cpp itself falls back to when a row is not a whole number of blocks
-# (llama.cpp:src/llama-quant.cpp tensor_type_fallback); F16 is the last resort
+# (so a file we write holds the types llama-quantize would have chosen); F16 is the last resort
 BLOCK_FALLBACK: dict[T, T] = {
     T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
 }
@@ -227,8 +239,8 @@ def to_q4_1(p: PackedLinear, name: str = "weight") -> np.ndarray:
     per = g // 32
     d = d.repeat_interleave(per, dim=1)  # [out, in/32]
     m = m.repeat_interleave(per, dim=1)
-    q = p.unpack().reshape(out, n_in // 32, 2, 16)
-    qs = q[:, :, 0, :] | (q[:, :, 1, :] << 4)  # [out, nb, 16]
+    q = p.unpack().reshape(out, n_in // 32, 2, 16)  # the two halves of each block of 32
+    qs = nibbles.pack(q, nibbles.PAIR, dim=2, dtype=torch.uint8).squeeze(2)  # [out, nb, 16]
     dm = torch.stack([d, m], dim=-1).view(torch.uint8).reshape(out, n_in // 32, 4)
     return torch.cat([dm, qs], dim=-1).reshape(out, -1).numpy()
 
@@ -236,7 +248,7 @@ def to_q4_1(p: PackedLinear, name: str = "weight") -> np.ndarray:
 def from_q4_1(data: np.ndarray, group_size: int, name: str = "weight") -> tuple[Tensor, Tensor, Tensor]:
     """Q4_1 blocks of a transplant -> ``(q uint8 [out, in], zeros uint8 [out, G], scales fp16 [out, G])``."""
     qweight, z, s = from_q4_1_packed(data, group_size, name)
-    q = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+    q = nibbles.unpack(qweight, nibbles.PAIR)
     return q, z, s
 
 
@@ -255,9 +267,9 @@ def from_q4_1_packed(data: np.ndarray, group_size: int, name: str = "weight") ->
     dm = blocks[..., :4].contiguous().view(torch.float16).reshape(out, nb, 2)
     d, m = dm[..., 0], dm[..., 1]
     qs = blocks[..., 4:]
-    lo, hi = qs & 0x0F, qs >> 4  # elements 0..15 and 16..31 of each block
-    # canonical bytes hold adjacent pairs: byte k = q[2k] | q[2k + 1] << 4
-    qweight = torch.cat([lo[..., 0::2] | (lo[..., 1::2] << 4), hi[..., 0::2] | (hi[..., 1::2] << 4)], dim=-1)
+    # byte k of a block holds elements k and k + 16; canonical bytes hold adjacent pairs 2k, 2k + 1
+    q = nibbles.unpack(qs.unsqueeze(2), nibbles.PAIR, dim=2).reshape(out, nb * 32)
+    qweight = nibbles.pack(q, nibbles.PAIR, dtype=torch.uint8)
     per = group_size // 32
     d_g, m_g = d.reshape(out, -1, per), m.reshape(out, -1, per)
     if not (torch.equal(d_g, d_g[..., :1].expand_as(d_g)) and torch.equal(m_g, m_g[..., :1].expand_as(m_g))):

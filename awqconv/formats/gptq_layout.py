@@ -1,6 +1,7 @@
-"""Canonical integers <-> the 4-bit GPTQ tensors ExLlamaV2 loads (exllama_peft.md §1.2-1.7), pure functions.
+"""Canonical integers <-> the 4-bit GPTQ tensors ExLlamaV2 loads (``checkpoint_format: gptq``), pure functions.
 
-``qweight`` int32 ``[in/8, out]``: nibble ``j`` (bits 4j..4j+3) of word ``[r, c]`` is ``q[c, 8r + j]``.
+``qweight`` int32 ``[in/8, out]``: nibble ``j`` (bits 4j..4j+3) of word ``[r, c]`` is ``q[c, 8r + j]``
+(``nibbles.SEQUENTIAL``).
 ``qzeros`` int32 ``[G, out/8]``: nibble ``j`` of word ``[g, c8]`` is ``zero[8*c8 + j, g] - offset``
 (offset 1 = GPTQ "v1", what ExLlamaV2 reads; 0 = "gptq_v2"), packed nibble by nibble, never by
 arithmetic on words. ``scales`` ``[G, out]``; ``g_idx`` int32 ``[in]`` = ``i // g`` (optional).
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import nibbles
 from ..errors import FormatConstraintError, ShapeError
 from ..packed import PackedLinear
 
 BITS = 4
 NIBBLES = 8  # 4-bit values per int32 word
 V1_OFFSET = 1  # GPTQ v1 stores zero - 1; ExLlamaV2 adds 1 back in its kernels
-_SHIFTS = torch.arange(NIBBLES, dtype=torch.int64) * BITS
 
 
 @dataclass(frozen=True)
@@ -34,25 +35,16 @@ class GptqTensors:
     flipped_groups: int  # how many (column, group) pairs were stored sign-flipped
 
 
-def pack_words(nibbles: Tensor, dim: int) -> Tensor:
+def pack_words(nibble_values: Tensor, dim: int) -> Tensor:
     """Pack values 0..15 along ``dim`` (length a multiple of 8) into int32 words, nibble j = element 8k+j."""
-    x = nibbles.to(torch.int64).movedim(dim, -1)
-    n = x.shape[-1]
-    if n % NIBBLES:
-        raise ShapeError(f"cannot pack {n} nibbles into int32 words; the length must be a multiple of 8")
-    x = x.reshape(*x.shape[:-1], n // NIBBLES, NIBBLES) & 0xF
-    words = (x << _SHIFTS.to(x.device)).sum(-1)  # disjoint bit fields: the sum is an OR
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's-complement wrap
-    return words.to(torch.int32).movedim(-1, dim).contiguous()
+    return nibbles.pack(nibble_values, nibbles.SEQUENTIAL, dim=dim)
 
 
 def unpack_words(words: Tensor, dim: int) -> Tensor:
     """Inverse of :func:`pack_words`: int64 values 0..15, ``dim`` 8 times longer."""
     if words.dtype != torch.int32:
         raise ShapeError(f"packed GPTQ tensors must be int32, got {words.dtype}")
-    x = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    vals = (x.unsqueeze(-1) >> _SHIFTS.to(x.device)) & 0xF
-    return vals.reshape(*x.shape[:-1], x.shape[-1] * NIBBLES).movedim(-1, dim).contiguous()
+    return nibbles.unpack(words, nibbles.SEQUENTIAL, dim=dim, dtype=torch.int64)
 
 
 def to_gptq(p: PackedLinear, with_g_idx: bool = False, name: str = "weight") -> GptqTensors:

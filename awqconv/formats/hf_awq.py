@@ -4,28 +4,27 @@ Per quantized linear: ``{name}.qweight`` int32 ``[in, out/8]``, ``{name}.qzeros`
 ``[in/g, out/8]``, ``{name}.scales`` fp16 ``[in/g, out]``, ``{name}.bias`` fp16 (awq_layout.py
 re-lays the integers out). Every other tensor is fp16 under its HF key; config.json carries
 ``quantization_config = {quant_method: awq, bits: 4, group_size, zero_point: true, version: gemm,
-modules_to_not_convert}``; shards + index with ``{"format": "pt"}`` metadata (awq_internals.md §3).
+modules_to_not_convert}``; shards + index with ``{"format": "pt"}`` metadata, which transformers'
+safetensors loader expects of a PyTorch checkpoint.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._io import load_checkpoint, read_json, safetensors_files, save_sharded, write_json
+from .._io import load_checkpoint, read_json, safetensors_files
 from ..config import QuantConfig
 from ..errors import CorruptFileError, FormatConstraintError, InputError, ShapeError
 from ..model import QuantizedModel
 from ..packed import PackedLinear, bitwise_equal
-from . import ExportRequest
+from ._hfdir import check_linears, collect_tensors, exact_fp16, quant_method, quant_method_of, read_assets, write_hf_dir
 from .awq_layout import from_gemm, to_gemm
-from .canonical import unshare_storage
-from .modelcard import render_model_card
-from ._hfdir import quant_method, quant_method_of, read_assets
+from .base import ExportRequest
+from .modelcard import fp16_scales_note, render_model_card
 
 NAME = "hf-awq"
 VARIANTS = (None, "gemm")
@@ -34,8 +33,6 @@ BITS_PROBLEM = "hf-awq stores only 4-bit weights; use --w-bit 4 or the canonical
 OUTPUT_EMBEDDING = "lm_head.weight"
 # files this writer creates itself; an asset of the same name is not copied
 _OWN_FILES = ("config.json", "README.md", "quant_config.json")
-
-log = logging.getLogger(__name__)
 
 
 # -- plan ------------------------------------------------------------------------------------
@@ -53,6 +50,11 @@ def plan(request: ExportRequest) -> list[str]:
     for name, (out, n_in) in request.linear_shapes.items():
         problems += _shape_problems(name, out, n_in, request.group_size)
     return problems
+
+
+def uses_prescaled(variant: str | None) -> bool:
+    """hf-awq re-lays the canonical integers out; it never reads prescaled weights."""
+    return False
 
 
 def _shape_problems(name: str, out: int, n_in: int, group_size: int) -> list[str]:
@@ -78,46 +80,35 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
     """Write ``qm`` as an AutoAWQ GEMM checkpoint into the existing empty directory ``out_dir``."""
     if variant not in VARIANTS:
         raise InputError(f"hf-awq has no variant {variant!r}; use 'hf-awq' (the GEMM layout)")
-    out_dir = Path(out_dir)
     bits = {p.bits for p in qm.linears.values()} | {qm.quant_config.w_bit}
-    problems = [] if bits == {4} else [BITS_PROBLEM]
     g = qm.quant_config.group_size
-    for name, p in qm.linears.items():
-        problems += _shape_problems(name, p.out_features, p.in_features, p.group_size)
+
+    def problems(name: str, p: PackedLinear) -> list[str]:
+        found = _shape_problems(name, p.out_features, p.in_features, p.group_size)
         if p.group_size != (p.in_features if g == -1 else g):
-            problems.append(
+            found.append(
                 f"{name}: group size {p.group_size} differs from the model's group_size={g}; "
                 "hf-awq declares one group size per checkpoint: use the canonical format"
             )
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise FormatConstraintError(problems[0] + more)
+        return found
 
-    tensors: dict[str, Tensor] = {}
-    for name, p in qm.linears.items():
-        p.validate(name)
-        gemm = to_gemm(p)
-        tensors[f"{name}.qweight"] = gemm.qweight
-        tensors[f"{name}.qzeros"] = gemm.qzeros
-        _exact_fp16(p.scales, f"{name}.scales")  # checked in [out, group] coordinates
-        tensors[f"{name}.scales"] = gemm.scales.to(STORAGE_DTYPE)
-        if gemm.bias is not None:
-            tensors[f"{name}.bias"] = _finite_fp16(gemm.bias, f"{name}.bias")
-    for key, t in _untied_dense(qm).items():
-        if key in tensors:
-            raise ShapeError(f"dense tensor {key} collides with a quantized linear's tensor")
-        tensors[key] = _finite_fp16(t, key) if t.is_floating_point() else t.detach().cpu()
-    save_sharded(unshare_storage(tensors), out_dir, prefix="model")
+    check_linears(qm, problems, [] if bits == {4} else [BITS_PROBLEM])
+    tensors = collect_tensors(qm, _gemm_parts, _untied_dense(qm), _dense_fp16)
+    write_hf_dir(Path(out_dir), qm, tensors, label=NAME, own_files=_OWN_FILES, config=hf_config_for(qm),
+                 card=_model_card(qm))
 
-    for fname, data in qm.assets.items():
-        if fname in _OWN_FILES or fname.endswith((".safetensors", ".safetensors.index.json")):
-            log.info("hf-awq: not copying asset %s; the writer creates its own", fname)
-            continue
-        target = out_dir / fname
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    write_json(out_dir / "config.json", hf_config_for(qm))
-    (out_dir / "README.md").write_text(_model_card(qm))
+
+def _gemm_parts(name: str, p: PackedLinear) -> dict[str, Tensor]:
+    gemm = to_gemm(p)
+    exact_fp16(p.scales, f"{name}.scales", NAME)  # checked in [out, group] coordinates
+    parts = {"qweight": gemm.qweight, "qzeros": gemm.qzeros, "scales": gemm.scales.to(STORAGE_DTYPE)}
+    if gemm.bias is not None:
+        parts["bias"] = _finite_fp16(gemm.bias, f"{name}.bias")
+    return parts
+
+
+def _dense_fp16(key: str, t: Tensor) -> Tensor:
+    return _finite_fp16(t, key) if t.is_floating_point() else t.detach().cpu()
 
 
 def quantization_config_for(qm: QuantizedModel) -> dict[str, Any]:
@@ -144,20 +135,6 @@ def hf_config_for(qm: QuantizedModel) -> dict[str, Any]:
     cfg["torch_dtype"] = "float16"  # transformers 4.x, vLLM, AutoAWQ
     cfg["quantization_config"] = quantization_config_for(qm)
     return cfg
-
-
-def _exact_fp16(t: Tensor, label: str) -> Tensor:
-    """``t`` in fp16, refusing any value fp16 cannot hold exactly (bf16 scales below 6e-5, say)."""
-    t = t.detach().cpu()
-    h = t.to(STORAGE_DTYPE)
-    if t.dtype != STORAGE_DTYPE and not torch.equal(h.to(t.dtype), t):
-        bad = (h.to(t.dtype) != t).nonzero()[0].tolist()
-        raise FormatConstraintError(
-            f"{label}[{', '.join(map(str, bad))}] = {t[tuple(bad)].item():.6g} is not exactly "
-            f"representable in fp16, which hf-awq stores; quantize with scale_dtype='float16' "
-            "(--scale-dtype float16) or use the canonical format"
-        )
-    return h
 
 
 def _finite_fp16(t: Tensor, label: str) -> Tensor:
@@ -209,9 +186,9 @@ or `awq`). compressed-tensors' `AutoAWQConverter` converts it losslessly to `pac
     if qm.quant_config.group_size == -1:
         notes.append("`group_size: -1` means one group per output row (g = in_features of each layer), "
                      "as AutoAWQ writes it; vLLM's plain `awq` kernel needs a positive group size.")
-    if qm.dtype != STORAGE_DTYPE:
-        notes.append(f"Quantized with {str(qm.dtype).removeprefix('torch.')} scales; every scale is "
-                     "exactly representable in fp16 (checked at export); other tensors were cast to fp16.")
+    scales_note = fp16_scales_note(qm, "; other tensors were cast to fp16")
+    if scales_note:
+        notes.append(scales_note)
     return render_model_card(qm, "hf-awq (AutoAWQ GEMM layout, 4-bit)", usage, notes)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..model import QuantizedModel
 
 
@@ -76,3 +78,11 @@ def render_model_card(qm: QuantizedModel, format_label: str, usage: str, notes: 
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def fp16_scales_note(qm: QuantizedModel, also: str = "") -> str | None:
+    """The note of a format that stores scales in fp16 when the model's scales are another dtype."""
+    if not qm.linears or qm.dtype == torch.float16:
+        return None
+    return (f"Quantized with {str(qm.dtype).removeprefix('torch.')} scales; every scale is exactly "
+            f"representable in fp16 (checked at export){also}.")

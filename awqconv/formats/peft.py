@@ -19,15 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._io import load_checkpoint, load_safetensors, read_json, safetensors_files, save_sharded, write_json
+from .._io import load_checkpoint, load_safetensors, read_json, safetensors_files
 from ..config import QuantConfig
-from ..errors import CorruptFileError, InputError, ShapeError
+from ..errors import CorruptFileError, InputError
 from ..model import QuantizedModel
 from ..packed import PackedLinear
-from . import ExportRequest
-from .canonical import unshare_storage
+from ._hfdir import check_linears, collect_tensors, manifest_format, read_assets, write_hf_dir
+from .base import ExportRequest
 from .modelcard import awqconv_version, render_model_card
-from ._hfdir import manifest_format, read_assets, write_assets
 
 NAME = "peft"
 FORMAT_ID = "awqconv-peft"
@@ -55,6 +54,11 @@ def plan(request: ExportRequest) -> list[str]:
     return []
 
 
+def uses_prescaled(variant: str | None) -> bool:
+    """peft stores the dequantized canonical integers; it never reads prescaled weights."""
+    return False
+
+
 # -- write -----------------------------------------------------------------------------------
 
 
@@ -76,34 +80,23 @@ def _exact_in(w: Tensor, dtype: torch.dtype) -> bool:
 
 def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None:
     """Write the on-grid float checkpoint + INT4 sidecar into the existing empty ``out_dir``."""
-    out_dir = Path(out_dir)
     wdtype, exact = weight_dtype_for(qm, variant)
+    check_linears(qm)
     log.info("peft: linear weights stored as %s (%s)", _name(wdtype), "exact" if exact else "rounded once")
-    tensors: dict[str, Tensor] = {}
     grid: dict[str, Tensor] = {}
-    for name, p in qm.linears.items():
-        p.validate(name)
-        tensors[f"{name}.weight"] = p.dequantize(torch.float32).to(wdtype)
+
+    def on_grid_parts(name: str, p: PackedLinear) -> dict[str, Tensor]:
+        parts = {"weight": p.dequantize(torch.float32).to(wdtype)}
         grid[f"{name}.scales"] = p.scales
         grid[f"{name}.zeros"] = p.zeros
         if p.bias is not None:
-            tensors[f"{name}.bias"] = p.bias
-            grid[f"{name}.bias"] = p.bias
-    for key, t in qm.dense.items():
-        if key in tensors:
-            raise ShapeError(f"dense tensor {key} collides with a quantized linear's tensor")
-        tensors[key] = t.detach().cpu()
-    save_sharded(unshare_storage(tensors), out_dir, prefix="model")
-    (out_dir / GRID_FILE).parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
+            parts["bias"] = grid[f"{name}.bias"] = p.bias
+        return parts
 
-    save_file(unshare_storage(grid), str(out_dir / GRID_FILE), metadata={"format": "pt", "awqconv": FORMAT_ID})
-
-    write_assets(out_dir, qm.assets, _OWN_FILES)
+    tensors = collect_tensors(qm, on_grid_parts)
     config = {k: v for k, v in qm.hf_config.items() if k != "quantization_config"}
     config["dtype"] = config["torch_dtype"] = _name(wdtype)
-    write_json(out_dir / "config.json", config)
-    write_json(out_dir / MANIFEST, {
+    manifest = {
         "format": FORMAT_ID,
         "format_version": FORMAT_VERSION,
         "awqconv_version": awqconv_version(),
@@ -120,8 +113,10 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> None
             "absent": [k for k in ("dtype", "torch_dtype") if k not in qm.hf_config],
         },
         "provenance": json.loads(json.dumps(qm.provenance, default=str)),
-    })
-    (out_dir / "README.md").write_text(_model_card(qm, wdtype, exact))
+    }
+    write_hf_dir(Path(out_dir), qm, tensors, label=NAME, own_files=_OWN_FILES, config=config,
+                 card=_model_card(qm, wdtype, exact), manifests={MANIFEST: manifest},
+                 side_tensors={GRID_FILE: (grid, {"format": "pt", "awqconv": FORMAT_ID})})
 
 
 def q_hash(p: PackedLinear) -> str:

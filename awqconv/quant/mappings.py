@@ -1,116 +1,78 @@
-"""Which norm or linear absorbs which AWQ scale: a declarative table keyed by architecture.
+"""Binding the AWQ columns of the architecture registry (``awqconv/archs.py``) to live modules.
 
-A mapping says: the output channels of ``prev`` feed the input channels of every linear in
-``layers`` (and of ``extra`` consumers such as an MoE router, which are compensated but not
-quantized), so ``prev /= s`` and ``layers *= s`` leaves the float model unchanged. The search
-loss is measured on ``inspect``: a parent module ("self_attn", "mlp") run on the captured
-input, or ``None`` for the linears' own output.
+A mapping (:class:`~awqconv.archs.MappingSpec`) says: the output channels of ``prev`` feed the
+input channels of every linear in ``layers`` (and of ``extra`` consumers such as an MoE router,
+which are compensated but not quantized), so ``prev /= s`` and ``layers *= s`` leaves the float
+model unchanged. The search loss is measured on ``inspect``: a parent module ("self_attn", "mlp")
+run on the captured input, or ``None`` for the linears' own output.
 
 Paths are relative to one decoder layer. ``prev`` may name the tail of a fused linear
 (``self_attn.qkv_proj[v]``): only the rows that feed ``layers`` are divided. Fused MoE experts
 (transformers 5 stores them as 3-D ``gate_up_proj`` / ``down_proj`` parameters) are expanded to
-one slot per expert, named like the HF checkpoint keys (``mlp.experts.3.gate_proj``).
-Sources: awq_internals.md §1.4, §1.6, §1.10, §7.2.
+one slot per expert, named like the HF checkpoint keys (``mlp.experts.3.gate_proj``). A row whose
+modules a layer lacks is an error unless the row declares which layers legitimately lack them
+(``MappingSpec.absent_in``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .. import archs
+from ..archs import AwqSpec, MappingSpec
 from ..errors import UnsupportedArchitecture
 
+ArchSpec = AwqSpec  # the name the quantizer's callers use for an architecture's AWQ columns
 
-@dataclass(frozen=True)
-class MappingSpec:
-    prev: str  # "input_layernorm", "self_attn.v_proj", "self_attn.qkv_proj[v]", "mlp.gate_up_proj[up]"
-    layers: tuple[str, ...]  # linears taking * s; "mlp.experts.*.gate_proj" expands over experts
-    inspect: str | None  # parent module for the loss; None = the linears themselves
-    extra: tuple[str, ...] = ()  # consumers compensated with * s but never quantized (routers)
-    vo: bool = False  # v -> o smoothing: one scale per kv channel, repeated over query heads
+__all__ = [
+    "ARCHITECTURES", "ArchSpec", "AwqSpec", "LinearSlot", "MappingSpec", "PrevOp", "ResolvedMapping",
+    "arch_spec", "linear_slots", "quantizable_slots", "resolve_layer", "supported_architectures",
+]
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    layers_path: str = "model.layers"
-    offset_norm: bool = False  # Gemma-style RMSNorm computing x * (1 + w)
-    mappings: tuple[MappingSpec, ...] = ()
-    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.qkv_proj")
-    not_convert: tuple[str, ...] = ()  # linears inside blocks kept dense (recorded for writers)
+class _AwqColumns(Mapping[str, AwqSpec]):
+    """HF class name -> its AWQ columns, read live from the registry (rows added later show up)."""
+
+    def __getitem__(self, name: str) -> AwqSpec:
+        return archs.REGISTRY[name].awq
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(archs.REGISTRY)
+
+    def __len__(self) -> int:
+        return len(archs.REGISTRY)
 
 
-_ATTN = (
-    MappingSpec("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    MappingSpec("self_attn.v_proj", ("self_attn.o_proj",), None, vo=True),
-)
-_MLP = (
-    MappingSpec("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    MappingSpec("mlp.up_proj", ("mlp.down_proj",), None),
-)
-_MOE = (
-    MappingSpec(
-        "post_attention_layernorm",
-        ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
-        "mlp",
-        extra=("mlp.gate",),  # the router reads the same normed input (llm-compressor PR #2451)
-    ),
-    MappingSpec("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), None),
-)
-_LLAMA = ArchSpec(mappings=_ATTN + _MLP)
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": _LLAMA,
-    "Qwen2ForCausalLM": _LLAMA,  # qkv bias: v_proj's bias is divided with its rows
-    "Qwen3ForCausalLM": _LLAMA,  # q_norm/k_norm act per head after q/k: input scaling is unaffected
-    "GemmaForCausalLM": ArchSpec(offset_norm=True, mappings=_ATTN + _MLP),
-    "Gemma2ForCausalLM": ArchSpec(
-        offset_norm=True,
-        mappings=_ATTN
-        + (
-            MappingSpec("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-            MappingSpec("mlp.up_proj", ("mlp.down_proj",), None),
-        ),
-    ),
-    "Phi3ForCausalLM": ArchSpec(
-        mappings=(
-            MappingSpec("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
-            MappingSpec("self_attn.qkv_proj[v]", ("self_attn.o_proj",), None, vo=True),
-            MappingSpec("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
-            MappingSpec("mlp.gate_up_proj[up]", ("mlp.down_proj",), None),
-        )
-    ),
-    "MixtralForCausalLM": ArchSpec(mappings=_ATTN + _MOE, not_convert=("mlp.gate",)),
-    # Qwen3-MoE layers listed in mlp_only_layers (or off the sparse step) have a dense MLP:
-    # mappings whose modules are absent in a layer are skipped, so both kinds resolve.
-    "Qwen3MoeForCausalLM": ArchSpec(mappings=_ATTN + _MOE + _MLP, not_convert=("mlp.gate",)),
-}
+ARCHITECTURES: Mapping[str, AwqSpec] = _AwqColumns()
 
 
 def supported_architectures() -> list[str]:
-    return sorted(ARCHITECTURES)
+    return archs.names()
 
 
-def arch_spec(hf_config: dict) -> ArchSpec:
+def arch_spec(hf_config: dict) -> AwqSpec:
     """The mapping table for a config, or UnsupportedArchitecture naming the supported ones."""
-    archs = hf_config.get("architectures") or []
-    if not archs:  # an empty or missing list: transformers' own class for the model_type
+    names = hf_config.get("architectures") or []
+    if not names:  # an empty or missing list: transformers' own class for the model_type
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         inferred = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(hf_config.get("model_type")))
-        if inferred in ARCHITECTURES:
-            return ARCHITECTURES[inferred]
+        row = archs.lookup(inferred) if inferred else None
+        if row is not None:
+            return row.awq
         raise UnsupportedArchitecture(
             f"config.json has no architectures and model_type {hf_config.get('model_type')!r} maps to no supported "
             f"class; set architectures to one of {', '.join(supported_architectures())}"
         )
-    for a in archs:
-        if a in ARCHITECTURES:
-            return ARCHITECTURES[a]
+    row = archs.first_known(names)
+    if row is not None:
+        return row.awq
     raise UnsupportedArchitecture(
-        f"architecture {archs[0]} is not supported; awqconv has AWQ mappings for "
+        f"architecture {names[0]} is not supported; awqconv has AWQ mappings for "
         f"{', '.join(supported_architectures())}"
     )
 
@@ -248,7 +210,7 @@ def _fused_rows(layer: nn.Module, path: str, part: str, hf_config: dict) -> tupl
     return None
 
 
-def _resolve_prev(layer: nn.Module, spec: MappingSpec, arch: ArchSpec, hf_config: dict) -> PrevOp | None:
+def _resolve_prev(layer: nn.Module, spec: MappingSpec, arch: AwqSpec, hf_config: dict) -> PrevOp | None:
     path = spec.prev
     if "[" in path:
         base, part = path[:-1].split("[")
@@ -276,43 +238,79 @@ def _vo_index(hf_config: dict, n_v: int, n_o: int) -> Tensor | None:
     return ((torch.arange(n_h) // rep)[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
 
 
-def resolve_layer(layer: nn.Module, arch: ArchSpec, hf_config: dict) -> list[ResolvedMapping]:
-    """Bind every mapping of ``arch`` that this layer has to its live tensors."""
-    out: list[ResolvedMapping] = []
-    for spec in arch.mappings:
-        if ".*." in spec.prev:  # per-expert: up_e -> down_e
-            prev_slots = _expert_slots(layer, spec.prev)
-            next_slots = linear_slots(layer, spec.layers[0])
-            if not prev_slots or not next_slots:
-                continue
-            for p, n in zip(prev_slots, next_slots):
-                rows = p.index[1] if len(p.index) > 1 else slice(0, p.param.shape[-2] if p.index else p.param.shape[0])
-                prev = PrevOp(p.name, p.param, None, rows=(p.index[0], rows) if p.index else rows)
-                out.append(ResolvedMapping(spec, prev, [n]))
-            continue
-        prev = _resolve_prev(layer, spec, arch, hf_config)
-        slots: list[LinearSlot] = []
-        for path in spec.layers:
+def _module_path(path: str) -> str:
+    """The module a mapping path names: ``a.qkv_proj[v]`` -> ``a.qkv_proj``, ``mlp.experts.*.x`` -> ``mlp.experts``."""
+    return path.split("[", 1)[0].partition(".*.")[0]
+
+
+def _row_error(arch: AwqSpec, spec: MappingSpec, problem: str) -> UnsupportedArchitecture:
+    name = arch.arch or "this architecture"
+    return UnsupportedArchitecture(
+        f"{name}: AWQ mapping row prev={spec.prev!r} layers={list(spec.layers)} does not resolve in a decoder "
+        f"layer: {problem}; the model's modules do not match awqconv's {name} table (custom modeling code?)"
+    )
+
+
+def _bind(layer: nn.Module, spec: MappingSpec, arch: AwqSpec, hf_config: dict) -> list[ResolvedMapping]:
+    """The live tensors of one row whose modules all exist; raises if one is not what the row says."""
+    if ".*." in spec.prev:  # per-expert: up_e -> down_e
+        prev_slots = _expert_slots(layer, spec.prev)
+        next_slots = linear_slots(layer, spec.layers[0])
+        if not prev_slots or not next_slots:
+            raise _row_error(arch, spec, "no per-expert linears (unknown expert layout)")
+        out = []
+        for p, n in zip(prev_slots, next_slots):
+            rows = p.index[1] if len(p.index) > 1 else slice(0, p.param.shape[-2] if p.index else p.param.shape[0])
+            prev = PrevOp(p.name, p.param, None, rows=(p.index[0], rows) if p.index else rows)
+            out.append(ResolvedMapping(spec, prev, [n]))
+        return out
+    prev = _resolve_prev(layer, spec, arch, hf_config)
+    if prev is None:
+        raise _row_error(arch, spec, f"{spec.prev} is not a norm or linear of the expected shape")
+    slots: list[LinearSlot] = []
+    extra: list[LinearSlot] = []
+    for paths, dest in ((spec.layers, slots), (spec.extra, extra)):
+        for path in paths:
             found = linear_slots(layer, path)
             if found is None:
-                slots = []
-                break
-            slots.extend(found)
-        if prev is None or not slots:
-            continue
-        extra: list[LinearSlot] = []
-        for path in spec.extra:
-            extra.extend(linear_slots(layer, path) or [])
-        inspect = _get(layer, spec.inspect) if spec.inspect else None
-        m = ResolvedMapping(spec, prev, slots, extra, inspect)
-        n_prev = prev.weight.shape[0] if prev.rows is None else _rows_len(prev)
-        if spec.vo:
-            m.kv_index = _vo_index(hf_config, n_prev, slots[0].shape[1])
-            if m.kv_index is None:
-                continue  # shapes do not line up (e.g. an unusual attention layout): skip smoothing
-        elif any(s.shape[1] != n_prev for s in slots):
-            continue
-        out.append(m)
+                raise _row_error(arch, spec, f"{path} is not a linear")
+            dest.extend(found)
+    inspect = _get(layer, spec.inspect) if spec.inspect else None
+    m = ResolvedMapping(spec, prev, slots, extra, inspect)
+    n_prev = prev.weight.shape[0] if prev.rows is None else _rows_len(prev)
+    if spec.vo:
+        m.kv_index = _vo_index(hf_config, n_prev, slots[0].shape[1])
+        if m.kv_index is None:
+            return []  # shapes do not line up (e.g. an unusual attention layout): skip smoothing
+    elif any(s.shape[1] != n_prev for s in slots):
+        return []
+    return [m]
+
+
+def resolve_layer(layer: nn.Module, arch: AwqSpec, hf_config: dict) -> list[ResolvedMapping]:
+    """Bind every mapping row of ``arch`` to this layer's live tensors.
+
+    A row whose modules the layer lacks raises UnsupportedArchitecture naming the row and the
+    architecture, unless the row declares which layers lack them (``absent_in``); such a layer must
+    still bind one of those optional rows (a Qwen3-MoE layer has either the experts or a dense MLP).
+    """
+    out: list[ResolvedMapping] = []
+    optional = bound_optional = 0
+    for spec in arch.mappings:
+        missing = [p for p in (spec.prev, *spec.layers, *spec.extra) if _get(layer, _module_path(p)) is None]
+        optional += spec.absent_in is not None
+        if missing:
+            if spec.absent_in is not None:
+                continue  # e.g. a Qwen3-MoE dense-MLP row in a sparse layer
+            raise _row_error(arch, spec, f"no module at {', '.join(dict.fromkeys(missing))}")
+        out.extend(_bind(layer, spec, arch, hf_config))
+        bound_optional += spec.absent_in is not None
+    if optional and not bound_optional:
+        rows = "; ".join(s.describe() for s in arch.mappings if s.absent_in is not None)
+        raise UnsupportedArchitecture(
+            f"{arch.arch or 'this architecture'}: a decoder layer has the modules of none of the rows "
+            f"{rows}; the model's modules do not match awqconv's table"
+        )
     return out
 
 
@@ -322,7 +320,7 @@ def _rows_len(prev: PrevOp) -> int:
     return len(range(*rows.indices(full)))
 
 
-def quantizable_slots(layer: nn.Module, arch: ArchSpec, skip: tuple[str, ...] = ()) -> list[LinearSlot]:
+def quantizable_slots(layer: nn.Module, arch: AwqSpec, skip: tuple[str, ...] = ()) -> list[LinearSlot]:
     """Every weight of the layer that gets quantized: nn.Linear modules and fused expert slices."""
     slots: list[LinearSlot] = []
     not_convert = set(arch.not_convert)

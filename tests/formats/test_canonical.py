@@ -26,7 +26,7 @@ ASSETS = {
 
 
 def _rich(qm: QuantizedModel) -> QuantizedModel:
-    """``qm`` plus search results, prescaled weights (fp32), assets and nested provenance."""
+    """``qm`` plus search results, prescaled weights (fp32, kept on disk), assets and nested provenance."""
     gen = torch.Generator().manual_seed(7)
     names = list(qm.linears)
     search = SearchResults(
@@ -44,6 +44,7 @@ def _rich(qm: QuantizedModel) -> QuantizedModel:
         qm,
         search=search,
         prescaled=prescaled,
+        keep_prescaled=True,
         assets=dict(ASSETS),
         provenance={**qm.provenance, "command": "awqconv quantize x", "calibration": {"n": 3, "sha": "ab"}},
     )

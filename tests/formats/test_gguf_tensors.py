@@ -8,13 +8,14 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from awqconv.errors import FormatConstraintError, InputError, ShapeError
+from awqconv.errors import FormatConstraintError, InputError, ShapeError, UnsupportedArchitecture
 from awqconv.formats.gguf_tensors import (
     fitting_type,
     from_q4_1,
     gguf_name,
     hf_key,
     permute_rows,
+    rope_heads,
     to_q4_1,
     unpermute_rows,
 )
@@ -79,6 +80,22 @@ def test_names_round_trip():
                       ("lm_head.weight", "output.weight"), ("model.norm.weight", "output_norm.weight")]:
         assert gguf_name(key) == name and hf_key(name) == key
     assert gguf_name("model.layers.0.mlp.experts.0.w1.weight") is None
+    assert gguf_name("model.layers.x.mlp.up_proj.weight") is None and gguf_name("model.norm.scale") is None
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_names_come_from_the_registry_row(arch):
+    key = "model.layers.5.mlp.gate_proj.bias"
+    assert gguf_name(key, arch) == gguf_name(key) == "blk.5.ffn_gate.bias"
+    assert hf_key("blk.5.ffn_gate.bias", arch) == key
+    permuted = rope_heads("model.layers.0.self_attn.k_proj.weight", 8, 2, arch)
+    assert permuted == (None if arch == "Qwen2ForCausalLM" else 2)  # llama.cpp ropes qwen2 half-split itself
+    assert rope_heads("model.layers.0.self_attn.k_proj", 8, 2) == 2 and rope_heads("model.norm.weight", 8, 2) is None
+
+
+def test_architectures_without_gguf_are_refused_by_name():
+    with pytest.raises(UnsupportedArchitecture, match="GemmaForCausalLM has no GGUF writer.*Qwen2ForCausalLM"):
+        gguf_name("model.norm.weight", "GemmaForCausalLM")
 
 
 def test_fitting_type_follows_llama_cpp_fallbacks():

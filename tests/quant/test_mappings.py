@@ -6,13 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from awqconv import archs
 from awqconv.errors import UnsupportedArchitecture
 from awqconv.quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
 from awqconv.quant.search import apply_scale
 from awqconv.sources import load_hf_config
 from fixtures.tiny_models import tiny_model_dir
 
-ARCHS = sorted(ARCHITECTURES)
+ARCHS = archs.names()
 
 
 def _load(arch: str):
@@ -37,7 +38,7 @@ def test_every_mapping_folds_exactly(arch: str) -> None:
         n_mappings = 0
         for layer in model.get_submodule(spec.layers_path):
             mappings = resolve_layer(layer, spec, hf)
-            # every spec mapping that applies to this layer resolved (MoE archs list both MLP kinds)
+            # every row resolved (rows absent from a layer raise unless they declare absent_in)
             assert len(mappings) >= 4, [m.spec.prev for m in mappings]
             for m in mappings:
                 g = torch.Generator().manual_seed(n_mappings)
@@ -93,6 +94,18 @@ def test_moe_router_is_compensated_and_not_quantized() -> None:
     assert {"mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"} <= names
     moe = [m for m in resolve_layer(layer, spec, hf) if m.spec.inspect == "mlp"][0]
     assert [e.name for e in moe.extra] == ["mlp.gate"]
+
+
+def test_quantizer_table_is_the_registry_awq_column() -> None:
+    assert sorted(ARCHITECTURES) == ARCHS
+    assert all(ARCHITECTURES[n] is archs.lookup(n).awq and ARCHITECTURES[n].arch == n for n in ARCHS)
+
+
+def test_empty_architectures_are_inferred_from_model_type() -> None:
+    assert arch_spec({"architectures": [], "model_type": "qwen2"}) is archs.lookup("Qwen2ForCausalLM").awq
+    assert arch_spec({"model_type": "mistral"}).arch == "MistralForCausalLM"
+    with pytest.raises(UnsupportedArchitecture, match="model_type 'falcon'"):
+        arch_spec({"architectures": [], "model_type": "falcon"})
 
 
 def test_unknown_architecture_lists_supported_ones() -> None:
