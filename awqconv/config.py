@@ -20,17 +20,17 @@ class QuantConfig:
     group_size: int = 128  # -1 = one group per output channel (per-channel)
     zero_point: bool = True  # asymmetric (AutoAWQ default); False = symmetric, zeros fixed at 2**(b-1)
     method: str = "awq"  # "awq" (scale + clip search) or "rtn" (same grid, no search)
-    # scale search (awq_internals.md §1.5): s = x^a / w^(1-a) (duo) or x^a, a on a grid of n_grid
+    # scale search (as AutoAWQ): s = x^a / w^(1-a) (duo) or x^a, a on a grid of n_grid
     duo_scaling: bool = True
     n_grid: int = 20
     search_scales: bool = True
     smooth_gqa_vo: bool = True  # v_proj -> o_proj under grouped-query attention (peers skip it)
-    # clip search (§1.7)
+    # clip search: per (row, group) clamp shrunk on a grid of clip_n_grid down to clip_max_shrink
     apply_clip: bool = True
     clip_n_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_n_tokens: int = 512
-    # calibration (§1.2): documents concatenated and cut into calib_samples blocks of calib_seq_len
+    # calibration: documents concatenated and cut into calib_samples blocks of calib_seq_len
     calib: str = "builtin"
     calib_samples: int = 128
     calib_seq_len: int = 512

@@ -18,6 +18,15 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 
+EVAL_TEXT = "eval_heldout.txt"  # held-out text shipped beside the calibration corpus, disjoint from it
+
+
+def builtin_eval_text() -> str:
+    """The shipped held-out evaluation text (see ``awqconv/data/corpus_manifest.json``)."""
+    from importlib import resources
+
+    return resources.files("awqconv").joinpath("data", EVAL_TEXT).read_text(encoding="utf-8")
+
 
 def perplexity(
     model: torch.nn.Module,

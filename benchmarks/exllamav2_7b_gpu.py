@@ -26,7 +26,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("AWQCONV_COMPILE", "0")  # eager fused ops: no torch.compile per prompt length
 
 import exllamav2_gpu as exl_bench  # sets EXLLAMA_NO_SDPA=1, the arch list, the repo path)
 import torch

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
-os.environ.setdefault("EXLLAMA_NO_SDPA", "1")  # 0.3.2's SDPA path drops the causal mask (research §4)
+os.environ.setdefault("EXLLAMA_NO_SDPA", "1")  # 0.3.2's SDPA path drops the causal mask
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 8))
 

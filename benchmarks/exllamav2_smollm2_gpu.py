@@ -1,12 +1,12 @@
 """ExLlamaV2 vs awqconv's runtime on the SmolLM2-135M exllamav2 export (GPU).
 
-The export is made on the CPU (it is larger than one device call carries, so it travels as
-zstd parts: see notes/gpu_notes.md):
+The export is made on the CPU (it is larger than one device call carries, so it travels split
+into zstd parts):
     awqconv quantize builtin:smollm2-135m -g 64 --calib-samples 64 --to exllamav2 -o out/
     python benchmarks/exllamav2_smollm2_gpu.py --export out/exllamav2   # -> $OUT/exllamav2_smollm2_gpu.json
 ExLlamaV2 0.3.2 (EXLLAMA_NO_SDPA=1) loads the directory; awqconv reads the same directory back to
 canonical (its exllamav2 reader) and runs its runtime in fp16 and a dense fp32 reference. Prompts are
-fixed texts plus 256 tokens of fixtures/eval_heldout.txt, tokenized by the export's tokenizer.json.
+fixed texts plus 256 tokens of awqconv/data/eval_heldout.txt, tokenized by the export's tokenizer.json.
 Reported per pair: max/mean |dlogit|, logit scale, top-1 agreement; and each side's 24-token greedy
 continuation of the first prompt.
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-os.environ.setdefault("AWQCONV_COMPILE", "0")
 
 import exllamav2_7b_gpu as bench7b  # noqa: E402  (sets EXLLAMA_NO_SDPA through exllamav2_gpu)
 import torch  # noqa: E402
@@ -57,7 +56,7 @@ def main() -> None:
 
     build = bench7b.start_exllamav2_build(Path("/tmp/exllamav2_build.log"))
     tok = Tokenizer.from_file(str(export / "tokenizer.json"))
-    held = (HERE.parent / "fixtures" / "eval_heldout.txt").read_text()
+    held = (HERE.parent / "awqconv" / "data" / "eval_heldout.txt").read_text()
     prompts = [tok.encode(p).ids for p in PROMPTS] + [tok.encode(held).ids[:256]]
     qm = exl_format.read(export)
     vocab = int(qm.hf_config["vocab_size"])

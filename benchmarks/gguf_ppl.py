@@ -3,7 +3,7 @@
     python benchmarks/gguf_ppl.py [--model builtin:smollm2-135m] [--group-size 64] [--calib-samples 32]
                                   [--windows 40] [--rows a,b,b2,c,d,fp] [--out /tmp/gguf_ppl]
 
-Rows (all on fixtures/eval_heldout.txt with the evaluator's protocol: one tokenization,
+Rows (all on awqconv/data/eval_heldout.txt with the evaluator's protocol: one tokenization,
 non-overlapping 512-token windows, tokens 2..512 of each window scored, no carried context):
   fp   the float model in awqconv's evaluator (reference)
   a    plain q4_0 GGUF of the float weights (RTN, no AWQ), llama.cpp
@@ -94,7 +94,7 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     fp_model, tok = load_causal_lm(model_dir)
-    text = (ROOT / "fixtures" / "eval_heldout.txt").read_text()
+    text = (ROOT / "awqconv" / "data" / "eval_heldout.txt").read_text()
     ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0]
     n = ids.numel() // 512 if args.windows == 0 else min(args.windows, ids.numel() // 512)
     windows = ids[: n * 512].reshape(n, 512)

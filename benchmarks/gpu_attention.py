@@ -1,10 +1,10 @@
 """Single-token attention on a GPU: awqconv's split-KV kernel (kernels/decode_attention.py) against
 torch SDPA, Llama-2-7B heads (32 x 128, batch 1), over 32 layers' distinct caches (so the cache is
 read from HBM, not L2), in one CUDA graph; us per layer and the cache read rate.
-Variants: cache slots per slice, with and without early cache reads (before the PDL wait; here the
-previous kernel is the previous layer's attention); with this step's slot at 15/16 of the cache
-(the mean of a power-of-two bucket's second half), the default reading only the slots up to it
-against reading all of them ("slot15_16", "slot15_16_noskip").
+Rows: SDPA, the default, cache slots per slice with and without early cache reads (before the PDL
+wait; here the previous kernel is the previous layer's attention), and the default with this step's
+slot at 15/16 of the cache (the mean of a power-of-two bucket's second half: only the slots up to it
+are read, "slot15_16").
 Usage: python benchmarks/gpu_attention.py [--ctx 256,512,1024,2048]
 """
 
@@ -22,7 +22,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gpu_kernels import time_graph
 
-from awqconv.kernels import decode_attention as attn
 from awqconv.kernels.decode_attention import decode_attention
 
 DEV = torch.device("cuda")
@@ -48,29 +47,13 @@ def main() -> None:
             n = -(-S // slice_)
             for early in (False, True):
                 variants[f"awq_slice{slice_}" + ("_early" if early else "")] = (
-                    lambda k, v, n=n, early=early: decode_attention(q, k, v, bias, n, slot, early, max_split=64))
-        for slice_, warps in ((64, 2), (64, 8), (32, 2), (128, 4)):  # other warp counts per program
-            n = -(-S // slice_)
-            variants[f"awq_slice{slice_}_w{warps}"] = (
-                lambda k, v, n=n, warps=warps: decode_attention(q, k, v, bias, n, slot, max_split=64, num_warps=warps))
-        for slice_, warps, mr in ((64, 4, 96), (64, 4, 80), (64, 4, 64), (32, 2, 64), (32, 4, 64), (32, 2, 80),
-                                  (128, 8, 96)):  # register caps: more programs resident at once
-            n = -(-S // slice_)
-            variants[f"awq_slice{slice_}_w{warps}_mr{mr}"] = (
-                lambda k, v, n=n, warps=warps, mr=mr, q=q, bias=bias, slot=slot: decode_attention(
-                    q, k, v, bias, n, slot, max_split=64, num_warps=warps, maxnreg=mr))
+                    lambda k, v, n=n, early=early: decode_attention(q, k, v, bias, n, slot, early))
         now = S - S // 16
         bias_now = torch.zeros(1, 1, 1, S, dtype=torch.float16, device=DEV)
         bias_now[..., now + 1:] = float("-inf")
         slot_now = torch.tensor([now], device=DEV)
 
-        def at_slot(k, v, skip, q=q, bias_now=bias_now, slot_now=slot_now):
-            keep, attn.SKIP_FUTURE = attn.SKIP_FUTURE, skip  # read when the kernel is launched (captured)
-            out = decode_attention(q, k, v, bias_now, slot=slot_now)
-            attn.SKIP_FUTURE = keep
-            return out
-        variants["slot15_16"] = lambda k, v: at_slot(k, v, True)
-        variants["slot15_16_noskip"] = lambda k, v: at_slot(k, v, False)
+        variants["slot15_16"] = lambda k, v, q=q, b=bias_now, s=slot_now: decode_attention(q, k, v, b, slot=s)
         for name, fn in variants.items():
             out = fn(kcs[0][:, :, :S], vcs[0][:, :, :S])
             ref = F.scaled_dot_product_attention(q.float(), kcs[0][:, :, :S].float(), vcs[0][:, :, :S].float(),

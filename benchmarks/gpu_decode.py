@@ -5,11 +5,13 @@ into the built-in runtime (fused QKV / gate-up Triton INT4 linears, CUDA-graphed
 its logits against the same runtime with dequantised fp16 weights, then times greedy decode: 64-token
 prompt + 256 new tokens, and a 1792-token prompt + 256 new tokens (2048 context). Optionally the
 fp16 path of the same runtime (``--fp16``) for the speedup over float weights. Prints tok/s and peak memory.
-Usage: python benchmarks/gpu_decode.py [--fp16] [--pdl-compare] [--attn-compare] [--prologue-compare] [--argmax-compare] [--head-compare] [--stage-compare] [--early-compare] [--fused-compare] [--batch 4,8] [--layers 32] [--profile [--profile-prompt N]]
-       [--pending-compare] [--skip-compare]
-       [--bf16 [--fp32-gemv-compare] [--x16-compare]] [--host-compare]
-(--bf16: bf16 scales, so the runtime runs bf16 activations; --fp32-gemv-compare also times it with
-one-row linears on the fp32 CUDA-core GEMV, bf16's decode path before run AQ.)
+Usage: python benchmarks/gpu_decode.py [--fp16] [--options pdl=0,head_gemv=0] [--pdl-compare] [--prologue-compare]
+       [--argmax-compare] [--head-compare] [--stage-compare] [--early-compare] [--fused-compare] [--batch 4,8]
+       [--layers 32] [--profile [--profile-prompt N]] [--pending-compare] [--skip-compare] [--merge-blocks 64,512]
+       [--bf16 [--x16-compare]] [--host-compare] [--device cuda]
+(--bf16: bf16 scales, so the runtime runs bf16 activations. --options: RuntimeOptions for every run,
+``name=value`` pairs, e.g. ``pdl=0`` for a profile without programmatic dependent launch; each
+--*-compare run turns one option or path off on top of them.)
 """
 
 from __future__ import annotations
@@ -19,21 +21,33 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from awqconv.config import QuantConfig
+from awqconv.errors import UsageError
 from awqconv.model import QuantizedModel
 from awqconv.packed import PackedLinear
+from awqconv.runtime import decode_chain
 from awqconv.runtime import generate as gen_mod
 from awqconv.runtime.generate import Generator, SamplingParams
 from awqconv.runtime.model import build_decoder
+from awqconv.runtime.options import RuntimeOptions
 
 _SAMPLE = gen_mod._sample
 
-DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
+DEV = torch.device("cuda")  # --device
 G = 128
+
+
+def parse_options(spec: str) -> RuntimeOptions:
+    """``--options`` for argparse: ``RuntimeOptions.parse`` with its error as a usage error."""
+    try:
+        return RuntimeOptions.parse(spec)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def llama2_7b_config(layers: int) -> dict:
@@ -123,11 +137,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     ap.add_argument("--profile", action="store_true", help="only: kernel-time table of 64 decode steps")
     ap.add_argument("--profile-prompt", type=int, default=64, help="prompt length before the profiled steps")
+    ap.add_argument("--options", default="", type=parse_options,
+                    help="RuntimeOptions for every run, name=value pairs: pdl, dequant_min_m, x16, pending_norm, "
+                         "decode_prologue, head_gemv (e.g. pdl=0)")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--pdl-compare", action="store_true",
                     help="also time 64 + 256 with programmatic dependent launch turned off")
-    ap.add_argument("--attn-compare", action="store_true",
-                    help="also time with the attention reading every cache slot of the bucket (not only up to "
-                         "this step's)")
     ap.add_argument("--stage-compare", action="store_true",
                     help="also time with each step's token, position and slot staged by torch ops")
     ap.add_argument("--head-compare", action="store_true", help="also time with the lm_head on cuBLAS (F.linear)")
@@ -152,27 +167,29 @@ def main() -> None:
                     help="also time 64 + 256 with every token read on the host (streaming + EOS check), greedy "
                          "and sampled")
     ap.add_argument("--bf16", action="store_true", help="bf16 scales and activations (default fp16)")
-    ap.add_argument("--fp32-gemv-compare", action="store_true",
-                    help="with --bf16: also time one-row linears on the fp32 CUDA-core GEMV")
     ap.add_argument("--x16-compare", action="store_true",
                     help="with --bf16: also time with the GEMV inputs handed over as bf16 (no X16; the GEMV converts)")
     a = ap.parse_args()
+    global DEV
+    DEV = torch.device(a.device)
     torch.manual_seed(0)
     t0 = time.time()
     qm = random_qm(a.layers, torch.bfloat16 if a.bf16 else torch.float16)
-    dec = build_decoder(qm, DEV)
+    opts = a.options
+    dec = build_decoder(qm, DEV, options=opts)
     wbytes = sum(p.qweight.numel() + p.scales.numel() * 2 + p.zeros.numel() for p in qm.linears.values())
     print(f"built in {time.time() - t0:.1f}s; int4 linear bytes {wbytes / 1e9:.2f} GB; "
           f"allocated {torch.cuda.memory_allocated() / 1e9:.2f} GB", flush=True)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": str(qm.dtype), "runs": []}
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": str(qm.dtype),
+               "options": opts.changed(), "runs": []}
     # correctness: INT4 runtime vs the same runtime on dequantised fp16 weights, one prefill
     ids = torch.randint(0, 32000, (1, 32), device=DEV)
     pos = torch.arange(32, device=DEV)[None]
     dec.allocate_cache(1, 64)
     with torch.no_grad():
         l4 = dec(ids, pos, torch.tensor(0, device=DEV), 32, last_only=False).float()
-    ref = build_decoder(qm, DEV, mode="dense") if a.fp16 else None
+    ref = build_decoder(qm, DEV, mode="dense", options=opts) if a.fp16 else None
     if ref is not None:
         ref.allocate_cache(1, 64)
         with torch.no_grad():
@@ -198,13 +215,6 @@ def main() -> None:
             for n in (64, 1792):
                 results["runs"].append(run_decode(dec, "awqconv_int4_" + label, n, 256, 2048))
         attn.EARLY_MAX_S = keep
-    if a.attn_compare:  # read at every launch; a new Generator recaptures
-        from awqconv.kernels import decode_attention as attn
-
-        attn.SKIP_FUTURE = False
-        for n in (64, 1792):
-            results["runs"].append(run_decode(dec, "awqconv_int4_attn_noskip", n, 256, 2048))
-        attn.SKIP_FUTURE = True
     if a.argmax_compare:  # greedy tokens by torch's argmax (one block per row) instead of the split kernel
         keep = gen_mod._sample
         gen_mod._sample = lambda logits, p, g: logits.argmax(-1) if p.temperature <= 0 else keep(logits, p, g)
@@ -227,28 +237,26 @@ def main() -> None:
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_torch_staging", n, 256, 2048))
         Generator.step = keep
-    if a.head_compare:  # read at every forward: a new Generator recaptures
-        keep, dec.fused.head_gemv = dec.fused.head_gemv, False
+    if a.head_compare:
+        dec.set_options(replace(opts, head_gemv=False))  # read at every forward: a new Generator recaptures
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_cublas_head", n, 256, 2048))
-        dec.fused.head_gemv = keep
-    if a.prologue_compare:  # read at every forward: a new Generator recaptures
-        keep, dec.fused.prologue = dec.fused.prologue, False
+        dec.set_options(opts)
+    if a.prologue_compare:
+        dec.set_options(replace(opts, decode_prologue=False))  # read at every forward: a new Generator recaptures
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_torch_prologue", n, 256, 2048))
-        dec.fused.prologue = keep
+        dec.set_options(opts)
     if a.fused_compare:  # the same decode with a fused one-row epilogue kernel (gemv_fused.py) turned off
-        from awqconv.kernels.linear import Int4Linear
-
-        keep = {name: getattr(Int4Linear, name) for name in ("rope_qkv", "silu_gate_up")}
-        for off, lengths in ((("rope_qkv",), (1792,)), (("silu_gate_up",), (1792,)),
-                             (("rope_qkv", "silu_gate_up"), (64, 1792))):
-            for name in off:
-                setattr(Int4Linear, name, lambda *args, **kw: None)
+        keep = {name: getattr(decode_chain, name) for name in ("qkv_rope", "gate_up_silu")}
+        for off, lengths in ((("qkv_rope",), (1792,)), (("gate_up_silu",), (1792,)),
+                             (("qkv_rope", "gate_up_silu"), (64, 1792))):
+            for name in off:  # None: "does not apply", so the separate kernels run
+                setattr(decode_chain, name, lambda *args, **kw: None)
             for n in lengths:
                 results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
             for name, fn in keep.items():
-                setattr(Int4Linear, name, fn)
+                setattr(decode_chain, name, fn)
     if a.merge_blocks:  # read at every launch: a new Generator recaptures
         from awqconv.kernels import gemv_fused
 
@@ -258,51 +266,38 @@ def main() -> None:
                 setattr(gemv_fused, which, b)
                 results["runs"].append(run_decode(dec, f"awqconv_int4_{which.lower()}_{b}", 1792, 256, 2048))
                 setattr(gemv_fused, which, keep[0] if which == "RESIDUAL_BLOCK" else keep[1])
-    if a.pending_compare:  # read at every forward: a new Generator recaptures
-        keep, dec.fused.pending_norm = dec.fused.pending_norm, False
+    if a.pending_compare:
+        dec.set_options(replace(opts, pending_norm=False))  # read at every forward: a new Generator recaptures
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_norm_kernels", n, 256, 2048))
-        dec.fused.pending_norm = keep
+        dec.set_options(opts)
     if a.skip_compare:  # timing only: a left-out step hands its input on unchanged (fp16 decode)
-        from awqconv.runtime import model as model_mod
+        from awqconv.runtime.layer_ops import StepPaths
 
-        keep = (dec.fused.add_norm, model_mod._attention, dec.fused.pending_norm)
-        dec.fused.pending_norm = False  # the norms as kernels of their own (the runtime of run BQ)
-        skips = {"add_norm": lambda: setattr(dec.fused, "add_norm", lambda x, r, w, eps, x16=False: (x, r)),
-                 "attention": lambda: setattr(model_mod, "_attention", lambda q, *args: q)}
+        keep = (StepPaths.add_norm, decode_chain.attention)
+        dec.set_options(replace(opts, pending_norm=False))  # the norms as kernels of their own
+        skips = {"add_norm": lambda: setattr(StepPaths, "add_norm", lambda self, x, r, w, eps, x16=False: (x, r)),
+                 "attention": lambda: setattr(decode_chain, "attention", lambda q, *args: q)}
         for off in (("add_norm",), ("attention",), ("add_norm", "attention")):
             for name in off:
                 skips[name]()
             for n in (64, 1792):
                 results["runs"].append(run_decode(dec, "awqconv_int4_without_" + "+".join(off), n, 256, 2048))
-            dec.fused.add_norm, model_mod._attention = keep[:2]
-        dec.fused.pending_norm = keep[2]
+            StepPaths.add_norm, decode_chain.attention = keep
+        dec.set_options(opts)
     if a.host_compare:
         for host in ("stream", "sample", "sample_sorted"):
             results["runs"].append(run_decode(dec, "awqconv_int4", 64, 256, 2048, host=host))
         gen_mod._sample = _SAMPLE
-    if a.fp32_gemv_compare:  # one-row linears on the fp32 GEMV (then the fused epilogues are off too)
-        from awqconv.kernels import ops
-
-        keep = ops.default_config
-
-        def fp32_gemv_for_one_row(m, kw, device, dtype=torch.float16):
-            return ops.cuda_core_gemv_config(m, kw) if m == 1 else keep(m, kw, device, dtype)
-        ops.default_config = fp32_gemv_for_one_row
-        for n in (64, 1792):
-            results["runs"].append(run_decode(dec, "awqconv_int4_fp32_gemv", n, 256, 2048))
-        ops.default_config = keep
-    if a.x16_compare:  # each one-row GEMV converts its bf16 input itself (the path before X16)
-        keep, dec.fused.x16 = dec.fused.x16, False  # read at every forward: a new Generator recaptures
+    if a.x16_compare:  # each one-row GEMV converts its bf16 input itself
+        dec.set_options(replace(opts, x16=False))  # read at every forward: a new Generator recaptures
         for n in (64, 1792):
             results["runs"].append(run_decode(dec, "awqconv_int4_no_x16", n, 256, 2048))
-        dec.fused.x16 = keep
-    if a.pdl_compare:
-        from awqconv.kernels import launch
-
-        launch._ENABLED = False  # read at every launch: the new Generator captures a graph without PDL
+        dec.set_options(opts)
+    if a.pdl_compare:  # a new Generator captures its graphs without PDL
+        dec.set_options(replace(opts, pdl=False))
         results["runs"].append(run_decode(dec, "awqconv_int4_no_pdl", 64, 256, 2048))
-        launch._ENABLED = True
+        dec.set_options(opts)
     if ref is not None:
         del dec
         dec = None

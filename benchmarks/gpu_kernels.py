@@ -3,11 +3,13 @@
 
 Every method is checked against a dense fp32 reference on fresh random inputs before it is timed.
 Timing: one CUDA graph replays the call over R distinct weight sets (>= 400 MB of fp16-equivalent
-weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R (the protocol
-of shared/anchors/gpu_int4_anchors.py). awqconv runs its default config and a small config sweep.
+weights, so weights never sit in L2), median of triton.testing.do_bench, divided by R. awqconv runs
+its default config (and the same without programmatic dependent launch) and a sweep of tile shapes
+of the kernels the defaults use.
 Usage: python benchmarks/gpu_kernels.py [--quick] [--no-sweep] [--chain] [--ms 1,16] [--sweep-ms 16]
-       [--sweep-filter tile_t,swap] [--dtype bf16] [--out DIR]
-(--dtype bf16: bf16 activations and scales; cuBLAS in bf16; GemLite, fp16-only here, is left out.)
+       [--sweep-filter tile_t,wave] [--dtype bf16] [--dequant-min-m 257] [--device cuda] [--out DIR]
+(--dtype bf16: bf16 activations and scales; cuBLAS in bf16; GemLite, fp16-only here, is left out.
+--dequant-min-m: the rows from which awqconv's default dequantises + runs cuBLAS, RuntimeOptions'.)
 """
 
 from __future__ import annotations
@@ -18,28 +20,28 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.ops import (
+from awqconv.kernels.config import (
+    DEQUANT_MIN_M,
     KernelConfig,
     cuda_core_gemv_config,
     default_config,
-    one_row_config,
     one_wave_split,
-    w4_matmul,
+    pow2_divisor,
 )
+from awqconv.kernels.layout import KernelWeight
+from awqconv.kernels.ops import w4_matmul
 from awqconv.packed import PackedLinear
 
 G = 128
 SHAPES = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
-DEV = torch.device(os.environ.get("AWQCONV_BENCH_DEVICE", "cuda"))
+DEV = torch.device("cuda")  # --device
 DT = torch.float16  # activations, scales and the cuBLAS baseline (--dtype)
+DEQUANT_M = DEQUANT_MIN_M  # --dequant-min-m
 
 
 def make_packed(K: int, N: int) -> PackedLinear:
@@ -66,8 +68,19 @@ def m_cublas():
     return (lambda st: st["W"]), (lambda x, W: F.linear(x, W))
 
 
-def m_awq(cfg_fn):
-    return (lambda st: KernelWeight.from_packed(st["p"])), (lambda x, kw: w4_matmul(x, kw, cfg_fn(x, kw)))
+def m_awq(pdl: bool = True):
+    """awqconv's default kernel per M (``w4_matmul`` with no config), with or without PDL."""
+    return (lambda st: KernelWeight.from_packed(st["p"])), (
+        lambda x, kw: w4_matmul(x, kw, pdl=pdl, dequant_min_m=DEQUANT_M))
+
+
+def wave_config(kw: KernelWeight, per_sm: int, maxnreg: int | None, block_n: int = 64, num_warps: int = 2,
+                kc: int = 64) -> KernelConfig:
+    """The one-row fp16x2 GEMV split into one wave of at most ``per_sm`` programs per SM, registers
+    capped at ``maxnreg`` (the default: 16, 64, 64 columns x 2 warps, 64-row chunks)."""
+    return KernelConfig("gemv_f16x2", block_n=block_n, kc=pow2_divisor(kw.group_size, kc),
+                        split_k=one_wave_split(kw.out_features, block_n, per_sm, DEV), num_warps=num_warps,
+                        num_stages=2, maxnreg=maxnreg)
 
 
 def m_tinygemm():
@@ -95,35 +108,25 @@ def m_gemlite():
 
 
 def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
-    """Named variants per M bucket; split_k=-p asks for ~p programs per SM; prefetch 1 = registers,
-    n >= 2 = an n-stage shared-memory (cp.async) ring."""
+    """Named tile shapes of the kernels the defaults use, per M bucket; split_k=-p asks for ~p
+    programs per SM; tile_t's pf = stages of its cp.async ring."""
     out = {}
-    if M == 1:  # the fp16x2 GEMV over tile width, warps, chunk rows, programs per SM, prefetch
-        # neighbours of the default (64 x 2 warps x kc64 x 16/SM x register prefetch) that were close or
-        # instructive on the H100: deeper K chunks, fewer/more programs, the smem ring, a wide tile
-        for bn, w, kc, pps, pf in [(64, 2, 128, 8, 1), (64, 2, 64, 12, 1), (64, 2, 64, 16, 1), (64, 2, 64, 24, 1),
-                                   (64, 2, 64, 32, 1), (64, 2, 64, 48, 1),
-                                   (32, 1, 128, 16, 1), (128, 2, 32, 16, 1), (64, 2, 64, 16, 4), (256, 2, 16, 8, 1)]:
-            out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2, prefetch=pf)
+    if M == 1:  # the fp16x2 GEMV over tile width, warps, chunk rows, programs per SM (register prefetch)
+        for bn, w, kc, pps in [(64, 2, 128, 8), (64, 2, 64, 12), (64, 2, 64, 16), (64, 2, 64, 24), (64, 2, 64, 32),
+                               (64, 2, 64, 48), (32, 1, 128, 16), (128, 2, 32, 16), (256, 2, 16, 8)]:
+            out[f"h2_bn{bn}_w{w}_kc{kc}_p{pps}"] = KernelConfig("gemv_f16x2", 1, bn, kc, -pps, w, 2)
         for pps, mr in [(16, 72), (32, 72), (16, 64), (32, 64), (48, 64), (16, 56), (16, 60), (16, 68), (20, 64),
-                        (24, 64), (12, 64), (24, 56)]:  # register caps: more programs resident (runs BY-BZ)
-            out[f"h2_bn64_w2_kc64_p{pps}_pf1_mr{mr}"] = KernelConfig("gemv_f16x2", 1, 64, 64, -pps, 2, 2, maxnreg=mr)
+                        (24, 64), (12, 64), (24, 56)]:  # register caps: more programs resident
+            out[f"h2_bn64_w2_kc64_p{pps}_mr{mr}"] = KernelConfig("gemv_f16x2", 1, 64, 64, -pps, 2, 2, maxnreg=mr)
         # one resident wave of at most per_sm programs per SM (the default: 64 x 2 warps, 16, capped at 64)
         for per_sm, mr, bn, w in [(16, None, 64, 2), (18, 56, 64, 2), (20, 48, 64, 2), (32, 64, 32, 1),
                                   (8, 64, 128, 4), (16, 64, 32, 1), (24, 80, 32, 1)]:
-            out[f"h2_wave{per_sm}_mr{mr}_bn{bn}_w{w}"] = one_row_config(kw, DEV, per_sm, mr, bn, w)
-        out["h2_wave16_mr64_ticket"] = replace(one_row_config(kw, DEV), park=False)  # merged by the last program
+            out[f"h2_wave{per_sm}_mr{mr}_bn{bn}_w{w}"] = wave_config(kw, per_sm, mr, bn, w)
         for per_sm, mr in [(16, 64), (12, 80), (8, 128), (10, 96)]:  # 128-row chunks: twice the bytes in flight
-            out[f"h2_wave{per_sm}_mr{mr}_kc128"] = one_row_config(kw, DEV, per_sm, mr, kc=128)
-        out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # bf16's one-row default before run AQ
-    if 2 <= M <= 4:  # the fp16x2 rows kernel: BLOCK_M rows share each dequantised word
-        for bn, w, kc, pps, pf in [(256, 2, 16, 8, 4), (256, 2, 16, 16, 3), (128, 2, 16, 16, 3), (256, 2, 8, 8, 4),
-                                   (256, 4, 16, 8, 3), (128, 1, 16, 16, 4), (256, 2, 8, 8, 1)]:
-            bm = 1 << (M - 1).bit_length()
-            out[f"rows{bm}_bn{bn}_w{w}_kc{kc}_p{pps}_pf{pf}"] = KernelConfig("gemv_f16x2", bm, bn, kc, -pps, w, 2,
-                                                                            prefetch=pf)
+            out[f"h2_wave{per_sm}_mr{mr}_kc128"] = wave_config(kw, per_sm, mr, kc=128)
+        out["fp32_gemv"] = cuda_core_gemv_config(1, kw)  # the path without inline PTX (and for fp32 rows)
     if M <= 16:  # the transposed tile: asm-dequantised weights as the MMA's register operand (tile_t.py)
-        # pf >= 2: a cp.async ring of pf stages (run AD: 3 stages 1.4x the register prefetch at M = 16);
+        # pf >= 2: a cp.async ring of pf stages (3 stages: 1.4x the one-chunk register prefetch at M = 16);
         # "fit c": at most c programs per SM in one wave (split = floor(c * SMs / tiles)), registers capped
         for c, pf, mr in [(5, 4, None), (5, 3, None), (6, 3, 80), (7, 3, 64), (6, 4, 80), (5, 3, 64), (7, 3, 72)]:
             split = one_wave_split(kw.out_features, 64, c, DEV)
@@ -132,25 +135,15 @@ def sweep_configs(M: int, kw: KernelWeight) -> dict[str, KernelConfig]:
         for pps, pf, mr in [(6, 4, None), (8, 4, None), (10, 4, None), (6, 3, 64), (8, 3, 64), (7, 3, 64)]:
             out[f"tile_t_bn64_kc128_p{pps}_pf{pf}_mr{mr}"] = KernelConfig("tile_t", 16, 64, 128, -pps, 4, 1,
                                                                          prefetch=pf, maxnreg=mr)
-    if 4 <= M <= 16:  # the plain tile kernel (x as the MMA's first operand)
-        out["gemm16_bn128_w4_p8_s3"] = KernelConfig("gemm", 16, 128, 128, -8, 4, 3)
     if 16 < M <= 512:
         for bm, bn, kc, w, pps, pf in [(64, 64, 128, 4, 8, 3), (64, 128, 64, 8, 4, 3), (64, 64, 64, 4, 8, 4),
                                        (min(M, 128), 128, 64, 8, 2, 3), (min(M, 128), 64, 128, 4, 4, 3)]:
             out[f"tile_t{bm}_bn{bn}_kc{kc}_w{w}_p{pps}_pf{pf}"] = KernelConfig("tile_t", bm, bn, kc, -pps, w, 1,
                                                                               prefetch=pf)
-    if 16 < M <= 256:
-        for bm, bn, kc, w, st, sp in [(64, 128, 128, 4, 3, -2), (64, 128, 128, 4, 3, -4), (64, 128, 128, 8, 3, -2),
-                                      (128, 128, 128, 8, 3, -2), (32, 128, 128, 4, 3, -4)]:
-            out[f"gemm{bm}_bn{bn}_kc{kc}_w{w}_s{st}_sp{sp}"] = KernelConfig("gemm", bm, bn, kc, sp, w, st)
-    if M > 256:
-        out["gemm128_bn256_kc64_w8_s3"] = KernelConfig("gemm", 128, 256, 64, 1, 8, 3)
     out["dequant+cublas"] = KernelConfig("dequant", block_n=256, kc=32)
-    if M >= 1024:  # the dequantise tile: rows x columns, each word loaded once (expand) or per element
-        for kc, bn, ex, w in [(32, 128, False, 4), (64, 128, True, 4), (128, 128, True, 8), (32, 256, True, 4),
-                              (64, 256, True, 8), (16, 256, True, 4), (128, 64, True, 4)]:
-            out[f"dequant_kc{kc}_bn{bn}_ex{int(ex)}_w{w}+cublas"] = KernelConfig("dequant", block_n=bn, kc=kc,
-                                                                              num_warps=w, expand=ex)
+    if M >= 1024:  # the dequantise tile: rows x columns (each word loaded once where kc divides the group)
+        for kc, bn, w in [(64, 128, 4), (128, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4)]:
+            out[f"dequant_kc{kc}_bn{bn}_w{w}+cublas"] = KernelConfig("dequant", block_n=bn, kc=kc, num_warps=w)
     return out
 
 
@@ -198,18 +191,21 @@ def main() -> None:
                     help="sweep only the variants whose name contains one of these comma-separated strings")
     ap.add_argument("--chain", action="store_true", help="also time the four linears back to back in one graph")
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--dequant-min-m", type=int, default=DEQUANT_MIN_M,
+                    help="rows from which awqconv's default dequantises + runs cuBLAS (RuntimeOptions.dequant_min_m)")
+    ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    global DT
+    global DT, DEV, DEQUANT_M
     DT = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    DEV = torch.device(a.device)
+    DEQUANT_M = a.dequant_min_m
     torch.manual_seed(0)
-    info = run_info(dtype=a.dtype)
+    info = run_info(dtype=a.dtype, dequant_min_m=DEQUANT_M)
     print(info, flush=True)
     Ms = [1, 16, 256, 4096] if a.quick else [1, 4, 16, 64, 256, 1024, 4096]
     if a.ms:
         Ms = [int(m) for m in a.ms.split(",")]
-    base = {"fp16_cublas": m_cublas(),
-            "awq_default": m_awq(lambda x, kw: default_config(x.shape[0], kw, x.device, x.dtype)),
-            "torch_tinygemm_bf16": m_tinygemm()}
+    base = {"fp16_cublas": m_cublas(), "awq_default": m_awq(), "torch_tinygemm_bf16": m_tinygemm()}
     try:
         if DT == torch.float16:
             base["gemlite_a16w4"] = m_gemlite()
@@ -227,18 +223,19 @@ def main() -> None:
                 print(f"{mname} build failed on {sname}: {e!r}"[:300], flush=True)
                 continue
             for M in Ms:
-                variants = {"": None}
+                variants = {"": None}  # name -> (config, pdl); "" = the method itself
                 if mname == "awq_default":
-                    d = default_config(M, built[0], DEV, DT)
+                    d = default_config(M, built[0], DEV, DT, DEQUANT_M)
                     if d.kind != "dequant":
-                        variants["default_no_pdl"] = replace(d, pdl=False)
+                        variants["default_no_pdl"] = (d, False)
                     if not a.no_sweep and (a.sweep_ms is None or M in a.sweep_ms):
-                        variants.update({n: c for n, c in sweep_configs(M, built[0]).items()
+                        variants.update({n: (c, True) for n, c in sweep_configs(M, built[0]).items()
                                          if a.sweep_filter is None or any(f in n for f in a.sweep_filter)})
-                for vname, cfg in variants.items():
+                for vname, var in variants.items():
                     label = mname if not vname else f"awq:{vname}"
-                    if cfg is not None:
-                        fn1 = lambda x, b, cfg=cfg: w4_matmul(x, b, cfg)
+                    cfg = None if var is None else var[0]
+                    if var is not None:
+                        fn1 = lambda x, b, cfg=cfg, pdl=var[1]: w4_matmul(x, b, cfg, pdl=pdl)
                     else:
                         fn1 = call
                     try:
@@ -280,8 +277,7 @@ def layer_chain(Ms: list[int], base: dict) -> list[dict]:
     L = 3
     layers = [{s: make_set(K, N) for s, (K, N) in SHAPES.items()} for _ in range(L)]
     methods = {"fp16_cublas": base["fp16_cublas"], "awq_default": base["awq_default"],
-               "awq_default_no_pdl": m_awq(lambda x, kw: replace(default_config(x.shape[0], kw, x.device, x.dtype),
-                                                                pdl=False))}
+               "awq_default_no_pdl": m_awq(pdl=False)}
     if "gemlite_a16w4" in base:
         methods["gemlite_a16w4"] = base["gemlite_a16w4"]
     out = []

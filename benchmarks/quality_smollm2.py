@@ -1,7 +1,7 @@
 """Quality and speed of the quantizer on SmolLM2-135M, plus AWQ vs RTN on every tiny architecture.
 
 Runs the real CLI in subprocesses (so wall time and peak RSS are those of one `awqconv quantize`),
-then measures perplexity on the held-out text (fixtures/eval_heldout.txt, disjoint from the
+then measures perplexity on the held-out text (awqconv/data/eval_heldout.txt, disjoint from the
 builtin calibration corpus) with awqconv's evaluator on each artifact's fake-quant reference.
 
     python benchmarks/quality_smollm2.py [--group-size 64] [--eval-windows 45] [--skip-tiny]
@@ -47,9 +47,9 @@ def tiny_comparison(group: int) -> list[dict]:
     from awqconv.quant.mappings import ARCHITECTURES
     from awqconv.quant.pipeline import quantize_model
     from awqconv.sources import load_hf_config
-    from fixtures.tiny_models import tiny_model_dir
+    from tests.tiny_models import tiny_model_dir
 
-    heldout = (ROOT / "fixtures" / "eval_heldout.txt").read_text(encoding="utf-8")
+    heldout = (ROOT / "awqconv" / "data" / "eval_heldout.txt").read_text(encoding="utf-8")
     rows = []
     for arch in sorted(ARCHITECTURES):
         path = tiny_model_dir(arch)
@@ -88,7 +88,7 @@ def main() -> None:
     from awqconv.api import evaluate
     from awqconv.sources import resolve_model
 
-    text = (ROOT / "fixtures" / "eval_heldout.txt").read_text(encoding="utf-8")
+    text = (ROOT / "awqconv" / "data" / "eval_heldout.txt").read_text(encoding="utf-8")
     g = str(args.group_size)
     result: dict = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                     "group_size": args.group_size, "eval_windows": args.eval_windows, "seq_len": args.seq_len}

@@ -3,7 +3,7 @@
 Deterministic for a given CPython version: module, class and function docstrings (``ast``) of the
 running interpreter's standard library, doctest sessions removed, one document per docstring. Modules
 are split by a hash of their relative path into two disjoint sets: calibration
-(awqconv/data/calib_builtin.txt) and held-out evaluation (fixtures/eval_heldout.txt). The rule, the
+(awqconv/data/calib_builtin.txt) and held-out evaluation (awqconv/data/eval_heldout.txt). The rule, the
 Python version and the module lists go to awqconv/data/corpus_manifest.json.
 
     python scripts/build_corpus.py [--count-tokens]
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIB_OUT = ROOT / "awqconv" / "data" / "calib_builtin.txt"
-EVAL_OUT = ROOT / "fixtures" / "eval_heldout.txt"
+EVAL_OUT = ROOT / "awqconv" / "data" / "eval_heldout.txt"
 MANIFEST_OUT = ROOT / "awqconv" / "data" / "corpus_manifest.json"
 
 EVAL_BUCKETS = 4  # a module is held out when int(sha256(relpath)[:8], 16) % EVAL_BUCKETS == 0

@@ -101,6 +101,18 @@ def tiny_llama_qm(
     )
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need a CUDA device and the compiled kernels (not the interpreter): on a
+    machine without them (CI) they are skipped with the reason and the command that runs them."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0":
+        return
+    why = ("needs a CUDA device and compiled kernels: run `TRITON_INTERPRET=0 python3 -m pytest -q -m gpu` "
+           "on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(scope="session")
 def make_packed():
     """Factory fixture: ``make_packed(out, n_in, group_size, bits=4, dtype=fp16, bias=False, seed=0)``."""

@@ -13,7 +13,7 @@ from awqconv.errors import UnsupportedArchitecture
 from awqconv.formats.gguf_meta import arch_problems, check_arch
 from awqconv.formats.gguf_tensors import gguf_name, hf_key, rope_heads
 from awqconv.quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
-from fixtures.tiny_models import SHAPE, TINY_ARCHS
+from tests.tiny_models import SHAPE, TINY_ARCHS
 
 
 def _config(arch: str, **overrides) -> dict:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from awqconv.cli import main
 from awqconv.formats import get_format
-from fixtures.tiny_models import tiny_model_dir
+from tests.tiny_models import tiny_model_dir
 
 TINY = "LlamaForCausalLM"
 FAST = ["--method", "rtn", "-g", "32", "-q"]

@@ -13,10 +13,10 @@ from awqconv.errors import InputError
 from awqconv.evaluate import perplexity, perplexity_of_ids
 from awqconv.reference import load_tokenizer_from_assets, reference_model
 from awqconv.sources import load_causal_lm
-from fixtures.tiny_models import tiny_model_dir
+from tests.tiny_models import tiny_model_dir
 from tests.fixtures_helpers import qm_from_dir, smollm2
 
-HELDOUT = Path(__file__).resolve().parent.parent / "fixtures" / "eval_heldout.txt"
+HELDOUT = Path(__file__).resolve().parent.parent / "awqconv" / "data" / "eval_heldout.txt"
 
 
 def test_smollm2_finds_repeated_text_easier_than_random_tokens() -> None:

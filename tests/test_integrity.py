@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from awqconv.cli import main
 from awqconv.formats.integrity import MANIFEST, check, record
-from fixtures.tiny_models import tiny_model_dir
+from tests.tiny_models import tiny_model_dir
 
 FAST = ["--method", "rtn", "-g", "32", "-q"]
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from awqconv.cli import main
 from awqconv.outdir import OUTPUT_MARKER, OutputLock, fmt_bytes, lock_path, old_prefix, temp_prefix
-from fixtures.tiny_models import tiny_model_dir
+from tests.tiny_models import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--method", "rtn", "-g", "32", "-q"]

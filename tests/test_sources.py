@@ -19,7 +19,7 @@ from awqconv.sources import (
     resolve_model,
     smollm2_gguf_path,
 )
-from fixtures.tiny_models import TINY_ARCHS, build_tiny_model, outlier_channels, smollm2_dir, tiny_model_dir
+from tests.tiny_models import TINY_ARCHS, build_tiny_model, outlier_channels, smollm2_dir, tiny_model_dir
 
 
 def test_missing_local_path_is_an_input_error(tmp_path: Path) -> None:

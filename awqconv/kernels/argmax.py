@@ -1,7 +1,7 @@
 """Greedy decoding's argmax over the vocabulary, split across programs (GPU).
 
 torch's ``argmax`` reduces a row in one 512-thread block: ~11.6 us a step for Llama-2's 32 000 logits
-on an H100 (BENCHMARKS.md §2), serial loads over the whole row. Here each of up to 16 programs per
+on an H100 (docs/design.md), serial loads over the whole row. Here each of up to 16 programs per
 row reduces a chunk and parks (max, first index, first NaN index); the last program of the row (a
 ticket, as in the split-K GEMVs) combines them in chunk order. Same result as ``torch.argmax``: the
 first index of the maximum, a NaN counting as larger than any number (the first NaN wins).

@@ -5,11 +5,10 @@ an online softmax (running max, running sum, fp32 accumulator). With several sli
 parks (max, sum, accumulator) in the shared workspace and the last one of its head (a ticket, as in
 the split-K GEMVs) merges them in slice order, so the result is deterministic. Grouped-query heads
 read their KV head directly (no repeat). ``bias`` is the runtime's additive mask (0 or -inf) for the
-step. It replaces SDPA for T = 1 on the GPU (H100, Llama-2-7B shape, benchmarks/gpu_attention.py:
-7.1 (9.2 without early reads) against SDPA's 10.2 us per layer at 512 slots, 17.5 against 18.6 at
-2048) and joins the PDL chain; given the step's cache slot it may start reading the cache before the
-previous kernel ends.
-(RoPE and the cache write folded in here, one kernel fewer per layer, measured slower: notes, run Y.)
+step. It replaces SDPA for T = 1 on the GPU (H100, Llama-2-7B shape: 7.1 (9.2 without early reads)
+against SDPA's 10.2 us per layer at 512 slots, 17.5 against 18.6 at 2048) and joins the PDL chain;
+given the step's cache slot it may start reading the cache before the previous kernel ends.
+(RoPE and the cache write folded in here, one kernel fewer per layer, measured slower on the H100.)
 """
 
 from __future__ import annotations
@@ -19,16 +18,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INTERPRET, pdl_launch, pdl_start, pdl_wait
-from .triton_w4 import x16_from_f32
+from .gemv_f16x2 import x16_from_f32
+from .launch import pdl_launch, pdl_start, pdl_wait
 from .workspace import WORKSPACE
 from .x16 import X16
 
 MAX_SPLIT = 32
 MAX_BLOCK_S = 128
-SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots, benchmarks/gpu_attention.py)
+SLICE = 64  # cache slots per slice by default (H100: best at 512 and 2048 slots)
 EARLY_MAX_S = 512  # early cache reads help up to here (see decode_attention)
-SKIP_FUTURE = True  # with ``slot``, slots after it are not read (False: for the benchmarks' A/B)
 
 
 @triton.jit
@@ -76,7 +74,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
     again after the wait.
     LIMIT: slots after ``slot_ptr``'s are not read (they are the future; the caller's bias masks
     them): a slice wholly past it loads nothing and parks an empty (max -inf, sum 0) state.
-    (Slices looped through Triton's shared-memory pipeline measured 1.1-4x slower: notes, run CI.)"""
+    (Slices looped through Triton's shared-memory pipeline measured 1.1-4x slower on the H100.)"""
     pdl_start(USE_PDL)
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -142,14 +140,14 @@ def _finish(acc, m_i, l_i, o_row, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOC
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
-                     slot: Tensor | None = None, early: bool | None = None, max_split: int = MAX_SPLIT,
-                     num_warps: int | None = None, x16: bool = False, maxnreg: int | None = None) -> Tensor | X16:
+                     slot: Tensor | None = None, early: bool | None = None, x16: bool = False,
+                     pdl: bool = True) -> Tensor | X16:
     """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
     last dim); ``bias [B, 1, 1, S]`` additive, last dim contiguous. Returns ``[B, H, 1, D]``.
     ``n_split`` forces the number of cache slices. By default slices are 64 slots (up to
-    ``max_split`` per head): at decode lengths each program then loads its q, K, V and mask once, all
+    ``MAX_SPLIT`` per head): at decode lengths each program then loads its q, K, V and mask once, all
     in flight together (the kernel is latency-bound: a loop of dependent loads cost more than SDPA's
     launch). ``slot`` (int64 [1], on the device) is the only cache slot the previous kernels of this
     step wrote, and the newest: slots after it are not read (the runtime's bias masks them; at
@@ -157,8 +155,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     S <= EARLY_MAX_S) reads the first cache block before the previous kernel finishes and that
     slot's row again after. It overlaps the previous kernel's tail
     at short contexts and contends with its reads at long ones (H100: 9.1 -> 7.1 us per layer at 512
-    slots, 11.2 -> 12.6 at 1024). ``num_warps`` overrides the default (4 up to 8192 cache elements a
-    block, else 8); ``maxnreg`` caps the registers per thread (GPU only; for the benchmarks).
+    slots, 11.2 -> 12.6 at 1024). 4 warps up to 8192 cache elements a block, else 8. ``pdl``:
+    programmatic dependent launch where supported (launch.py).
     """
     B, H, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
@@ -170,7 +168,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
     if early is None:
         early = S <= EARLY_MAX_S
     early = early and slot is not None
-    n_split = max(1, min(n_split, max_split, S))
+    n_split = max(1, min(n_split, MAX_SPLIT, S))
     chunk = triton.cdiv(S, n_split)
     block_s = min(MAX_BLOCK_S, max(16, triton.next_power_of_2(chunk)))
     chunk = triton.cdiv(chunk, block_s) * block_s
@@ -185,7 +183,5 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
         D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
-        LIMIT=slot is not None and SKIP_FUTURE,
-        num_warps=num_warps or (4 if block_s * block_d <= 8192 else 8), **pdl_launch(q.device),
-        **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}))
+        LIMIT=slot is not None, num_warps=4 if block_s * block_d <= 8192 else 8, **pdl_launch(q.device, pdl))
     return X16(out) if x16 else out

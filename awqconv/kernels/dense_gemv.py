@@ -2,7 +2,7 @@
 
 cuBLAS runs Llama-2's [32000, 4096] fp16 lm_head for one row at ~2.6 TB/s (99.9 us on an H100);
 this kernel streams W in [BLOCK_N, BLOCK_K] row tiles, the next tile's loads issued before the
-current tile's arithmetic, at ~2.9 TB/s (90.4 us; benchmarks/gpu_lm_head.py, BENCHMARKS.md §2).
+current tile's arithmetic, at ~2.9 TB/s (90.4 us; docs/design.md).
 fp32 accumulation, one rounding of each output. In the programmatic-dependent-launch chain its
 first weight tile is read before it waits for the previous kernel (the final norm).
 """
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .launch import pdl_launch, pdl_start, pdl_wait
 
-BLOCK_N, BLOCK_K, NUM_WARPS = 2, 2048, 4  # H100 sweep (run CP): 90.4 us; 4 x 1024 90.8, 8 x 512 92.6
+BLOCK_N, BLOCK_K, NUM_WARPS = 2, 2048, 4  # H100 sweep: 90.4 us; 4 x 1024 90.8, 8 x 512 92.6
 
 
 @triton.jit
@@ -39,9 +39,9 @@ def dense_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr
     tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mn)
 
 
-def dense_gemv(x: Tensor, w: Tensor) -> Tensor:
+def dense_gemv(x: Tensor, w: Tensor, pdl: bool = True) -> Tensor:
     """``F.linear(x, w)`` for one row: ``x [..., K]`` holding K values, ``w [N, K]`` (last dim
-    contiguous, same dtype) -> ``[..., N]``."""
+    contiguous, same dtype) -> ``[..., N]``. ``pdl``: programmatic dependent launch where supported."""
     N, K = w.shape
     if x.numel() != K or x.shape[-1] != K or w.stride(1) != 1 or x.dtype != w.dtype:
         raise ValueError(f"dense_gemv: one row of {K} values in {w.dtype} and W [N, K] with contiguous rows")
@@ -49,5 +49,5 @@ def dense_gemv(x: Tensor, w: Tensor) -> Tensor:
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     dense_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](x, w, y, N, K, w.stride(0), BLOCK_N=BLOCK_N,
                                                    BLOCK_K=min(BLOCK_K, triton.next_power_of_2(K)),
-                                                   num_warps=NUM_WARPS, **pdl_launch(x.device))
+                                                   num_warps=NUM_WARPS, **pdl_launch(x.device, pdl))
     return y

@@ -1,6 +1,6 @@
 """The decode step's one-row GEMVs with the next elementwise step fused into their split-K merge.
 
-The GEMV is the plain one-row fp16x2 kernel (triton_w4) with every program parking its fp32 partial
+The GEMV is the plain one-row fp16x2 kernel (gemv_f16x2.py) with every program parking its fp32 partial
 sums (``plan_matmul(..., merge=False)``). Instead of the generic merge (``w4_merge_kernel``), one of
 the kernels below sums the partials in split order, adds the bias and rounds to the activations'
 dtype (the values the plain GEMV would store), then applies the next step:
@@ -26,13 +26,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .config import PTX, default_config
+from .gemv_f16x2 import x16_from_f32
 from .launch import pdl_launch, pdl_start, pdl_wait
 from .layout import KernelWeight
+from .ops import plan_matmul
 from .pending_norm import PendingNorm
-from .triton_w4 import _round_to, sum_parked, x16_from_f32
+from .triton_w4 import _round_to, sum_parked
 from .x16 import X16
 
-SILU_BLOCK = 128  # columns per program of the SiLU merge (128: +0.7 % decode against 256, run BS)
+SILU_BLOCK = 128  # columns per program of the SiLU merge (H100 decode: 0.7 % faster than 256)
 RESIDUAL_BLOCK = 256  # columns per program of the residual merge (and per parked sum of s^2)
 
 
@@ -160,24 +163,20 @@ def glu_shape_ok(splits: tuple[int, ...]) -> bool:
 def fits(kw: KernelWeight, x: Tensor | X16) -> bool:
     """Whether the fused kernels can take ``x``: one fp16 or bf16 (or ``X16``) row whose default
     kernel is the inline-PTX one-row GEMV."""
-    from .ops import _PTX, default_config
-
     x = x.t if isinstance(x, X16) else x
-    return x.shape[0] == 1 and default_config(1, kw, x.device, x.dtype).kind == "gemv_f16x2" and _PTX
+    return x.shape[0] == 1 and default_config(1, kw, x.device, x.dtype).kind == "gemv_f16x2" and PTX
 
 
-def _parked(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> tuple[Tensor, int, tuple, dict]:
+def _parked(x: Tensor | X16 | PendingNorm, kw: KernelWeight, pdl: bool) -> tuple[Tensor, int, tuple, dict]:
     """Run the one-row GEMV with its partials parked: (partials [split, N], split, the merge
     kernels' pending-norm arguments, their common launch keywords: bias, split, dtype, norm, PDL).
     A ``PendingNorm`` row runs the GEMV on its ``w * s``; the merge then applies its scale."""
-    from .ops import default_config, plan_matmul
-
     pend = x if isinstance(x, PendingNorm) else None
     x = pend.xw if pend is not None else x
     x16 = isinstance(x, X16)
     t = x.t if x16 else x
     cfg = default_config(1, kw, t.device, t.dtype)
-    plan = plan_matmul(t, kw, cfg, x16=x16, merge=False)
+    plan = plan_matmul(t, kw, cfg, x16=x16, merge=False, pdl=pdl)
     plan()
     split = plan.grid[2]
     adt = tl.bfloat16 if x16 or t.dtype == torch.bfloat16 else tl.float16
@@ -186,23 +185,24 @@ def _parked(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> tuple[Tensor, in
             (pend.sumsq, pend.sumsq.numel(), pend.s.shape[-1], pend.eps, 1.0 / pend.headroom))
     sq_p2 = 0 if pend is None else triton.next_power_of_2(pend.sumsq.numel())
     return ws, split, norm, dict(SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=kw.bias is not None, ADT=adt,
-                                 SQ_P2=sq_p2, **pdl_launch(t.device, cfg.pdl))
+                                 SQ_P2=sq_p2, **pdl_launch(t.device, pdl))
 
 
 def qkv_rope(x: Tensor | X16 | PendingNorm, kw: KernelWeight, cos: Tensor, sin: Tensor, k_cache: Tensor,
-             v_cache: Tensor, slot: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+             v_cache: Tensor, slot: Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = True) -> Tensor:
     """``x [1, K]`` through the fused QKV weight, then RoPE and the cache write: returns rotated q as
     ``[1, n_heads, 1, head_dim]`` and stores rotated k and v at ``slot`` (int64 [1], on the device) of
     ``k_cache, v_cache [1, n_kv, S, head_dim]``. ``cos, sin``: this token's ``[head_dim]`` (any view
     with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``
-    (an ``X16`` row: those of its bf16 row, q in bf16); a ``PendingNorm`` row is normalised here."""
+    (an ``X16`` row: those of its bf16 row, q in bf16); a ``PendingNorm`` row is normalised here.
+    ``pdl``: programmatic dependent launch where supported (launch.py)."""
     if not rope_shape_ok(kw.out_features, n_heads, n_kv, head_dim):
         raise ValueError(f"qkv_rope: {kw.out_features} outputs are not {n_heads} + 2 x {n_kv} heads of "
                          f"{head_dim}")
     xr = x.xw if isinstance(x, PendingNorm) else x
     dt = torch.bfloat16 if isinstance(xr, X16) else xr.dtype
     q = torch.empty(1, n_heads, 1, head_dim, dtype=dt, device=k_cache.device)
-    ws, split, norm, meta = _parked(x, kw)
+    ws, split, norm, meta = _parked(x, kw, pdl)
     rope_merge_kernel[(n_heads + 2 * n_kv,)](
         ws, kw.bias if kw.bias is not None else ws, *norm, cos, sin, q, k_cache, v_cache, slot, kw.out_features,
         split, n_heads, n_kv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
@@ -211,7 +211,7 @@ def qkv_rope(x: Tensor | X16 | PendingNorm, kw: KernelWeight, cos: Tensor, sin: 
     return q
 
 
-def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> Tensor | X16:
+def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight, pdl: bool = True) -> Tensor | X16:
     """``x [1, K]`` through the fused [gate; up] weight, then silu(gate) * up: ``[1, I]``. Same values
     as ``w4_matmul`` followed by ``norm_act.silu_mul``; for an ``X16`` row, an ``X16`` of them; a
     ``PendingNorm`` row is normalised here."""
@@ -222,7 +222,7 @@ def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> Tensor | X1
     x16 = isinstance(xr, X16)
     t = xr.t if x16 else xr
     act = torch.empty(1, inter, dtype=torch.float16 if x16 else t.dtype, device=t.device)
-    ws, split, norm, meta = _parked(x, kw)
+    ws, split, norm, meta = _parked(x, kw, pdl)
     block = SILU_BLOCK
     silu_merge_kernel[(triton.cdiv(inter, block),)](ws, kw.bias if kw.bias is not None else ws, *norm, act,
                                                     kw.out_features, split, inter, BLOCK=block, X16=x16,
@@ -231,7 +231,7 @@ def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight) -> Tensor | X1
 
 
 def residual_pending_norm(a: Tensor | X16, kw: KernelWeight, residual: Tensor, w: Tensor, eps: float,
-                          x16: bool = False, headroom: float = 1.0) -> tuple[Tensor, PendingNorm]:
+                          x16: bool = False, headroom: float = 1.0, pdl: bool = True) -> tuple[Tensor, PendingNorm]:
     """``a [1, K]`` through ``kw`` (an o or down projection) plus ``residual [1, N]``: returns (s, the
     RMSNorm of s with weight ``w`` left pending, pending_norm.py). s has the same bits as
     ``norm_act.add_rms_norm(residual, w4_matmul(a, kw), ...)``'s sum; ``x16`` (bf16): the pending
@@ -249,7 +249,7 @@ def residual_pending_norm(a: Tensor | X16, kw: KernelWeight, residual: Tensor, w
     s = torch.empty_like(residual)
     xw = torch.empty(1, N, dtype=torch.float16 if x16 else residual.dtype, device=residual.device)
     sumsq = torch.empty(triton.cdiv(N, block), dtype=torch.float32, device=residual.device)
-    ws, split, _, meta = _parked(a, kw)
+    ws, split, _, meta = _parked(a, kw, pdl)
     meta.pop("SQ_P2")
     residual_merge_kernel[(sumsq.numel(),)](ws, kw.bias if kw.bias is not None else ws, residual, w, s, xw, sumsq,
                                             N, split, headroom, BLOCK=block, X16=x16,

@@ -2,7 +2,7 @@
 
 On the GPU runtime they sit between the INT4 GEMVs; being Triton kernels they take part in the
 programmatic-dependent-launch chain (launch.py), so each one's launch overlaps the kernel before.
-Rounding follows the torch reference in runtime/model.py step for step: the residual sum is rounded
+Rounding follows the torch reference in runtime/layer_ops.py step for step: the residual sum is rounded
 to the activation dtype, the normalised row is rounded before the weight multiply, SiLU is rounded
 before the multiply by ``up``. With ``x16`` the normalised row (bf16) is written as an ``X16``
 (x16.py) for the one-row GEMV that reads it.
@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .gemv_f16x2 import x16_from_f32
 from .launch import pdl_launch, pdl_start, pdl_wait
-from .triton_w4 import x16_from_f32
 from .x16 import X16
 
 
@@ -77,28 +77,31 @@ def _normed(x2: Tensor, x16: bool) -> tuple[Tensor, dict]:
     return torch.empty(x2.shape, dtype=torch.float16 if x16 else x2.dtype, device=x2.device), {"X16": x16}
 
 
-def rms_norm(x: Tensor, w: Tensor, eps: float, x16: bool = False) -> Tensor | X16:
-    """``w * rmsnorm(x)`` over the last dim (the runtime's ``_rms_norm``); ``x16``: as an ``X16``."""
+def rms_norm(x: Tensor, w: Tensor, eps: float, x16: bool = False, pdl: bool = True) -> Tensor | X16:
+    """``w * rmsnorm(x)`` over the last dim (the runtime's ``layer_ops.rms_norm``); ``x16``: as an
+    ``X16``; ``pdl``: programmatic dependent launch where supported."""
     x2 = _rows(x)
     y, flag = _normed(x2, x16)
     H = x2.shape[1]
     rms_norm_kernel[(x2.shape[0],)](x2, x2, w, y, y, H, eps, HAS_RES=False, BLOCK=triton.next_power_of_2(H),
-                                    num_warps=_warps(H), **flag, **pdl_launch(x.device))
+                                    num_warps=_warps(H), **flag, **pdl_launch(x.device, pdl))
     return X16(y.view(x.shape)) if x16 else y.view(x.shape)
 
 
-def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False) -> tuple[Tensor, Tensor | X16]:
-    """``(x + r, w * rmsnorm(x + r))`` (the runtime's ``_add_rms_norm``); ``x16``: the second as an ``X16``."""
+def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False,
+                 pdl: bool = True) -> tuple[Tensor, Tensor | X16]:
+    """``(x + r, w * rmsnorm(x + r))`` (the runtime's ``layer_ops.add_rms_norm``); ``x16``: the
+    second as an ``X16``."""
     x2, r2 = _rows(x), _rows(r)
     s = torch.empty_like(x2)
     y, flag = _normed(x2, x16)
     H = x2.shape[1]
     rms_norm_kernel[(x2.shape[0],)](x2, r2, w, s, y, H, eps, HAS_RES=True, BLOCK=triton.next_power_of_2(H),
-                                    num_warps=_warps(H), **flag, **pdl_launch(x.device))
+                                    num_warps=_warps(H), **flag, **pdl_launch(x.device, pdl))
     return s.view(x.shape), (X16(y.view(x.shape)) if x16 else y.view(x.shape))
 
 
-def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+def silu_mul(g: Tensor, u: Tensor, pdl: bool = True) -> Tensor:
     """``silu(g) * u`` for ``g, u [..., N]`` whose rows may be strided (slices of one fused output)."""
     lead, N = g.shape[:-1], g.shape[-1]
     g2, u2 = g.reshape(-1, N), u.reshape(-1, N)
@@ -107,5 +110,5 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     y = torch.empty(g2.shape, dtype=g.dtype, device=g.device)
     block = 1024
     silu_mul_kernel[(triton.cdiv(N, block), g2.shape[0])](g2, u2, y, N, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                         num_warps=4, **pdl_launch(g.device))
+                                                         num_warps=4, **pdl_launch(g.device, pdl))
     return y.view(*lead, N)

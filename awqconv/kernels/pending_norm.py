@@ -2,7 +2,7 @@
 
 In a one-row decode step the residual add + RMSNorm between two projections needs a kernel of its
 own only for its row-wide sum of squares (H100, Llama-2-7B shape: the two per layer cost 3.7 us in
-the PDL chain, notes run BQ). RMSNorm scales a row by r = 1 / sqrt(mean(s^2) + eps), and the next
+the PDL chain). RMSNorm scales a row by r = 1 / sqrt(mean(s^2) + eps), and the next
 projection is linear: W (w * s * r) = r * W (w * s). So the merge kernel that finishes the
 projection before it (gemv_fused.residual_pending_norm) adds the residual, stores s and ``w * s`` (the
 next GEMV's input) and parks the sum of s^2 over its block of columns; the next GEMV's merge kernel
@@ -38,8 +38,8 @@ class PendingNorm:
     def x16(self) -> bool:
         return isinstance(self.xw, X16)
 
-    def normed(self) -> Tensor | X16:
+    def normed(self, pdl: bool = True) -> Tensor | X16:
         """The normalised row, as norm_act.rms_norm writes it (an X16 where ``xw`` is one)."""
         from .norm_act import rms_norm  # Triton import only where a GPU path runs
 
-        return rms_norm(self.s, self.w, self.eps, x16=self.x16)
+        return rms_norm(self.s, self.w, self.eps, x16=self.x16, pdl=pdl)

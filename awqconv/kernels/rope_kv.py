@@ -61,10 +61,10 @@ def rope_kv_kernel(q_src, k_src, v_src, cos_ptr, sin_ptr, q_out, kc_ptr, vc_ptr,
 
 
 def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                  slots: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+                  slots: Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = True) -> Tensor:
     """``q, k, v`` [B, T, heads * D] views of one fused QKV output; ``cos, sin`` [B, 1, T, D];
     caches [B, n_kv, S, D]; ``slots`` [T]. Writes k (rotated) and v at ``slots``; returns rotated
-    q as [B, H, T, D]."""
+    q as [B, H, T, D]. ``pdl``: programmatic dependent launch where supported."""
     B, T, _ = q.shape
     if k.stride()[:2] != q.stride()[:2] or v.stride()[:2] != q.stride()[:2] or q.stride(2) != 1:
         raise ValueError("rope_kv_write: q, k and v must be column slices of one [B, T, N] tensor")
@@ -75,5 +75,5 @@ def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_c
         T, n_heads, q.stride(0), q.stride(1), cos.stride(0), cos.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1, **pdl_launch(q.device))
+        HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1, **pdl_launch(q.device, pdl))
     return out

@@ -10,7 +10,7 @@ accepted token follows them renormalised over the nucleus exactly; the first rac
 probability >= top_p, and the most probable token is always accepted, so the loop ends.
 
 Against the sort-based torch path (runtime/generate.py) this is 2 launches per step instead of ~10,
-and a few passes over the logits instead of a full sort (BENCHMARKS.md §2).
+and a few passes over the logits instead of a full sort (docs/design.md).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def nucleus_sample(logits: Tensor, temperature: float, top_p: float, seeds: Tens
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     block = block or max(4, min(triton.next_power_of_2(V), 16384))
-    num_warps = num_warps or max(1, min(32, block // 512))  # H100: 16384 x 32 warps (run AX)
+    num_warps = num_warps or max(1, min(32, block // 512))  # H100 sweep: 16384 x 32 warps
     nucleus_sample_kernel[(B,)](logits, seeds, out, V, logits.stride(0), 1.0 / temperature, float(top_p),
                                 NUCLEUS=top_p < 1.0, BLOCK=block, num_warps=num_warps)
     return out

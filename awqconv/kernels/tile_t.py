@@ -9,9 +9,8 @@ the scale: 1.9 instructions per weight; the product is rounded once, so the oper
 dequantised weight), and joins the 8 values of each word along k, so the register tile reaches the
 MMA operand layout through 16-byte shared-memory stores. x^T [KC, BM] is the MMA's shared-memory
 operand and the fp32 accumulator runs over the whole K slice (no per-chunk rescale). Split-K
-partials merge as in triton_w4.py (``PARK``: by ``w4_merge_kernel``). The interpreter runs a
-plain-Triton emulation that yields the same operand bits. Measured alternatives and the profile:
-notes/gpu_notes.md, runs AC-AK.
+partials are parked (``PARK``) for ``w4_merge_kernel`` (triton_w4.py). The interpreter runs a
+plain-Triton emulation that yields the same operand bits.
 """
 
 from __future__ import annotations
@@ -103,7 +102,7 @@ def w4_tile_t_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                      PARK: tl.constexpr = False):
     """y = x W + b for M <= BLOCK_M rows (BLOCK_M >= 16), BLOCK_N columns and one K split per
     program; the chunks come through a cp.async ring of PREFETCH stages (1: none). (A one-chunk
-    register prefetch instead of the ring ran 119-126 against 85-87 us per layer: notes, runs AC-AD.)"""
+    register prefetch instead of the ring ran 119-126 against 85-87 us per 7B layer on the H100.)"""
     _pdl_start(USE_PDL)
     acc, pid_k, rm, rn = tile_t_slice(x_ptr, qw_ptr, s_ptr, z_ptr, M, N, K, K_SPLIT, stride_xm, BLOCK_M, BLOCK_N, KC,
                                       GROUP, PREFETCH, DOT_F32, USE_ASM, USE_PDL)

@@ -1,9 +1,9 @@
 """``X16``: bf16 activations carried between the decode step's kernels as fp16 ``x / 16``.
 
-The one-row fp16x2 GEMV (triton_w4.py) multiplies fp16 pairs, so a bf16 row enters it as fp16
+The one-row fp16x2 GEMV (gemv_f16x2.py) multiplies fp16 pairs, so a bf16 row enters it as fp16
 ``x / 16``: exact for 2^-10 <= |x| < 2^20 (fp16's 11 significant bits hold bf16's 8), rounded to
 nearest below. Converting inside the GEMV makes every program convert the same activations again
-(69 against 64 us per 7B layer on the H100, run AQ), so in a bf16 decode step the kernels that
+(69 against 64 us per 7B layer on the H100), so in a bf16 decode step the kernels that
 produce a GEMV's input (RMSNorm, decode attention, the gate/up + SiLU epilogue) can write it
 already converted. The wrapper keeps such a tensor from being read as fp16 activations: every
 consumer takes it explicitly, and ``bf16()`` gives the bf16 row back for the paths that cannot.

@@ -1,6 +1,6 @@
 """Integer grids: turn float weights into canonical integers, and fake-quantize for the search.
 
-AutoAWQ's min-max grid (awq_internals.md §1.8), asymmetric by default:
+AutoAWQ's min-max grid, asymmetric by default:
     s = max(max_g W - min_g W, 1e-5) / (2^b - 1),  z = clamp(-round(min_g W / s), 0, 2^b - 1),
     q = clamp(round(W / s) + z, 0, 2^b - 1)
 symmetric: s = max(|W|, 1e-5) / (2^(b-1) - 1), q = clamp(round(W / s), -2^(b-1), 2^(b-1) - 1) + 2^(b-1).

@@ -1,15 +1,15 @@
 """The activation-aware scale search and the clip search (pure tensor math, fp32).
 
-Scale search (awq_internals.md §1.5): for a mapping whose linears see activations with per-channel
+Scale search (as AutoAWQ computes it): for a mapping whose linears see activations with per-channel
 mean magnitude ``x`` and normalised weight magnitude ``w``, try
 ``s = x^a / (w^(1-a) + 1e-4)`` (duo scaling) or ``s = x^a`` for ``a`` on ``0, 1/n, ..., 1`` plus the
 identity ``s = 1``, normalise by ``sqrt(max(s) min(s))``, fake-quantize ``W * s`` and divide back,
 and keep the ``s`` whose output (of the parent module, or of the linears themselves) is closest to
 the float output. Because the identity is a candidate, the chosen ``s`` never does worse than
 plain round-to-nearest on the search data. Weights are snapshotted with explicit clones: AutoAWQ's
-``.cpu()`` "copy" aliases the live tensor on CPU and silently compounds every trial (§1.13).
+``.cpu()`` "copy" aliases the live tensor on CPU and silently compounds every trial.
 
-Clip search (§1.7): per (output row, group), shrink the clamp range from max|w| down to
+Clip search: per (output row, group), shrink the clamp range from max|w| down to
 ``(1 - max_shrink) * max|w|`` and keep the value minimising the group's output error on a sample
 of tokens.
 """

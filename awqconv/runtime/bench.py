@@ -26,7 +26,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..hfconfig import context_length
 from .generate import Generator, SamplingParams, padded_prefill_len
-from .lm import load_quantized
+from ..formats import read_artifact
 from .model import build_decoder
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def bench(path: str | Path, batch_sizes: Sequence[int] = (1,), prefill_lens: Seq
     batch_sizes = _check_lengths(batch_sizes, _FLAGS["batch_sizes"])
     prefill_lens = _check_lengths(prefill_lens, _FLAGS["prefill_lens"])
     decode_lens = _check_lengths(decode_lens, _FLAGS["decode_lens"])
-    qm, fmt = load_quantized(path)
+    qm, fmt = read_artifact(path)
     context = context_length(qm.hf_config)
     _check_context(prefill_lens, decode_lens, context)
     rows: list[dict[str, Any]] = []

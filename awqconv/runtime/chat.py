@@ -19,7 +19,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import InputError, UsageError
 from .generate import Generator, SamplingParams
-from .lm import load_quantized
+from ..formats import read_artifact
 from .model import build_decoder
 
 
@@ -85,7 +85,7 @@ def chat(path: str | Path, device: str | torch.device | None = None, max_new_tok
     device = resolve_device(device)  # a bad --device fails before the model loads
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: give at least 1")
-    qm, _ = load_quantized(path)
+    qm, _ = read_artifact(path)
     tok = load_tokenizer_from_assets(qm)
     if not getattr(tok, "chat_template", None):
         raise InputError(f"{path}: the tokenizer has no chat template; chat needs an instruct model's template")

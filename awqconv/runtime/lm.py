@@ -1,28 +1,21 @@
-"""Loading artifacts into the runtime, and a transformers-shaped wrapper for scoring.
+"""A transformers-shaped wrapper over the runtime Decoder, for scoring.
 
-``load_quantized(path)`` reads any artifact through the format registry (``read_artifact``: checksums,
-reader, validation) into a QuantizedModel. ``RuntimeLM`` wraps a Decoder so code written for
-transformers models (``model(input_ids=..., use_cache=False).logits``, e.g. ``evaluate.perplexity``)
-scores it: each call is one full-sequence prefill into a fresh cache.
+``RuntimeLM`` wraps a Decoder so code written for transformers models
+(``model(input_ids=..., use_cache=False).logits``, e.g. ``evaluate.perplexity``) scores it: each
+call is one full-sequence prefill into a fresh cache. Artifacts are read with
+``awqconv.formats.read_artifact`` (checksums, reader, validation), the one way to read one;
+``load_quantized`` is that same function under its former name, kept for callers not yet moved.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..model import QuantizedModel
+from ..formats import read_artifact as load_quantized  # noqa: F401 - former name of read_artifact
 from .model import Decoder
-
-
-def load_quantized(path: str | Path) -> tuple[QuantizedModel, str]:
-    """``(QuantizedModel, format name)`` of the artifact at ``path``, checked (see ``read_artifact``)."""
-    from ..formats import read_artifact
-
-    return read_artifact(Path(path))
 
 
 @dataclass

@@ -4,16 +4,14 @@ Built from a QuantizedModel only: q/k/v and gate/up are fused into one Int4Linea
 embeddings and lm_head come from ``qm.dense`` (HF state-dict keys). Caches are
 ``[B, n_kv, max_len, head_dim]``; a forward writes its T tokens at cache slots ``slot .. slot+T-1``
 (``slot`` a 0-d long tensor so the decode step can be captured in a CUDA graph). ``key_valid [B, max_len]``
-marks real (non-padding) slots; RoPE positions are per row (left-padded batches). A bf16 decode
-step on the GPU hands each one-row GEMV its input already as fp16 x / 16 (``X16``, kernels/x16.py).
-A one-row decode step on the GPU leaves the RMSNorm inside and between layers to the next
-projection's merge kernel (``PendingNorm``, kernels/pending_norm.py): no norm kernel of its own.
+marks real (non-padding) slots; RoPE positions are per row (left-padded batches). A one-token step
+runs each layer through the fused one-row chain (decode_chain.py); ``RuntimeOptions`` (options.py)
+choose the GPU paths, resolved per decoder into ``StepPaths`` (layer_ops.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UnsupportedArchitecture
+from .. import archs
+from ..errors import UsageError
 from ..kernels.linear import Int4Linear
 from ..kernels.pending_norm import PendingNorm
 from ..kernels.x16 import X16
 from ..model import QuantizedModel
+from . import decode_chain
+from .layer_ops import StepPaths, attention, rms_norm, rope_cache_write
+from .options import RuntimeOptions
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -46,17 +47,16 @@ class DecoderSpec:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> DecoderSpec:
-        arch = (cfg.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED:
-            raise UnsupportedArchitecture(
-                f"the built-in runtime does not run {arch}; supported: {', '.join(SUPPORTED)}")
+        """The decoder's shape from an HF config; the architecture's row in the registry (archs.py)
+        says whether the built-in runtime runs it (else UnsupportedArchitecture) and how its
+        activation and sliding window are configured."""
+        rt = archs.runtime_row(cfg).runtime
         h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-        sw = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
         return cls(hidden=h, n_layers=cfg["num_hidden_layers"], n_heads=nh,
                    n_kv=cfg.get("num_key_value_heads") or nh, head_dim=cfg.get("head_dim") or h // nh,
                    vocab=cfg["vocab_size"], eps=cfg.get("rms_norm_eps", 1e-6),
-                   act=cfg.get("hidden_act", "silu"), tie=bool(cfg.get("tie_word_embeddings", False)),
-                   sliding_window=sw)
+                   act=cfg.get(rt.act_key, "silu"), tie=bool(cfg.get("tie_word_embeddings", False)),
+                   sliding_window=rt.window(cfg))
 
 
 def rope_inv_freq(cfg: dict[str, Any]) -> tuple[Tensor, float]:
@@ -77,88 +77,6 @@ def rope_inv_freq(cfg: dict[str, Any]) -> tuple[Tensor, float]:
     return inv.float(), float(scale)
 
 
-def _rms_norm(x: Tensor, w: Tensor, eps: float, x16: bool = False) -> Tensor | X16:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = w * xf.to(x.dtype)
-    return X16.of(y) if x16 else y
-
-
-def _add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False) -> tuple[Tensor, Tensor | X16]:
-    x = x + r
-    return x, _rms_norm(x, w, eps, x16)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return x * cos + torch.cat((-x2, x1), -1) * sin
-
-
-def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _silu_mul(g: Tensor, u: Tensor) -> Tensor:
-    return F.silu(g) * u
-
-
-def _attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bool = False,
-               slot: Tensor | None = None) -> Tensor | X16:
-    """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
-    plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
-    heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
-    additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert it in three
-    small kernels per layer. ``x16``: the one-token output as an ``X16``. ``slot``: the one cache slot
-    this step wrote (the GPU kernel may then read the others before the previous kernel ends)."""
-    if q.shape[2] == 1 and q.is_cuda:
-        from ..kernels.decode_attention import (
-            decode_attention,  # Triton import only where a GPU path runs
-        )
-
-        return decode_attention(q, k, v, bias, slot=slot, x16=x16)
-    if x16:
-        return X16.of(_attention(q, k, v, bias, gqa))
-    if q.device.type != "cpu" or q.shape[2] != 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
-    B, H, T, D = q.shape
-    hk = k.shape[1]
-    qg = q.reshape(B, hk, H // hk * T, D)
-    sc = (qg @ k.transpose(-1, -2)) * (D ** -0.5)  # [B, hk, H/hk, S]
-    sc = (sc + bias).softmax(-1)  # bias [B, 1, 1, S] broadcasts
-    return (sc @ v).reshape(B, H, T, D)
-
-
-class _Fused:
-    """The small elementwise pieces of a layer: Triton kernels on a GPU (kernels/norm_act.py, one
-    launch each, in the GEMVs' programmatic-dependent-launch chain), plain torch on the CPU.
-    ``x16``: one-token steps pass bf16 GEMV inputs as ``X16`` (GPU with the inline-PTX GEMV only;
-    AWQCONV_X16=0 turns it off). ``pending_norm``: one-token steps leave the residual add + RMSNorm
-    after the o and down projections to the merge kernels (``Layer.add_norm``; GPU only,
-    AWQCONV_PENDING_NORM=0 turns it off). ``prologue``: one-token steps build their mask, RoPE rows
-    and embeddings in one kernel (kernels/decode_prologue.py; GPU only, AWQCONV_DECODE_PROLOGUE=0
-    turns it off). ``head_gemv``: one row's lm_head runs on the Triton GEMV (kernels/dense_gemv.py,
-    ~9 % faster than cuBLAS there; GPU only, AWQCONV_HEAD_GEMV=0 turns it off)."""
-
-    def __init__(self, gpu: bool, x16: bool = False, pending_norm: bool = True, prologue: bool = True,
-                 head_gemv: bool = True):
-        self.norm, self.add_norm, self.rope, self.silu_mul = _rms_norm, _add_rms_norm, _rope_qk, _silu_mul
-        self.x16 = self.pending_norm = self.prologue = self.head_gemv = False
-        if gpu:
-            from ..kernels import norm_act  # Triton import only where a GPU path runs
-            from ..kernels.ops import _PTX
-
-            self.norm, self.add_norm, self.silu_mul = norm_act.rms_norm, norm_act.add_rms_norm, norm_act.silu_mul
-            self.x16 = x16 and _PTX and _env_on("AWQCONV_X16")
-            self.pending_norm = pending_norm and _env_on("AWQCONV_PENDING_NORM")
-            self.prologue = prologue and _env_on("AWQCONV_DECODE_PROLOGUE")
-            self.head_gemv = head_gemv and _env_on("AWQCONV_HEAD_GEMV")
-
-
-def _env_on(name: str) -> bool:
-    return os.environ.get(name, "1") not in ("", "0")
-
-
 class RMSNorm(nn.Module):
     def __init__(self, w: Tensor, eps: float):
         super().__init__()
@@ -169,7 +87,7 @@ class RMSNorm(nn.Module):
         self.headroom = 2.0 ** -max(0, math.ceil(math.log2(max(w.abs().max().item(), 1.0))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Layer(nn.Module):
@@ -179,56 +97,43 @@ class Layer(nn.Module):
         self.qkv, self.o, self.gate_up, self.down, self.ln1, self.ln2 = qkv, o, gate_up, down, ln1, ln2
         self.spec = spec
         self.act = _ACTS[spec.act]
-        self.fused: _Fused | None = None  # set by Decoder
 
     def forward(self, x: Tensor, h: Tensor | X16 | PendingNorm, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
-                slots: Tensor, bias: Tensor, kv_len: int,
+                slots: Tensor, bias: Tensor, kv_len: int, paths: StepPaths,
                 nxt: RMSNorm | None = None) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
         """``x`` the residual stream, ``h = ln1(x)``; returns (new residual, ``nxt`` of it: the next
-        layer's ln1 input), or without ``nxt`` (new residual's last term, the down projection's output)."""
-        s, f = self.spec, self.fused
+        layer's ln1 input), or without ``nxt`` (new residual's last term, the down projection's output).
+        One token (B = T = 1) takes the fused one-row chain (decode_chain.py)."""
         B, T, _ = x.shape
-        one = B * T == 1
-        x16 = one and f.x16  # (then h is an X16 too)
-        # decode, one row: QKV, RoPE and the cache write in one kernel where it applies (gemv_fused.py)
-        q = self.qkv.rope_qkv(h, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim) if one else None
-        if q is None:
-            q, k, v = self.qkv.split(self.qkv(h))
-            if q.is_cuda:  # one Triton kernel: RoPE on q and k, k and v into the cache
-                from ..kernels.rope_kv import (
-                    rope_kv_write,  # Triton import only where a GPU path runs
-                )
+        if B * T == 1:
+            return decode_chain.layer_step(self, x, h, cos, sin, kc, vc, slots, bias, kv_len, paths, nxt)
+        s = self.spec
+        q = self.rope_cache(paths.linear(self.qkv, h), cos, sin, kc, vc, slots, paths)
+        a = attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, False, slots, paths.pdl)
+        a = a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)
+        x, h = paths.add_norm(x, paths.linear(self.o, a), self.ln2.weight, self.ln2.eps)
+        y = paths.linear(self.down, self.mlp_act(paths.linear(self.gate_up, h), paths))
+        return (x, y) if nxt is None else paths.add_norm(x, y, nxt.weight, nxt.eps)
 
-                q = rope_kv_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim)
-            else:
-                q = q.view(B, T, s.n_heads, s.head_dim).transpose(1, 2)
-                k = k.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-                v = v.view(B, T, s.n_kv, s.head_dim).transpose(1, 2)
-                q, k = f.rope(q, k, cos, sin)
-                kc.index_copy_(2, slots, k.to(kc.dtype))
-                vc.index_copy_(2, slots, v.to(vc.dtype))
-        a = _attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], bias, s.n_kv != s.n_heads, x16, slots)
-        a = a.view(B, T, -1) if x16 else a.transpose(1, 2).reshape(B, T, s.n_heads * s.head_dim)
-        x, h = self.add_norm(self.o, a, x, self.ln2, one, x16)
-        act = self.gate_up.silu_gate_up(h) if one and s.act == "silu" else None  # one kernel, as above
-        if act is None:
-            gate, up = self.gate_up.split(self.gate_up(h))
-            act = f.silu_mul(gate, up) if s.act == "silu" else self.act(gate) * up
-        return (x, self.down(act)) if nxt is None else self.add_norm(self.down, act, x, nxt, one, x16)
+    def rope_cache(self, qkv: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, slots: Tensor,
+                   paths: StepPaths) -> Tensor:
+        """The fused QKV output ``[B, T, N]``: RoPE on q and k, k and v into the cache at ``slots``;
+        returns q ``[B, H, T, D]``."""
+        s = self.spec
+        q, k, v = self.qkv.split(qkv)
+        return rope_cache_write(q, k, v, cos, sin, kc, vc, slots, s.n_heads, s.n_kv, s.head_dim, paths.pdl)
 
-    def add_norm(self, lin: Int4Linear, a: Tensor | X16, x: Tensor, norm: RMSNorm, one: bool,
-                 x16: bool) -> tuple[Tensor, Tensor | X16 | PendingNorm]:
-        """(s = x + lin(a), norm(s)); in a one-row GPU step the norm is left pending (PendingNorm)."""
-        f = self.fused
-        done = lin.residual_norm(a, x, norm.weight, norm.eps, x16, norm.headroom) if one and f.pending_norm else None
-        return done if done is not None else f.add_norm(x, lin(a), norm.weight, norm.eps, x16=x16)
+    def mlp_act(self, gate_up: Tensor, paths: StepPaths) -> Tensor:
+        """act(gate) * up of the fused [gate; up] output (SiLU: one kernel on a GPU)."""
+        gate, up = self.gate_up.split(gate_up)
+        return paths.silu_mul(gate, up) if self.spec.act == "silu" else self.act(gate) * up
 
 
 class Decoder(nn.Module):
     """The whole model; owns its KV cache once ``allocate_cache`` is called."""
 
     def __init__(self, spec: DecoderSpec, embed: Tensor, layers: list[Layer], norm: RMSNorm,
-                 lm_head: Tensor, inv_freq: Tensor, rope_scale: float):
+                 lm_head: Tensor, inv_freq: Tensor, rope_scale: float, options: RuntimeOptions | None = None):
         super().__init__()
         self.spec = spec
         self.embed = nn.Parameter(embed, requires_grad=False)
@@ -237,14 +142,20 @@ class Decoder(nn.Module):
         self.lm_head = nn.Parameter(lm_head, requires_grad=False) if lm_head is not embed else None
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scale = rope_scale
-        self.fused = _Fused(embed.device.type == "cuda", x16=embed.dtype == torch.bfloat16)
-        for layer in self.layers:
-            layer.fused = self.fused
+        self.set_options(RuntimeOptions() if options is None else options)
         self.k_cache: list[Tensor] = []
         self.v_cache: list[Tensor] = []
         self.key_valid: Tensor | None = None
         self.max_len = 0
         self.rope_table: tuple[Tensor, Tensor] | None = None  # cos, sin [max_len, head_dim] (allocate_cache)
+
+    def set_options(self, options: RuntimeOptions) -> None:
+        """Use ``options`` from the next forward on (a Generator captures its graphs with the options
+        of its first steps: make a new one after a change)."""
+        if not isinstance(options, RuntimeOptions):
+            raise UsageError(f"options must be a RuntimeOptions, got {type(options).__name__}")
+        self.options = options
+        self.paths = StepPaths.resolve(options, self.device.type == "cuda", self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -282,8 +193,8 @@ class Decoder(nn.Module):
         attention sees cache slots ``< kv_len`` that are valid and not in the future.
         """
         B, T = tokens.shape
-        s = self.spec
-        if T == 1 and valid is None and self.fused.prologue:  # one kernel, not a dozen small ones
+        s, p = self.spec, self.paths
+        if T == 1 and valid is None and p.prologue:  # one kernel, not a dozen small ones
             from ..kernels.decode_prologue import decode_prologue
 
             slots = slot.reshape(1)
@@ -291,19 +202,19 @@ class Decoder(nn.Module):
                                                 self.key_valid[:B], kv_len, s.sliding_window)
         else:
             slots, x, cos, sin, bias = self._step_inputs(tokens, positions, slot, kv_len, valid)
-        x16 = B * T == 1 and self.fused.x16  # the layers' GEMV inputs as X16 (Layer.forward)
-        h = self.fused.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
+        x16 = B * T == 1 and p.x16  # the layers' GEMV inputs as X16 (decode_chain.py)
+        h = p.norm(x, self.layers[0].ln1.weight, self.layers[0].ln1.eps, x16=x16)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else None
-            x, h = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len, nxt)
+            x, h = layer(x, h, cos, sin, self.k_cache[i][:B], self.v_cache[i][:B], slots, bias, kv_len, p, nxt)
         if last_only:  # h: the last down projection's output
             x, h = x[:, -1:], h[:, -1:]
-        _, x = self.fused.add_norm(x, h, self.norm.weight, self.norm.eps)
+        _, x = p.add_norm(x, h, self.norm.weight, self.norm.eps)
         head = self.embed if self.lm_head is None else self.lm_head
-        if self.fused.head_gemv and x.numel() == x.shape[-1] and x.dtype == head.dtype:
+        if p.head_gemv and x.numel() == x.shape[-1] and x.dtype == head.dtype:
             from ..kernels.dense_gemv import dense_gemv
 
-            return dense_gemv(x, head)
+            return dense_gemv(x, head, pdl=p.pdl)
         return F.linear(x, head)
 
     def _step_inputs(self, tokens: Tensor, positions: Tensor, slot: Tensor, kv_len: int,
@@ -329,11 +240,15 @@ class Decoder(nn.Module):
 
 
 def build_decoder(qm: QuantizedModel, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                  mode: str = "auto") -> Decoder:
+                  mode: str = "auto", options: RuntimeOptions | None = None) -> Decoder:
     """A Decoder on ``device``: fp32 on the CPU, the scales' dtype (fp16/bf16) on a GPU by default.
 
-    ``mode`` picks the linear implementation (``Int4Linear.from_packed``): auto, triton, dense, int4pack, dequant.
+    ``mode`` picks the linear implementation (``Int4Linear.from_packed``): auto, triton, dense, int4pack,
+    dequant. ``options``: the GPU decode paths (``RuntimeOptions``; default ``RuntimeOptions()``).
     """
+    options = RuntimeOptions() if options is None else options
+    if not isinstance(options, RuntimeOptions):
+        raise UsageError(f"options must be a RuntimeOptions, got {type(options).__name__}")
     device = torch.device(device)
     spec = DecoderSpec.from_hf(qm.hf_config)
     if dtype is None:
@@ -381,4 +296,4 @@ def build_decoder(qm: QuantizedModel, device: torch.device | str = "cpu", dtype:
         head = embed
     inv, scale = rope_inv_freq(qm.hf_config)
     return Decoder(spec, embed, layers, RMSNorm(dense("model.norm.weight"), spec.eps), head,
-                   inv.to(device), scale).eval()
+                   inv.to(device), scale, options).eval()

@@ -391,6 +391,7 @@ def _short_bench(gen, prompt: list[int], device: torch.device, new: int = 0) -> 
             "new_tokens": new}
 
 
-def _default_eval_text() -> str | None:
-    p = Path(__file__).resolve().parents[2] / "fixtures" / "eval_heldout.txt"
-    return p.read_text() if p.is_file() else None
+def _default_eval_text() -> str:
+    from ..evaluate import builtin_eval_text
+
+    return builtin_eval_text()

@@ -376,7 +376,7 @@ def _spm_tokenizer_assets() -> dict[str, bytes]:
     from tokenizers import Tokenizer, models, normalizers, trainers
 
     root = Path(__file__).resolve().parents[2]
-    lines = (root / "fixtures" / "eval_heldout.txt").read_text().splitlines()[:2000]
+    lines = (root / "awqconv" / "data" / "eval_heldout.txt").read_text().splitlines()[:2000]
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=1200, show_progress=False))

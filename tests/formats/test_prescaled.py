@@ -37,7 +37,7 @@ def _tensor_bytes(g: GGUFFile) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One RTN quantization of a tiny Llama per setting, with a same-run gguf:q4_0 target."""
-    from fixtures.tiny_models import tiny_model_dir
+    from tests.tiny_models import tiny_model_dir
 
     src = tiny_model_dir(TINY)
     root = tmp_path_factory.mktemp("prescaled")

@@ -10,7 +10,9 @@ import torch
 
 from awqconv.kernels.launch import pdl_launch, pdl_supported
 from awqconv.kernels.norm_act import add_rms_norm, rms_norm, silu_mul
-from awqconv.runtime.model import _add_rms_norm, _rms_norm, _silu_mul
+from awqconv.runtime.layer_ops import add_rms_norm as _add_rms_norm
+from awqconv.runtime.layer_ops import rms_norm as _rms_norm
+from awqconv.runtime.layer_ops import silu_mul as _silu_mul
 
 TOL = {torch.float16: 1e-3, torch.float32: 1e-5}
 
@@ -49,3 +51,15 @@ def test_silu_mul_on_fused_slices_matches_torch(dtype, lead, n):
 def test_pdl_is_off_on_the_cpu_and_under_the_interpreter():
     assert not pdl_supported(torch.device("cpu"))
     assert pdl_launch(torch.device("cpu")) == {} and pdl_launch(torch.device("cpu"), True) == {}
+
+
+def test_pdl_follows_its_argument_where_supported(monkeypatch):
+    """Where the GPU supports PDL, ``pdl`` (RuntimeOptions.pdl) decides: on by default, off when
+    asked, whatever the environment says."""
+    from awqconv.kernels import launch
+
+    monkeypatch.setattr(launch, "pdl_supported", lambda device: True)
+    monkeypatch.setenv("AWQCONV_PDL", "0")  # no longer read
+    dev = torch.device("cpu")
+    assert launch.pdl_launch(dev) == {"USE_PDL": True, "launch_pdl": True} == launch.pdl_launch(dev, True)
+    assert launch.pdl_launch(dev, False) == {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from awqconv.kernels.rope_kv import rope_kv_write
-from awqconv.runtime.model import _rope_qk
+from awqconv.runtime.layer_ops import rope_qk as _rope_qk
 
 
 @pytest.mark.parametrize("B,T,H,HKV,D", [(1, 1, 4, 2, 16), (2, 3, 4, 4, 8), (1, 5, 6, 2, 24)])

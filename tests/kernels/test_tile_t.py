@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from awqconv.errors import ShapeError
+from awqconv.kernels.config import KernelConfig
 from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.ops import KernelConfig, w4_matmul
+from awqconv.kernels.ops import w4_matmul
 from tests.kernels.kernel_checks import _check, _reference, _workspace_clean
 
 # (m, n, k, g, kc, block_n, split, ring stages): N not a multiple of the block, K = one group,
-# per-channel with a non-power-of-two group (576 = 9 x 64), two row tiles (m = 20), split-K 2-3
+# per-channel with a non-power-of-two group (576 = 9 x 64), two row tiles (m = 20), split-K 2-3,
+# the default's 3-stage ring
 CASES = [(1, 72, 256, 64, 64, 32, 1, 4), (5, 40, 64, 64, 64, 64, 1, 1), (16, 136, 256, 128, 32, 64, 3, 3),
          (9, 24, 576, 576, 64, 16, 2, 2), (20, 48, 128, 32, 16, 32, 0, 4), (3, 64, 384, 128, 128, 32, 2, 3)]
 

@@ -1,4 +1,6 @@
-"""Every Triton INT4 kernel, in the interpreter, against a float64 reference of (q - z) * s.
+"""Every Triton INT4 linear kernel the defaults use (the one-row fp16x2 GEMV, the fp32 CUDA-core
+GEMV, the split-K merge, the dequantise kernel; the transposed tile in test_tile_t.py), in the
+interpreter, against a float64 reference of (q - z) * s.
 
 Tolerances (written per test) come from the output dtype: the kernels accumulate in fp32 and round
 once on store, so ||y - ref|| / ||ref|| sits near the unit roundoff of the output (fp16 2^-11,
@@ -12,8 +14,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from awqconv.kernels.config import KernelConfig
 from awqconv.kernels.layout import KernelWeight
-from awqconv.kernels.ops import KernelConfig, dequantize, w4_matmul
+from awqconv.kernels.ops import dequantize, w4_matmul
 from awqconv.packed import PackedLinear
 from tests.kernels.kernel_checks import _check, _reference, _workspace_clean
 
@@ -35,28 +38,28 @@ def test_gemv_kernel(make_packed, n, k, g, m):
     assert _workspace_clean()
 
 
-@pytest.mark.parametrize("split,late", [(1, False), (2, True), (3, False), (1, True)])
-def test_gemv_split_k_variants_agree(make_packed, split, late):
-    """Each split count and reduction order gives the same function (TOL, fp16), tickets re-armed."""
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_gemv_split_k_variants_agree(make_packed, split):
+    """Each split count gives the same function (TOL, fp16), tickets re-armed."""
     p = make_packed(40, 384, 64, seed=11)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(1, 384).half()
-    y = w4_matmul(x, kw, KernelConfig("gemv", block_n=16, kc=32, split_k=split, late_reduce=late))
+    y = w4_matmul(x, kw, KernelConfig("gemv", block_n=16, kc=32, split_k=split))
     _check(y, _reference(x, p), torch.float16)
     assert _workspace_clean()
 
 
 @pytest.mark.parametrize("n,k,g", SHAPES)
-@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (1, 3), (0, 1), (3, 0), (2, 3)])
-def test_gemv_f16x2_kernel(make_packed, n, k, g, prefetch, split):
-    """fp16x2 decode GEMV (inline PTX on the GPU; its fp16-rounding emulation here), with and without
-    the next-chunk prefetch (1: registers, >= 2: shared-memory pipeline): each word's 8 products are
-    summed in fp16 (two 4-term lanes), the rest in fp32, so allow TOL fp16, as for the fp32 GEMV."""
-    p = make_packed(n, k, g, bias=prefetch == 1, seed=n + k)
+@pytest.mark.parametrize("split,bias", [(0, True), (2, False), (3, True), (1, False), (16, False)])
+def test_gemv_f16x2_kernel(make_packed, n, k, g, split, bias):
+    """fp16x2 decode GEMV (inline PTX on the GPU; its fp16-rounding emulation here), split-K parked
+    and merged or not (more splits than chunks included): each word's 8 products are summed in fp16
+    (two 4-term lanes), the rest in fp32, so allow TOL fp16, as for the fp32 GEMV."""
+    p = make_packed(n, k, g, bias=bias, seed=n + k)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(1, k).half()
     kc = min(64, k & -k, g & -g)
-    cfg = KernelConfig("gemv_f16x2", block_n=32, kc=kc, split_k=split, prefetch=prefetch)
+    cfg = KernelConfig("gemv_f16x2", block_n=32, kc=kc, split_k=split)
     _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
     assert _workspace_clean()
 
@@ -78,43 +81,17 @@ def test_gemv_f16x2_extreme_activations(make_packed, amp):
 
 
 @pytest.mark.parametrize("n,k,g", SHAPES)
-@pytest.mark.parametrize("m,bm,split,prefetch", [(2, 2, 0, 1), (3, 4, 2, 0), (8, 8, 1, 1), (13, 8, 0, 1),
-                                                 (16, 16, 3, 0), (4, 4, 2, 3), (3, 4, 0, 2)])
-def test_gemv_f16x2_rows_kernel(make_packed, n, k, g, m, bm, split, prefetch):
-    """Small-batch fp16x2 GEMV: one dequantisation per word shared by BLOCK_M rows (M not a multiple
-    of it: masked rows), split-K and prefetch variants; TOL fp16 as for the one-row kernel."""
-    p = make_packed(n, k, g, bias=m % 2 == 1, seed=n + k + m)
-    kw = KernelWeight.from_packed(p)
-    x = torch.randn(m, k).half()
-    kc = min(64, k & -k, g & -g)
-    cfg = KernelConfig("gemv_f16x2", block_m=bm, block_n=32, kc=kc, split_k=split, prefetch=prefetch)
-    _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
-    assert _workspace_clean()
-
-
-def test_gemv_f16x2_rows_strided_and_misaligned_inputs(make_packed):
-    """Row-strided and odd-offset views are read through an aligned copy, with the same result."""
-    p = make_packed(40, 128, 32, seed=4)
-    kw = KernelWeight.from_packed(p)
-    big = torch.randn(3, 300).half()
-    cfg = KernelConfig("gemv_f16x2", block_m=4, block_n=16, kc=32, split_k=2)
-    for x in (big[:, :128], big[:, 1:129]):
-        _check(w4_matmul(x, kw, cfg), _reference(x, p), torch.float16)
-        assert torch.equal(w4_matmul(x, kw, cfg), w4_matmul(x.contiguous(), kw, cfg))
-
-
-@pytest.mark.parametrize("n,k,g", SHAPES)
-@pytest.mark.parametrize("prefetch,split", [(1, 0), (0, 2), (3, 0)])
-def test_gemv_f16x2_bf16_activations(make_packed, n, k, g, prefetch, split):
+@pytest.mark.parametrize("split,bias", [(0, True), (2, False)])
+def test_gemv_f16x2_bf16_activations(make_packed, n, k, g, split, bias):
     """One bf16 row through the fp16x2 GEMV: x enters as fp16 x / 16 (exact), so the dot keeps fp16's
     precision and only the bf16 store rounds: TOL bf16 against the reference, and an error within
     1.25x the fp32 CUDA-core GEMV's (both are dominated by the one bf16 rounding; bf16 products
     would roughly double it)."""
-    p = make_packed(n, k, g, dtype=torch.bfloat16, bias=prefetch == 1, seed=n + k + 1)
+    p = make_packed(n, k, g, dtype=torch.bfloat16, bias=bias, seed=n + k + 1)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(1, k).bfloat16()
     kc = min(64, k & -k, g & -g)
-    y = w4_matmul(x, kw, KernelConfig("gemv_f16x2", block_n=32, kc=kc, split_k=split, prefetch=prefetch))
+    y = w4_matmul(x, kw, KernelConfig("gemv_f16x2", block_n=32, kc=kc, split_k=split))
     ref = _reference(x, p)
     _check(y, ref, torch.bfloat16)
     y32 = w4_matmul(x, kw, KernelConfig("gemv", block_n=32, kc=kc, split_k=split))
@@ -137,46 +114,28 @@ def test_gemv_f16x2_bf16_activations_beyond_fp16_range(make_packed, amp):
 
 def test_gemv_f16x2_refuses_other_inputs(make_packed):
     from awqconv.errors import ShapeError
+    from awqconv.kernels import ops
 
     kw = KernelWeight.from_packed(make_packed(16, 64, 32, seed=1))
     with pytest.raises(ShapeError, match="block_m=1"):
         w4_matmul(torch.randn(2, 64).half(), kw, KernelConfig("gemv_f16x2", block_n=16, kc=32))
-    with pytest.raises(ShapeError, match="fp16 activations"):  # the rows kernel: fp16 only
-        w4_matmul(torch.randn(2, 64).bfloat16(), kw, KernelConfig("gemv_f16x2", block_m=2, block_n=16, kc=32))
-    with pytest.raises(ShapeError, match="fp16 activations"):
+    with pytest.raises(ShapeError, match="one-row"):
+        w4_matmul(torch.randn(2, 64).half(), kw, KernelConfig("gemv_f16x2", block_m=2, block_n=16, kc=32))
+    with pytest.raises(ShapeError, match="fp16 or bf16 activations"):
         w4_matmul(torch.randn(1, 64), kw, KernelConfig("gemv_f16x2", block_n=16, kc=32))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,bm,split,expand", [(5, 16, 0, True), (16, 16, 2, False), (33, 32, 1, True),
-                                               (7, 16, 3, True)])
-def test_gemm_kernel(make_packed, dtype, m, bm, split, expand):
-    """Tensor-core tile kernel, split-K and not, both weight-load styles; TOL[dtype]."""
-    p = make_packed(72, 256, 64, dtype=dtype, bias=True, seed=m)
-    kw = KernelWeight.from_packed(p)
-    x = torch.randn(m, 256).to(dtype)
-    cfg = KernelConfig("gemm", block_m=bm, block_n=32, kc=32, split_k=split, expand=expand)
-    _check(w4_matmul(x, kw, cfg), _reference(x, p), dtype)
-    assert _workspace_clean()
-
-
-def test_gemm_per_channel_odd_group(make_packed):
-    """K = 576 with one group per row (chunks of 64); TOL fp16."""
-    p = make_packed(40, 576, 576, seed=5)
-    kw = KernelWeight.from_packed(p)
-    x = torch.randn(7, 576).half()
-    y = w4_matmul(x, kw, KernelConfig("gemm", block_m=16, block_n=16, kc=64, split_k=3))
-    _check(y, _reference(x, p), torch.float16)
+    with pytest.raises(ShapeError, match="dequant"):  # dequantise + matmul is w4_matmul's, not a tile launch
+        ops.plan_matmul(torch.randn(300, 64).half(), kw, KernelConfig("dequant", block_n=256, kc=32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k,g", [(72, 256, 64), (24, 96, 24), (40, 576, 576)])
-@pytest.mark.parametrize("kc,bn,expand", [(32, 128, True), (8, 32, True), (64, 64, True), (32, 128, False)])
-def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g, kc, bn, expand):
-    """Dequantise kernel, both load styles (expand only where kc divides the group; else the gather
-    form runs): tolerance zero, equal to PackedLinear.dequantize(dtype) bit for bit."""
+@pytest.mark.parametrize("kc,bn", [(32, 256), (32, 128), (8, 32), (64, 64)])
+def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g, kc, bn):
+    """Dequantise kernel (the default tile, kc 32 x 256, and others), both load styles (each word
+    once where kc divides the group, g = 24 with kc 32 or 64 the per-element gather): tolerance
+    zero, equal to PackedLinear.dequantize(dtype) bit for bit."""
     p = make_packed(n, k, g, dtype=dtype, seed=n)
-    cfg = KernelConfig("dequant", block_n=bn, kc=kc, expand=expand)
+    cfg = KernelConfig("dequant", block_n=bn, kc=kc)
     w = dequantize(KernelWeight.from_packed(p), dtype, config=cfg)
     assert torch.equal(w, p.dequantize(dtype).t())
 
@@ -188,10 +147,10 @@ def test_dequant_kernel_is_bit_exact(make_packed, dtype, n, k, g, kc, bn, expand
     (20, KernelConfig("tile_t", block_m=16, block_n=64, kc=64, split_k=2, prefetch=1)),
 ])
 @pytest.mark.parametrize("bias", [False, True])
-def test_parked_split_k_merge_equals_the_ticket_merge(make_packed, m, cfg, bias):
-    """Split-K partials summed by w4_merge_kernel (``park``, the default for the one-row GEMV and
-    tile_t) give the bits of the last-program (ticket) merge; tolerance zero. Both leave the
-    tickets at zero."""
+def test_parked_split_k_merge_sums_the_partials_in_split_order(make_packed, m, cfg, bias):
+    """Split-K partials of the one-row GEMV and tile_t are parked and summed by w4_merge_kernel:
+    the output is bit for bit the fp32 sum of the parked partials in split order, plus the bias,
+    rounded once (tolerance zero), and within TOL of the reference; deterministic; tickets unused."""
     from awqconv.kernels import ops
     from awqconv.kernels.workspace import WORKSPACE
 
@@ -199,9 +158,17 @@ def test_parked_split_k_merge_equals_the_ticket_merge(make_packed, m, cfg, bias)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(m, 256).half()
     plan = ops.plan_matmul(x, kw, cfg)
-    assert plan.grid[2] > 1 and plan.then is not None and plan.meta["PARK"]
+    split = plan.grid[2]
+    assert split > 1 and plan.then is not None and plan.meta["PARK"]
     y = plan()
-    assert torch.equal(y, w4_matmul(x, kw, replace(cfg, park=False)))
+    parts = plan.partials[: split * m * 200].view(split, m, 200)
+    want = torch.zeros(m, 200)
+    for part in parts:  # the merge kernel's order: split 0 first
+        want += part
+    if bias:
+        want += p.bias.float()
+    assert torch.equal(y, want.half())
+    assert torch.equal(y, ops.plan_matmul(x, kw, cfg)())
     _check(y, _reference(x, p), torch.float16)
     assert not WORKSPACE.cnt[torch.device("cpu")].any()
     assert ops.plan_matmul(x, kw, replace(cfg, split_k=1)).then is None  # nothing to merge
@@ -211,45 +178,61 @@ def test_parked_split_k_merge_equals_the_ticket_merge(make_packed, m, cfg, bias)
 def test_default_dispatch(make_packed, m):
     """The default config of every M bucket (fp16x2 GEMV, transposed tile at BM 16/64/128, dequant +
     matmul), and bf16's; TOL fp16."""
-    from awqconv.kernels import ops
+    from awqconv.kernels import config
 
     p = make_packed(48, 128, 32, bias=True, seed=m)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(m, 128).half()
-    cfg = ops.default_config(m, kw, x.device)
-    assert cfg.kind == ("gemv_f16x2" if m == 1 else "tile_t" if m < ops.DEQUANT_MIN_M else "dequant")
-    assert ops.default_config(m, kw, x.device, torch.bfloat16).kind == cfg.kind  # bf16 takes the same kernels
+    cfg = config.default_config(m, kw, x.device)
+    assert cfg.kind == ("gemv_f16x2" if m == 1 else "tile_t" if m < config.DEQUANT_MIN_M else "dequant")
+    assert config.default_config(m, kw, x.device, torch.bfloat16).kind == cfg.kind  # bf16 takes the same kernels
     _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
+
+
+@pytest.mark.parametrize("m,threshold,kind", [(1, 2, "gemv_f16x2"), (4, 4, "dequant"), (4, 5, "tile_t"),
+                                              (300, 257, "dequant"), (300, 301, "tile_t")])
+def test_dequant_threshold_is_an_argument(make_packed, m, threshold, kind):
+    """``dequant_min_m`` (RuntimeOptions.dequant_min_m) reaches the dispatch: from that many rows
+    dequantise + matmul, below it the tile; one row is always the GEMV. Same function either way."""
+    from awqconv.kernels import config
+
+    p = make_packed(48, 128, 32, bias=True, seed=m)
+    kw = KernelWeight.from_packed(p)
+    x = torch.randn(m, 128).half()
+    assert config.default_config(m, kw, x.device, dequant_min_m=threshold).kind == kind
+    default = config.default_config(m, kw, x.device).kind
+    assert default == ("gemv_f16x2" if m == 1 else "tile_t" if m < 257 else "dequant")
+    _check(w4_matmul(x, kw, dequant_min_m=threshold), _reference(x, p), torch.float16)
 
 
 @pytest.mark.parametrize("k,n", [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (576, 72), (64, 40)])
 def test_one_row_default_is_one_resident_wave(monkeypatch, k, n):
     """The one-row GEMV's default grid (Llama-2-7B shapes and small ones, 132 SMs) never exceeds 16
     programs per SM, and its register cap lets 16 of its 2-warp programs share an SM's 64K registers:
-    the whole grid is resident at once (runs BY-CA)."""
+    the whole grid is resident at once."""
     from types import SimpleNamespace
 
-    from awqconv.kernels import ops
+    from awqconv.kernels import config
 
-    monkeypatch.setattr(ops, "_n_sm", lambda device: 132)
+    monkeypatch.setattr(config, "_n_sm", lambda device: 132)
     kw = SimpleNamespace(out_features=n, in_features=k, group_size=128 if k % 128 == 0 else 64)
-    cfg = ops.default_config(1, kw, torch.device("cpu"))
+    cfg = config.default_config(1, kw, torch.device("cpu"))
     tiles = -(-n // cfg.block_n)
-    split, k_split = ops._split_for(cfg, tiles, k, torch.device("cpu"))
+    split, k_split = config.split_for(cfg, tiles, k, torch.device("cpu"))
     assert cfg.kind == "gemv_f16x2" and split * k_split >= k and (split - 1) * k_split < k
-    assert tiles * split <= ops.ONE_WAVE_PROGRAMS * 132
-    assert ops.ONE_WAVE_PROGRAMS * cfg.num_warps * 32 * cfg.maxnreg <= 65536
+    assert tiles * split <= config.ONE_WAVE_PROGRAMS * 132
+    assert config.ONE_WAVE_PROGRAMS * cfg.num_warps * 32 * cfg.maxnreg <= 65536
 
 
 def test_small_groups_stay_on_cuda_cores(make_packed):
     """Groups of 8 are below a tensor-core K tile: every M under DEQUANT_MIN_M takes the CUDA-core
     GEMV (several row blocks at M = 20); TOL fp16."""
-    from awqconv.kernels import ops
+    from awqconv.kernels import config
 
     p = make_packed(24, 64, 8, seed=4)
     kw = KernelWeight.from_packed(p)
     x = torch.randn(20, 64).half()
-    assert ops.default_config(20, kw, x.device).kind == "gemv"
+    assert config.default_config(20, kw, x.device).kind == "gemv"
     _check(w4_matmul(x, kw), _reference(x, p), torch.float16)
 
 

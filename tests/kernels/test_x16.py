@@ -13,11 +13,14 @@ import torch
 from awqconv.errors import ShapeError
 from awqconv.kernels.decode_attention import decode_attention
 from awqconv.kernels.gemv_fused import gate_up_silu, qkv_rope
+from awqconv.kernels.config import KernelConfig
 from awqconv.kernels.layout import KernelWeight
 from awqconv.kernels.linear import Int4Linear
 from awqconv.kernels.norm_act import add_rms_norm, rms_norm
-from awqconv.kernels.ops import KernelConfig, w4_matmul
+from awqconv.kernels.ops import w4_matmul
 from awqconv.kernels.x16 import X16
+from awqconv.runtime.decode_chain import project
+from awqconv.runtime.layer_ops import StepPaths
 
 BF = torch.bfloat16
 
@@ -45,18 +48,19 @@ def test_one_row_gemv_takes_x16(make_packed, n, k, g, bias):
     x = torch.randn(1, k).to(BF)
     y = w4_matmul(X16.of(x), kw)
     assert y.dtype == BF and torch.equal(y, w4_matmul(x, kw))
-    lin = Int4Linear(kw, None, (n,), k)
-    assert torch.equal(lin(X16.of(x.view(1, 1, k))), y.view(1, 1, n))
+    lin = Int4Linear(kw, None, (n,), k)  # the decode chain hands an X16 row to the GEMV as it is
+    assert torch.equal(project(lin, X16.of(x.view(1, 1, k)), StepPaths()), y.view(1, 1, n))
     with pytest.raises(ShapeError, match="one-row"):
         w4_matmul(X16.of(x), kw, KernelConfig("tile_t", block_m=16, block_n=64, kc=64))
 
 
 def test_linear_without_kernel_weights_takes_x16_back_to_bf16(make_packed):
-    """A linear on dense weights (no kernel layout) reads an X16 row as its bf16 values."""
+    """In the decode chain a linear on dense weights (no kernel layout) reads an X16 row as its
+    bf16 values."""
     p = make_packed(48, 64, 32, dtype=BF, seed=3)
     lin = Int4Linear.from_packed([p], "cpu", BF, mode="dense")
     x = torch.randn(1, 1, 64).to(BF)
-    assert torch.equal(lin(X16.of(x)), lin(x))
+    assert torch.equal(project(lin, X16.of(x), StepPaths()), lin(x))
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -98,7 +98,7 @@ def test_builtin_corpus_fills_128_blocks_of_512() -> None:
 
 
 def test_builtin_corpus_is_disjoint_from_the_heldout_text() -> None:
-    heldout = (Path(__file__).resolve().parents[2] / "fixtures" / "eval_heldout.txt").read_text()
+    heldout = (Path(__file__).resolve().parents[2] / "awqconv" / "data" / "eval_heldout.txt").read_text()
     calib = set(load_calibration_texts("builtin"))
     held = {p.strip() for p in heldout.split("\n\n") if p.strip()}
     assert len(held) > 200 and not calib & held

@@ -11,7 +11,7 @@ from awqconv.errors import UnsupportedArchitecture
 from awqconv.quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
 from awqconv.quant.search import apply_scale
 from awqconv.sources import load_hf_config
-from fixtures.tiny_models import tiny_model_dir
+from tests.tiny_models import tiny_model_dir
 
 ARCHS = archs.names()
 

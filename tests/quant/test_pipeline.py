@@ -13,7 +13,7 @@ from awqconv.quant.grid import IntGrid
 from awqconv.quant.mappings import ARCHITECTURES
 from awqconv.quant.pipeline import quantize_model
 from awqconv.sources import load_hf_config
-from fixtures.tiny_models import tiny_model_dir
+from tests.tiny_models import tiny_model_dir
 
 CALIB = dict(calib_samples=8, calib_seq_len=128, search_tokens=512, clip_n_tokens=128, group_size=32)
 
@@ -31,7 +31,7 @@ def _blocks(path, n: int, seq: int) -> torch.Tensor:
 
 def _heldout_ids(path, n: int = 4, seq: int = 128) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(path)
-    text = open("fixtures/eval_heldout.txt", encoding="utf-8").read()[:60000]
+    text = open("awqconv/data/eval_heldout.txt", encoding="utf-8").read()[:60000]
     return build_blocks([text], tok, n, seq).ids
 
 

@@ -15,7 +15,7 @@ def artifact(tmp_path_factory):
     from awqconv.model import QuantizedModel
     from awqconv.quant.grid import IntGrid
     from awqconv.sources import collect_assets, load_hf_config
-    from fixtures.tiny_models import tiny_model_dir
+    from tests.tiny_models import tiny_model_dir
 
     try:
         src = tiny_model_dir("LlamaForCausalLM")

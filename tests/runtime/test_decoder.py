@@ -19,7 +19,9 @@ from awqconv.quant.grid import IntGrid
 from awqconv.reference import reference_model
 from awqconv.runtime.generate import Generator, SamplingParams
 from awqconv.runtime.lm import RuntimeLM
-from awqconv.runtime.model import _Fused, build_decoder
+from awqconv.runtime.layer_ops import StepPaths
+from awqconv.runtime.model import build_decoder
+from awqconv.runtime.options import RuntimeOptions
 
 PROMPTS = [[1, 5, 9, 33, 2, 7], [7, 8], [100, 3, 4, 5, 6, 7, 8, 9, 10]]
 
@@ -154,17 +156,27 @@ def test_runtime_lm_perplexity_equals_reference(tiny_qm):
     assert abs(got - want) / want < 1e-5
 
 
+def _gpu_paths(dec, **options) -> None:
+    """Put ``dec`` (built on the CPU) on its GPU code paths, resolved from ``RuntimeOptions(**options)``
+    (x16 off unless given), so that the interpreter runs them."""
+    dec.paths = StepPaths.resolve(RuntimeOptions(**{"x16": False, **options}), True, dec.dtype)
+
+
 @pytest.mark.parametrize("gpu_elementwise", [False, True])
-def test_triton_path_in_interpreter(tiny_qm, gpu_elementwise):
+def test_triton_path_in_interpreter(tiny_qm, gpu_elementwise, monkeypatch):
     """The GPU code path (fused Triton INT4 linears, fp16 activations) on the CPU interpreter; with
     ``gpu_elementwise`` also the GPU's Triton RMSNorm / SiLU-mul kernels in place of the torch ones."""
+    from awqconv.kernels import norm_act
+
     dec = build_decoder(tiny_qm, "cpu", dtype=torch.float16, mode="triton")
     assert dec.layers[0].qkv.kw is not None and dec.layers[0].qkv.kw.splits == (64, 32, 32)
+    assert not dec.paths.triton  # a CPU decoder: torch elementwise steps
+    calls = []
+    real = norm_act.add_rms_norm
+    monkeypatch.setattr(norm_act, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     if gpu_elementwise:
-        dec.fused = _Fused(gpu=True)
-        for layer in dec.layers:
-            layer.fused = dec.fused
-        assert dec.fused.add_norm.__module__ == "awqconv.kernels.norm_act"
+        _gpu_paths(dec)
+        assert dec.paths.triton
     ref = reference_model(tiny_qm)
     dec.allocate_cache(1, 32)
     ids = torch.tensor([PROMPTS[0]])
@@ -173,6 +185,7 @@ def test_triton_path_in_interpreter(tiny_qm, gpu_elementwise):
         want = ref(ids).logits
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8
+    assert len(calls) == (2 * tiny_qm.hf_config["num_hidden_layers"] if gpu_elementwise else 0)
 
 
 def test_fused_qkv_rope_decode_step_in_interpreter(make_tiny_llama_qm, monkeypatch):
@@ -211,13 +224,12 @@ def _kind(x) -> str:
     return "x16" if isinstance(x, X16) else "tensor"
 
 
-def _decode_step(qm, dtype, ids, seen: list, **fused):
+def _decode_step(qm, dtype, ids, seen: list, **options):
     """The last token of ``ids`` as a decode step after an unfused prefill, on the GPU code path
-    (interpreter) with ``_Fused(gpu=True, **fused)``: its logits (``seen`` emptied before the step)."""
+    (interpreter) with ``RuntimeOptions(**options)`` (x16 off unless given): its logits (``seen``
+    emptied before the step)."""
     dec = build_decoder(qm, "cpu", dtype=dtype, mode="triton")
-    dec.fused = _Fused(gpu=True, **fused)
-    for layer in dec.layers:
-        layer.fused = dec.fused
+    _gpu_paths(dec, **options)
     T = ids.shape[1]
     dec.allocate_cache(1, 16)
     with torch.no_grad():
@@ -295,7 +307,7 @@ def test_decode_step_prologue_kernel(make_tiny_llama_qm, monkeypatch, dtype):
     monkeypatch.setattr(mod, "decode_prologue", lambda *a, **k: calls.append(1) or real(*a, **k))
     qm = make_tiny_llama_qm(head_dim=64, scale_dtype=dtype)
     ids = torch.tensor([PROMPTS[2]])  # a prefill of several tokens, then the step
-    logits = {p: _decode_step(qm, dtype, ids, [], prologue=p) for p in (False, True)}
+    logits = {p: _decode_step(qm, dtype, ids, [], decode_prologue=p) for p in (False, True)}
     assert len(calls) == 1
     assert torch.equal(logits[True], logits[False])
 
