@@ -182,8 +182,13 @@ def _write_smollm2(gguf: Path, out: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ImportError, ValueError) as e:  # transformers names a missing package (accelerate, gguf) this way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot read {gguf.name} with transformers ({first}); reinstall awqconv "
+                         "(`bash scripts/install.sh`) so its dependencies are present") from None
     model.eval()
     check_finite(model)
     # The weights are plain float tensors now; drop the GGUF quantizer so save_pretrained accepts them.

@@ -25,7 +25,7 @@ from ..errors import (
     InputError,
     UnsupportedArchitecture,
 )
-from ..formats.integrity import MANIFEST
+from ..formats.integrity import MANIFEST, artifact_dir
 from ..hfconfig import context_length
 from ..model import QuantizedModel
 from ..outdir import read_marker
@@ -111,7 +111,12 @@ def find_artifacts(path: Path) -> list[tuple[str, Path, str | None]]:
 
     path = require_path(path)
     if not path.is_dir() or _looks_like_artifact(path):
-        return [(path.name or str(path), path, _safe_detect(path))]
+        fmt = _safe_detect(path)
+        if fmt is None and not (artifact_dir(path) / MANIFEST).is_file():
+            from ..formats import read_artifact
+
+            read_artifact(path)  # not awqconv's and unreadable: its error, and no report written there
+        return [(path.name or str(path), path, fmt)]
     found = []
     for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if _looks_like_artifact(sub):

@@ -137,8 +137,10 @@ def test_seeded_gpu_sampling(case) -> None:
     narrow = SamplingParams(max_new_tokens=NEW, temperature=0.8, top_p=1e-6, seed=7)
     got = gen.generate(PROMPTS[:1], narrow).tokens[0]
     i = next((j for j, (a, b) in enumerate(zip(got, greedy)) if a != b), None)
-    if i is not None:  # only an exact tie of the runtime's own top two logits may keep both in the nucleus
-        gen.generate([PROMPTS[0] + greedy[:i]], SamplingParams(max_new_tokens=1))
+    if i is not None:  # only a tie of the runtime's own top two logits may keep both in the nucleus:
+        # re-scored here by a prefill, they may differ by one step of the logits' dtype (a bf16
+        # step is up to 2^-7 of the value)
         logits, _, _ = gen.prefill([PROMPTS[0] + greedy[:i]])
         top2 = logits[0].float().topk(2)
-        assert top2.values[0] == top2.values[1] and {got[i], greedy[i]} <= set(top2.indices.tolist()), i
+        assert {got[i], greedy[i]} == set(top2.indices.tolist()), i
+        assert (top2.values[0] - top2.values[1]) <= top2.values[0].abs() * 2.0 ** -7, (i, top2.values.tolist())
