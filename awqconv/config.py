@@ -44,19 +44,19 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.w_bit <= 8:
-            raise UsageError(f"w_bit={self.w_bit} is not supported; use 2..8 (4 for AWQ runtimes)")
+            raise UsageError(f"w_bit={self.w_bit} (--w-bit) is not supported; use 2..8 (4 for AWQ runtimes)")
         if self.group_size != -1 and self.group_size <= 0:
-            raise UsageError(f"group_size={self.group_size} is invalid; use 32, 64, 128 or -1")
+            raise UsageError(f"group_size={self.group_size} (-g/--group-size) is invalid; use 32, 64, 128 or -1")
         if self.method not in METHODS:
             raise UsageError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if self.scale_dtype not in (None, "float16", "bfloat16"):
             raise UsageError(f"scale_dtype={self.scale_dtype!r}: use float16 or bfloat16")
         if self.n_grid < 2 or self.clip_n_grid < 2:
-            raise UsageError("n_grid and clip_n_grid must be at least 2")
+            raise UsageError("n_grid (--n-grid) and clip_n_grid must be at least 2")
         if not 0.0 <= self.clip_max_shrink < 1.0:
             raise UsageError("clip_max_shrink must lie in [0, 1)")
         if self.calib_samples <= 0 or self.calib_seq_len <= 0:
-            raise UsageError("calib_samples and calib_seq_len must be positive")
+            raise UsageError("calib_samples and calib_seq_len (--calib-samples, --calib-seq-len) must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
