@@ -227,7 +227,7 @@ def test_dry_run_checks_the_calibration_data(tiny: Path, tmp_path: Path) -> None
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
     r = _run("quantize", str(tiny), "-o", str(tmp_path / "out"), "-g", "32", "--calib", str(short), "--dry-run")
-    assert r.exit_code == 1 and "short.txt" not in "" and "calib" in _one_error_line(r).lower()
+    assert r.exit_code == 1 and "calib" in _one_error_line(r).lower()
     r = _run("quantize", str(tiny), "-o", str(tmp_path / "out"), "-g", "32", "--calib", str(tmp_path / "nope.txt"),
              "--dry-run")
     assert r.exit_code == 1 and "does not exist" in _one_error_line(r)
