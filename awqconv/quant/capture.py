@@ -5,7 +5,10 @@ calibration blocks, the hidden states and the keyword arguments the model passes
 (rotary embeddings, masks), so every layer can be run on its own afterwards (AutoAWQ's "Catcher").
 ``ActivationRecorder`` hooks modules inside one layer: it accumulates the mean absolute input
 per channel over every token, and keeps the raw inputs (and call kwargs) of the first chunks,
-the search subset, for the loss.
+the search subset, for the loss. For modules in ``gram`` (a linear scored on its own output) it
+instead accumulates the Gram matrix ``X^T X`` over every token: the squared output error of any
+weight change ``D`` is then ``sum((D @ G) * D)``, all tokens at the cost of one ``[out, in, in]``
+product per candidate.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Recorded:
     abs_sum: Tensor | None = None
     count: int = 0
     inputs: list[Tensor] = field(default_factory=list)  # search-subset inputs, one per chunk
+    gram: Tensor | None = None  # X^T X over every token (modules scored through it)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     as_kw: bool = False
 
@@ -110,8 +114,9 @@ class Recorded:
 class ActivationRecorder:
     """Forward pre-hooks on named modules of one layer (see module docstring)."""
 
-    def __init__(self, layer: nn.Module, paths: list[str]):
+    def __init__(self, layer: nn.Module, paths: list[str], gram: frozenset[str] = frozenset()):
         self.records: dict[str, Recorded] = {p: Recorded() for p in paths}
+        self.gram = gram
         self.keep = False
         self._handles = []
         modules = dict(layer.named_modules())
@@ -132,7 +137,10 @@ class ActivationRecorder:
             s = flat.abs().sum(0)
             rec.abs_sum = s if rec.abs_sum is None else rec.abs_sum + s
             rec.count += flat.shape[0]
-            if self.keep:
+            if path in self.gram:
+                g = flat.T @ flat
+                rec.gram = g if rec.gram is None else rec.gram + g
+            elif self.keep:
                 rec.inputs.append(x.detach())
                 rec.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
 

@@ -3,8 +3,11 @@
 Only one decoder layer is resident on the compute device (CUDA when present, else CPU) and it is
 upcast to fp32 there, so the search and its losses cannot overflow in fp16 and bf16 models work.
 The next layer is calibrated on this layer's *float* outputs (as AutoAWQ and llm-awq do).
-Activation statistics (x_mean) use every calibration token; the search losses use the first
-``search_tokens`` tokens (the search subset) to keep CPU runs in minutes.
+Activation statistics (x_mean) use every calibration token. A mapping scored on its linears alone
+(v->o, up->down) scores every token too, through the Gram matrix of its input. A mapping scored
+on a parent block (attention, MLP) scores ``search_tokens`` tokens (the search subset), to keep CPU
+runs in minutes; the subset is blocks spread evenly over the calibration set, not its first blocks,
+so a file whose documents change topic along the way is searched on all of its topics.
 The model passed in is consumed: each layer is moved to the meta device once quantized.
 """
 
@@ -83,9 +86,14 @@ def quantize_model(
     chunk_blocks: int = 8,
     keep_prescaled: bool = True,
     progress: bool = True,
+    search_spread: bool = True,
+    clip_all: bool = False,
 ) -> QuantizeOutput:
     """Quantize every decoder-layer linear of ``model``; ``blocks`` are calibration token ids
-    ``[n, seq]`` (unused for RTN). ``search_grid`` defaults to the canonical integer grid."""
+    ``[n, seq]`` (unused for RTN). ``search_grid`` defaults to the canonical integer grid.
+    ``search_spread=False`` (search the first blocks) and ``clip_all=True`` (clip samples drawn
+    from every block, holding every token's inputs: small models only) exist for the quality
+    comparison in benchmarks/quality_peers.py."""
     arch = arch_spec(hf_config)
     dev = compute_device(device)
     src_dtype = model_dtype(model)
@@ -100,9 +108,11 @@ def quantize_model(
     if awq:
         if blocks is None or blocks.numel() == 0:
             raise InputError("AWQ needs calibration blocks; pass calibration data or use --method rtn")
-        chunks = capture_layer_inputs(model, layers, blocks, chunk_blocks, dev)
         seq = blocks.shape[1]
         n_search_blocks = blocks.shape[0] if cfg.search_tokens is None else max(1, math.ceil(cfg.search_tokens / seq))
+        if search_spread:
+            blocks = blocks[search_first_order(blocks.shape[0], n_search_blocks)]
+        chunks = capture_layer_inputs(model, layers, blocks, chunk_blocks, dev)
         n_search_chunks = max(1, math.ceil(min(n_search_blocks, blocks.shape[0]) / chunk_blocks))
 
     out = QuantizeOutput({}, {}, SearchResults(), {} if keep_prescaled else None)
@@ -112,7 +122,7 @@ def quantize_model(
         prefix = f"{arch.layers_path}.{i}."
         layer = layers[i].to(device=dev, dtype=torch.float32)
         if awq:
-            chunks, gain = _search_layer(layer, arch, hf_config, cfg, grid, chunks, n_search_chunks, prefix, out.search)
+            chunks, gain = _search_layer(layer, arch, hf_config, cfg, grid, chunks, n_search_chunks, prefix, out.search, clip_all)
             bar.set_postfix(loss_ratio=f"{gain:.3f}")
         _quantize_layer(layer, arch, cfg, int_grid, src_dtype, prefix, out)
         layers[i].to("meta")  # free it: the quantized copy lives in `out`
@@ -138,6 +148,7 @@ def _search_layer(
     n_search_chunks: int,
     prefix: str,
     results: SearchResults,
+    clip_all: bool = False,
 ) -> tuple[list[Chunk], float]:
     """Scale and clip search for one fp32 layer on the device; returns the next layer's inputs."""
     mappings = resolve_layer(layer, arch, hf_config) if cfg.search_scales else []
@@ -145,7 +156,8 @@ def _search_layer(
         mappings = [m for m in mappings if not (m.spec.vo and _is_gqa(m))]
     paths = {m.spec.inspect for m in mappings if m.spec.inspect}
     paths |= {m.layers[0].name for m in mappings if m.spec.inspect is None and not m.layers[0].index}
-    rec = ActivationRecorder(layer, sorted(paths))
+    linear_only = {m.layers[0].name for m in mappings if m.spec.inspect is None and not m.layers[0].index}
+    rec = ActivationRecorder(layer, sorted(paths), frozenset(linear_only))
     next_chunks: list[Chunk] = []
     try:
         for ci, c in enumerate(chunks):
@@ -165,7 +177,7 @@ def _search_layer(
             x_mean, loss = r.x_mean, _block_loss(m.inspect, r.inputs, r.kwargs, r.as_kw)
         elif not lead.index:
             r = rec.records[lead.name]
-            x_mean, loss = r.x_mean, _linear_loss(m.layers, _flat(r.inputs))
+            x_mean, loss = r.x_mean, _gram_loss(m.layers, r.gram, r.count)
         else:  # one fused expert: inputs are rebuilt from the routed tokens
             if routed is None:
                 moe_path = lead.name.split(".experts.")[0]
@@ -199,7 +211,7 @@ def _search_layer(
         )
 
     if cfg.apply_clip:
-        _clip_layer(layer, arch, cfg, grid, chunks[:n_search_chunks], prefix, results)
+        _clip_layer(layer, arch, cfg, grid, chunks if clip_all else chunks[:n_search_chunks], prefix, results)
     return next_chunks, (after / before if before > 0 else 1.0)
 
 
@@ -257,6 +269,16 @@ def _quantize_layer(
         out.dense[prefix + name] = t.detach().to("cpu", src_dtype if t.is_floating_point() else t.dtype).clone()
 
 
+def search_first_order(n: int, k: int) -> Tensor:
+    """A block order that puts ``k`` evenly spaced blocks first (the search subset), the rest after."""
+    if k >= n:
+        return torch.arange(n)
+    pick = torch.linspace(0, n - 1, k).round().long().unique()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[pick] = False
+    return torch.cat([pick, torch.arange(n)[rest]])
+
+
 def _is_gqa(m: ResolvedMapping) -> bool:
     return m.kv_index is not None and not torch.equal(m.kv_index, torch.arange(len(m.kv_index)))
 
@@ -273,6 +295,22 @@ def _block_loss(module: nn.Module, xs: list[Tensor], kws: list[dict[str, Any]], 
         total = 0.0
         for x, kw, ref in zip(xs, kws, refs):
             total += float((run_module(module, x, kw, as_kw) - ref).float().pow(2).sum())
+        return total / numel
+
+    return loss
+
+
+def _gram_loss(slots: list[LinearSlot], gram: Tensor, n_tokens: int):
+    """Mean squared output error of the linears over every recorded token, from ``G = X^T X``:
+    ``|X D^T|^2 = sum((D @ G) * D)`` for the weight change ``D`` from the float weights."""
+    refs = [s.weight.clone() for s in slots]
+    numel = n_tokens * sum(r.shape[0] for r in refs)
+
+    def loss() -> float:
+        total = 0.0
+        for s, w0 in zip(slots, refs):
+            d = s.weight - w0
+            total += float(((d @ gram) * d).sum())
         return total / numel
 
     return loss

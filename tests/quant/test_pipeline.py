@@ -105,3 +105,35 @@ def test_grid_variants_round_trip_through_the_pipeline(overrides) -> None:
         w = out.prescaled[name].float()
         step = p.scales.float().repeat_interleave(p.group_size, 1)
         assert bool(((p.dequantize() - w).abs() <= step * 0.5 + 1e-3 + w.abs() * 1e-3).all())
+
+
+def test_gram_loss_equals_the_output_error_over_every_token() -> None:
+    from awqconv.quant.pipeline import _gram_loss, _linear_loss
+
+    class Slot:
+        def __init__(self, w: torch.Tensor) -> None:
+            self.weight = w
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 48, generator=g) * torch.rand(48, generator=g) * 4  # outlier-ish channels
+    slots = [Slot(torch.randn(16, 48, generator=g)), Slot(torch.randn(8, 48, generator=g))]
+    by_gram, by_tokens = _gram_loss(slots, x.T @ x, x.shape[0]), _linear_loss(slots, x)
+    assert by_gram() == pytest.approx(0.0, abs=1e-9)
+    for s in slots:
+        s.weight = s.weight + 0.05 * torch.randn(s.weight.shape, generator=g)
+    assert by_gram() > 0
+    assert by_gram() == pytest.approx(by_tokens(), rel=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(128, 16), (10, 3), (5, 5), (7, 1), (3, 9)])
+def test_search_subset_is_spread_over_the_calibration_blocks(n: int, k: int) -> None:
+    from awqconv.quant.pipeline import search_first_order
+
+    order = search_first_order(n, k).tolist()
+    assert sorted(order) == list(range(n))  # a permutation: every block still feeds the statistics
+    head = order[: min(k, n)]
+    assert head == sorted(head) and head[0] == 0
+    if 1 < k < n:  # the search subset reaches the end of the calibration text, evenly spaced
+        assert head[-1] == n - 1
+        gaps = [b - a for a, b in zip(head, head[1:])]
+        assert max(gaps) - min(gaps) <= 1
