@@ -119,7 +119,7 @@ def _search_tokens(text: str | None) -> Any:
 @click.version_option(__version__, prog_name="awqconv")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
-    """Quantize a Hugging Face causal LM with AWQ once; export and verify 4-bit artifacts."""
+    """Quantize a Hugging Face causal LM with AWQ once; export, verify and publish 4-bit artifacts."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -265,6 +265,58 @@ def verify(directory: Path, device, json_path, threads, no_bench: bool) -> None:
     if not report.ok:
         click.echo("error: verification failed (see the table above)", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("out_dir", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, help="NAMESPACE/NAME: your user or organization, and the base name of the repos.")
+@click.option("--layout", type=click.Choice(["repos", "branches"]), default="repos", show_default=True,
+              help="One repo per format (named NAME-AWQ, NAME-GGUF, ...), or the one repo NAMESPACE/NAME "
+                   "with a branch per format.")
+@click.option("--revision", default=None,
+              help="Branch to commit to (created from main when missing) [default: main]; with --layout branches, "
+                   "the branch of the index card.")
+@click.option("--private", is_flag=True, help="Create the repos (and the collection) private.")
+@click.option("--collection", default=None, help="Also gather the repos in this Collection of NAMESPACE.")
+@click.option("--only", default=None, help="Comma-separated artifacts of OUT to publish [default: all].")
+@click.option("--name-template", "name_templates", multiple=True,
+              help="LABEL=TEMPLATE overriding a repo name, e.g. exllamav2={name}-exl2 (repeatable).")
+@click.option("--base-model", default=None, help="Hub id of the source model [default: the source, when it is a Hub id].")
+@click.option("--license", "license_", default=None, help="License id for the cards [default: the source's, when known].")
+@click.option("--quantized-by", default=None, help="quantized_by in the cards [default: NAMESPACE].")
+@click.option("--force", is_flag=True, help="Publish artifacts that were never verified, failed or changed since (cards say so).")
+@click.option("--dry-run", is_flag=True,
+              help="Read the Hub and print the plan (repos, files, sizes, what is created or replaced); change nothing. "
+                   "With --local-dir: the plan only, no network.")
+@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write exactly what would be uploaded, one folder per target repo, instead of uploading.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier --local-dir output.")
+@click.option("--verify-json", "verify_json", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A verify record written elsewhere with `awqconv verify --json` (repeatable).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write what was published (repos, revisions, commits) as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def publish(out_dir: Path, repo: str, layout: str, revision, private: bool, collection, only, name_templates,
+            base_model, license_, quantized_by, force: bool, dry_run: bool, local_dir, overwrite: bool, verify_json,
+            json_path, quiet: bool) -> None:
+    """Publish every verified artifact of OUT to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`;
+    endpoint: HF_ENDPOINT)."""
+    from .publish import publish as run_publish
+
+    try:
+        res = run_publish(out_dir, repo, layout=layout, revision=revision, private=private, collection=collection,
+                          only=[o.strip() for o in only.split(",") if o.strip()] if only else None,
+                          name_templates=name_templates, base_model=base_model, license=license_,
+                          quantized_by=quantized_by, force=force, dry_run=dry_run, local_dir=local_dir,
+                          overwrite=overwrite, verify_json=verify_json, progress=not quiet, echo=click.echo)
+    except (KeyboardInterrupt, Terminated) as e:
+        # uploads may have started: say how to finish instead of "nothing was written"
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        click.echo(f"{stopped}; run the same command again to finish (files already sent are not sent again)", err=True)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    if json_path is not None:
+        json_path.write_text(json.dumps(res.to_json(), indent=2) + "\n")
 
 
 @main.command()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from ..errors import (
     InputError,
     UnsupportedArchitecture,
 )
-from ..formats.integrity import MANIFEST, artifact_dir
+from ..formats.integrity import MANIFEST, artifact_dir, sha256_file
 from ..hfconfig import context_length
 from ..model import QuantizedModel
 from ..outdir import read_marker
@@ -67,10 +69,20 @@ class VerifyReport:
     rows: list[CheckRow] = field(default_factory=list)
     samples: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
 
     @property
     def ok(self) -> bool:
         return bool(self.artifacts) and all(r.ok is not False for r in self.rows)
+
+    def artifact_ok(self, name: str) -> bool | None:
+        """One artifact's verdict: False if a check of it failed, True if it read back (its
+        structure check passed), None when nothing beyond its checksums could be checked."""
+        rows = [r for r in self.rows if r.artifact == name]
+        if any(r.ok is False for r in rows):
+            return False
+        return True if any(r.check == "structure" and r.ok for r in rows) else None
 
     def add(self, artifact: str, check: str, ok: bool | None, value: Any = "", detail: str = "") -> None:
         self.rows.append(CheckRow(artifact, check, ok, str(value), detail))
@@ -78,7 +90,13 @@ class VerifyReport:
             log.warning("verify %s: %s failed: %s %s", artifact, check, value, detail)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "device": self.device, "ok": self.ok, "artifacts": self.artifacts,
+        from .. import __version__
+
+        # per artifact: its verdict, and the manifest and file hashes it was checked against, so
+        # `awqconv publish` can tell later whether what it uploads is what was verified
+        arts = [{**a, "ok": self.artifact_ok(a["name"])} for a in self.artifacts]
+        return {"path": self.path, "device": self.device, "ok": self.ok, "created": self.created,
+                "awqconv_version": __version__, "machine": self.machine, "artifacts": arts,
                 "rows": [asdict(r) for r in self.rows], "samples": self.samples, "metrics": self.metrics}
 
     def write(self, path: str | Path) -> None:
@@ -217,7 +235,8 @@ def _verify(path, prompts, eval_text, device, max_new_tokens, ppl_windows, ppl_s
     from ..formats.integrity import check
 
     device = resolve_device(device)
-    rep = VerifyReport(str(path), str(device))
+    rep = VerifyReport(str(path), str(device), machine=_machine(device),
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     arts = find_artifacts(Path(path))
     if not arts:
         raise InputError(f"no awqconv artifact found in {path} or its sub-directories")
@@ -231,6 +250,9 @@ def _verify(path, prompts, eval_text, device, max_new_tokens, ppl_windows, ppl_s
             continue
         try:
             manifest = check(p)
+            if manifest is not None:
+                rep.artifacts[-1].update(manifest_sha256=sha256_file(artifact_dir(p) / MANIFEST),
+                                         files=manifest["files"])
             rep.add(label, "checksums", manifest is not None or None,
                     f"{len(manifest['files'])} files match" if manifest else "none recorded",
                     "" if manifest else f"no {MANIFEST}: not written by awqconv, bytes not checked")
@@ -261,6 +283,7 @@ def _verify(path, prompts, eval_text, device, max_new_tokens, ppl_windows, ppl_s
         elif label != canon_label:
             if _compare_canonical(rep, label, qm, models[canon_label]) and not recheck_identical:
                 del to_run[label]
+                next(a for a in rep.artifacts if a["name"] == label)["same_as"] = canon_label
                 rep.add(label, "runtime checks", None, f"same as {canon_label}", "bit-identical tensors: same function")
     if not models:
         return rep
@@ -394,6 +417,22 @@ def _short_bench(gen, prompt: list[int], device: torch.device, new: int = 0) -> 
     r = gen.generate([prompt], SamplingParams(max_new_tokens=new))
     return {"decode_tok_s": r.decode_steps / max(r.decode_s, 1e-9), "prefill_tok_s": len(prompt) / max(r.prefill_s, 1e-9),
             "new_tokens": new}
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    """What the measurements ran on (decode speed means little without it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    m: dict[str, Any] = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(),
+                         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                         "python": platform.python_version(), "torch": torch.__version__}
+    if device.type == "cuda":
+        m["gpu"] = torch.cuda.get_device_name(device)
+    return m
 
 
 def _default_eval_text() -> str:
