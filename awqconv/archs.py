@@ -7,8 +7,9 @@ three groups of columns:
   where the decoder layers live, whether norms compute ``x * (1 + w)``, which linears skip the clip
   search and which stay dense. ``quant/mappings.py`` binds these names to live modules.
 - ``gguf`` (:class:`GgufSpec`, or None where awqconv writes no GGUF): llama.cpp's architecture name,
-  the HF -> llama.cpp tensor names and which tensors take the rotary Q/K row permutation.
-  ``formats/gguf_tensors.py`` and ``formats/gguf_meta.py`` read it.
+  the HF -> llama.cpp tensor names (MoE experts stacked), which tensors take the rotary Q/K row
+  permutation, and what the family's llama.cpp graph hard-codes (norm gain form, experts, soft-caps,
+  windowed layers, query scale). ``formats/gguf_tensors.py`` and ``formats/gguf_arch.py`` read it.
 - ``runtime`` (:class:`RuntimeSpec`): what a decoder must do to run the model (norm placement,
   q/k norms, activation, soft-capping, sliding window, MoE routing) and whether the built-in
   runtime (``runtime/model.py``) runs it.
@@ -90,6 +91,32 @@ LLAMA_GLOBAL_TENSORS: tuple[tuple[str, str], ...] = (
     ("lm_head", "output"),
 )
 _LLAMA_ROPE = ("self_attn.q_proj", "self_attn.k_proj")
+_ATTN_TENSORS, _MLP_TENSORS = LLAMA_LAYER_TENSORS[:5], LLAMA_LAYER_TENSORS[5:]
+_QK_NORM_TENSORS = (("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm"))
+# experts.*: every expert's linear goes into one 3-D tensor [expert, out, in] per layer
+_MOE_TENSORS = (
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate", "ffn_gate_inp"),  # the router, written dense
+    ("mlp.experts.*.gate_proj", "ffn_gate_exps"),
+    ("mlp.experts.*.up_proj", "ffn_up_exps"),
+    ("mlp.experts.*.down_proj", "ffn_down_exps"),
+)
+# Gemma 2/3 norm the attention output and the MLP's input and output; llama.cpp's ffn_norm is the pre-MLP one
+_GEMMA2_LAYER_TENSORS = _ATTN_TENSORS + (
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+) + _MLP_TENSORS[1:]
+_PHI3_LAYER_TENSORS = (
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.qkv_proj", "attn_qkv"),  # fused q|k|v rows, split by llama.cpp
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_up_proj", "ffn_up"),  # gate rows then up rows: llama.cpp's SwiGLU takes silu of the first half
+    ("mlp.down_proj", "ffn_down"),
+)
+_TIED_ONLY = LLAMA_GLOBAL_TENSORS[:2]  # graphs that always reuse token_embd as the output matrix
+_GELU = ("gelu_pytorch_tanh", "gelu")  # llama.cpp computes the tanh approximation for Gemma's "gelu"
 
 
 @dataclass(frozen=True)
@@ -101,8 +128,21 @@ class GgufSpec:
     # adjacent pairs: q over num_attention_heads, k over num_key_value_heads. None: llama.cpp
     # applies the half-split (NEOX) rope for this architecture itself, so rows stay as they are.
     rope_permute: tuple[str, str] | None = _LLAMA_ROPE
-    act: str = "silu"  # the MLP activation llama.cpp's graph for ``arch`` hard-codes (SwiGLU)
+    act: tuple[str, ...] = ("silu",)  # HF activation names computed by the gated MLP llama.cpp hard-codes
     heads_span_hidden: bool = False  # the graph needs num_attention_heads * head_dim == hidden_size
+    # HF norms compute x * (1 + w), llama.cpp's x * w: every *norm.weight is written as w + 1
+    norm_plus_one: bool = False
+    # config keys of the expert count and experts per token (expert_count / expert_used_count)
+    experts: tuple[str, str] | None = None
+    expert_width_key: str | None = None  # config key written as expert_feed_forward_length
+    softcaps: tuple[str, ...] = ()  # soft-capping config keys the graph applies when the file sets them
+    softcap_always: bool = False  # ... and applies even when it does not (llama.cpp's defaults, 50 and 30)
+    # llama.cpp windows layer i iff i % p < p - 1 with p this default period (or the one written);
+    # None: the graph has no windowed layers
+    swa_period: int | None = None
+    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) at this layer count
+    # (Gemma 27B), instead of reading query_pre_attn_scalar
+    query_scale_27b_layers: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +176,9 @@ class RuntimeSpec:
     # every other layer (layer_types, sliding first).
     sliding_window: str | None = None
     moe: MoeRouting | None = None
+    # config key of the query pre-attention scalar q: scores are scaled by q ** -0.5 instead of
+    # head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar, 144 against head_dim 128 in Gemma 2 27B)
+    attn_scale_key: str | None = None
 
     def window(self, cfg: Mapping[str, Any]) -> int | None:
         """The attention window the built-in runtime applies to every layer (None: full attention)."""
@@ -208,18 +251,22 @@ _ROWS = (
         _LLAMA_AWQ,  # qkv bias: v_proj's bias is divided with its rows
         # llama.cpp runs qwen2 with NEOX (half-split) rope
         gguf=GgufSpec("qwen2", rope_permute=None, heads_span_hidden=True),
-        # transformers windows only layers >= max_window_layers; the built-in runtime windows every layer
+        # transformers windows only layers >= max_window_layers (layer_types); so does the built-in runtime
         runtime=RuntimeSpec(runs=True, sliding_window="use_sliding_window"),
     ),
     Arch(
         "Qwen3ForCausalLM",
         _LLAMA_AWQ,  # q_norm/k_norm act per head after q/k: input scaling is unaffected
-        runtime=RuntimeSpec(qk_norm=True, sliding_window="use_sliding_window"),
+        # q_norm/k_norm per head; llama.cpp runs qwen3 with NEOX rope
+        gguf=GgufSpec("qwen3", layer_tensors=LLAMA_LAYER_TENSORS + _QK_NORM_TENSORS, rope_permute=None),
+        runtime=RuntimeSpec(runs=True, qk_norm=True, sliding_window="use_sliding_window"),
     ),
     Arch(
         "GemmaForCausalLM",
         AwqSpec(offset_norm=True, mappings=_ATTN + _MLP),
-        runtime=RuntimeSpec(embed_scale=True),  # hidden_act "gelu" in a Gemma config means the tanh approximation
+        gguf=GgufSpec("gemma", global_tensors=_TIED_ONLY, rope_permute=None, act=_GELU, norm_plus_one=True),
+        # hidden_act "gelu" in a Gemma config means the tanh approximation
+        runtime=RuntimeSpec(runs=True, embed_scale=True),
     ),
     Arch(
         "Gemma2ForCausalLM",
@@ -232,12 +279,58 @@ _ROWS = (
                 MappingSpec("mlp.up_proj", ("mlp.down_proj",), None),
             ),
         ),
+        gguf=GgufSpec(
+            "gemma2",
+            layer_tensors=_GEMMA2_LAYER_TENSORS,
+            global_tensors=_TIED_ONLY,
+            rope_permute=None,
+            act=_GELU,
+            norm_plus_one=True,
+            softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
+            softcap_always=True,
+            swa_period=2,
+            query_scale_27b_layers=46,
+        ),
         runtime=RuntimeSpec(
+            runs=True,
             norms="sandwich",
             act_key="hidden_activation",
             embed_scale=True,
             softcap_keys=("attn_logit_softcapping", "final_logit_softcapping"),
             sliding_window="alternate",
+            attn_scale_key="query_pre_attn_scalar",
+        ),
+    ),
+    Arch(
+        "Gemma3ForCausalLM",  # the text model (model_type gemma3_text)
+        AwqSpec(
+            offset_norm=True,  # q_norm/k_norm too; they act per head after q/k, so input scaling leaves them alone
+            mappings=_ATTN
+            + (
+                MappingSpec("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                MappingSpec("mlp.up_proj", ("mlp.down_proj",), None),
+            ),
+        ),
+        gguf=GgufSpec(
+            "gemma3",
+            layer_tensors=_GEMMA2_LAYER_TENSORS + _QK_NORM_TENSORS,
+            rope_permute=None,
+            act=("gelu_pytorch_tanh",),
+            norm_plus_one=True,
+            softcaps=("final_logit_softcapping",),
+            swa_period=6,
+            query_scale_27b_layers=62,
+        ),
+        runtime=RuntimeSpec(
+            runs=True,
+            norms="sandwich",
+            qk_norm=True,
+            act_key="hidden_activation",
+            embed_scale=True,
+            # transformers' Gemma 3 attention never reads attn_logit_softcapping ("": no key)
+            softcap_keys=("", "final_logit_softcapping"),
+            sliding_window="alternate",  # layer_types: 5 sliding layers to 1 full by default
+            attn_scale_key="query_pre_attn_scalar",
         ),
     ),
     Arch(
@@ -250,17 +343,31 @@ _ROWS = (
                 MappingSpec("mlp.gate_up_proj[up]", ("mlp.down_proj",), None),
             )
         ),
-        runtime=RuntimeSpec(sliding_window="always"),
+        # llama.cpp splits the fused qkv and gate_up itself and runs phi3 with NEOX rope
+        gguf=GgufSpec("phi3", layer_tensors=_PHI3_LAYER_TENSORS, rope_permute=None, heads_span_hidden=True),
+        runtime=RuntimeSpec(runs=True, sliding_window="always"),
     ),
     Arch(
         "MixtralForCausalLM",
         AwqSpec(mappings=_ATTN + _MOE, not_convert=_MOE_ROUTER),
-        runtime=RuntimeSpec(sliding_window="always", moe=MoeRouting("num_local_experts")),
+        # llama.cpp's llama graph routes experts when expert_count is set; renormalized top-k as Mixtral
+        gguf=GgufSpec(
+            "llama", layer_tensors=_ATTN_TENSORS + _MOE_TENSORS, experts=("num_local_experts", "num_experts_per_tok")
+        ),
+        runtime=RuntimeSpec(runs=True, sliding_window="always", moe=MoeRouting("num_local_experts")),
     ),
     Arch(
         "Qwen3MoeForCausalLM",
         AwqSpec(mappings=_ATTN + _QWEN3_MOE_SPARSE + _QWEN3_MOE_DENSE, not_convert=_MOE_ROUTER),
+        gguf=GgufSpec(
+            "qwen3moe",
+            layer_tensors=_ATTN_TENSORS + _QK_NORM_TENSORS + _MOE_TENSORS,
+            rope_permute=None,
+            experts=("num_experts", "num_experts_per_tok"),
+            expert_width_key="moe_intermediate_size",
+        ),
         runtime=RuntimeSpec(
+            runs=True,
             qk_norm=True,
             sliding_window="use_sliding_window",
             moe=MoeRouting(

@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--calibs", nargs="*", default=[c for c, _ in PAIRS])
     ap.add_argument("--no-autoawq", action="store_true")
     ap.add_argument("--no-rtn", action="store_true")
+    ap.add_argument("--no-float", action="store_true")
     ap.add_argument("--eval-windows", type=int, default=45)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--data", type=Path, default=None)
@@ -277,7 +278,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    row("-", "float", score(load_float(path, args.layers)))
+    if not args.no_float:
+        row("-", "float", score(load_float(path, args.layers)))
     if not args.no_rtn:
         m, s = awqconv_model(path, calib["builtin"], tok, "rtn", "default", args.device, args.layers)
         row("-", "rtn", score(m), s)

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from awqconv import archs
 from awqconv.errors import UnsupportedArchitecture
-from awqconv.formats.gguf_meta import arch_problems, check_arch
+from awqconv.formats.gguf_arch import arch_problems, check_arch
 from awqconv.formats.gguf_tensors import gguf_name, hf_key, rope_heads
 from awqconv.quant.mappings import ARCHITECTURES, arch_spec, quantizable_slots, resolve_layer
 from tests.tiny_models import SHAPE, TINY_ARCHS
@@ -121,14 +121,20 @@ def test_registering_twice_is_refused() -> None:
 
 
 def test_columns_match_what_the_code_supports_today() -> None:
-    assert archs.gguf_supported() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
-    assert archs.runtime_supported() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+    assert sorted(archs.gguf_supported()) == archs.names()  # every row writes GGUF
+    assert sorted(archs.runtime_supported()) == archs.names()  # the built-in runtime runs every row
     assert check_arch(_config("Qwen2ForCausalLM")) == ("qwen2", False)  # NEOX rope: no q/k permutation
     assert rope_heads("model.layers.0.self_attn.q_proj", 4, 2, "Qwen2ForCausalLM") is None
-    assert "no GGUF writer" in arch_problems(_config("Qwen3ForCausalLM"))[0]
+    assert check_arch(_config("MixtralForCausalLM")) == ("llama", True)
+    assert {check_arch(_config(n))[0] for n in ("Qwen3MoeForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM")} == {
+        "qwen3moe", "gemma3", "phi3"}
+    assert "no GGUF writer" in arch_problems({**_config("LlamaForCausalLM"), "architectures": ["FalconForCausalLM"]})[0]
     # every row owns its AWQ columns, so a spec names its architecture
     assert len({id(archs.lookup(n).awq) for n in archs.names()}) == len(archs.names())
-    assert [n for n in archs.names() if archs.lookup(n).awq.offset_norm] == ["Gemma2ForCausalLM", "GemmaForCausalLM"]
+    offset = ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "GemmaForCausalLM"]
+    assert [n for n in archs.names() if archs.lookup(n).awq.offset_norm] == offset
+    # llama.cpp gets w + 1 exactly where the quantizer folds into (1 + w) norms
+    assert [n for n in archs.names() if archs.lookup(n).gguf.norm_plus_one] == offset
 
 
 def test_runtime_window_reads_the_sliding_window_column() -> None:
@@ -139,6 +145,6 @@ def test_runtime_window_reads_the_sliding_window_column() -> None:
     assert qwen2.window({"sliding_window": 4096}) is None
     assert qwen2.window({"sliding_window": 4096, "use_sliding_window": True}) == 4096
     assert llama.window({"sliding_window": 4096}) is None
-    with pytest.raises(UnsupportedArchitecture, match="does not run Gemma2ForCausalLM.*Qwen2ForCausalLM"):
-        archs.runtime_row({"architectures": ["Gemma2ForCausalLM"]})
+    with pytest.raises(UnsupportedArchitecture, match="does not run FalconForCausalLM.*Qwen2ForCausalLM"):
+        archs.runtime_row({"architectures": ["FalconForCausalLM"]})
 

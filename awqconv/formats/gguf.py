@@ -29,14 +29,8 @@ from ..packed import PackedLinear
 from .base import ExportRequest
 from .gguf_kquant import report_fallbacks, write_kquant
 from .gguf_read import detect, read, tensor_types
-from .gguf_meta import (
-    add_model_metadata,
-    add_tokenizer_metadata,
-    arch_problems,
-    check_arch,
-    llama3_rope_freqs,
-    tokenizer_meta,
-)
+from .gguf_arch import add_model_metadata, arch_problems, check_arch, llama3_rope_freqs, tied_embeddings
+from .gguf_meta import add_tokenizer_metadata, tokenizer_meta
 from .gguf_tensors import (
     TRANSPLANT,
     VARIANTS,
@@ -44,6 +38,8 @@ from .gguf_tensors import (
     encode,
     fitting_type,
     gguf_name,
+    gguf_slot,
+    is_offset_norm,
     nbytes,
     permute_rows,
     rope_heads,
@@ -58,6 +54,9 @@ log = logging.getLogger(__name__)
 _TORCH_TO_GGML = {torch.float16: T.F16, torch.bfloat16: T.BF16, torch.float32: T.F32}
 _GGML_TO_TORCH = {v: k for k, v in _TORCH_TO_GGML.items()}
 _SKIP_KEYS = re.compile(r"rotary_emb\.inv_freq$")
+# llama.cpp takes a model whose general.name holds "phi3"/"phi-3" for Phi-3 and looks these tokens up
+_PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 
 
 @dataclass
@@ -158,6 +157,7 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> GGUF
     arch, permute = check_arch(qm.hf_config)
     shapes = _Shapes.of(qm, check_transplant=v.transplant)
     tok = tokenizer_meta(qm.assets, qm.hf_config)
+    _check_name(model_name(qm), tok.tokens)
     path = output_path(qm, out_dir, variant)
     if v.kquant:
         inter = VARIANTS["bf16" if shapes.scale_dtype == torch.bfloat16 else "f16"]
@@ -165,6 +165,17 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> GGUF
         report_fallbacks(v.name, result.fallbacks)
         return result
     return _write_file(qm, shapes, path, v, arch, permute, tok)
+
+
+def _check_name(name: str, tokens: list[str]) -> None:
+    if _PHI3_NAME.search(name):
+        lacking = [t for t in _PHI3_TOKENS if t not in set(tokens)]
+        if lacking:
+            raise FormatConstraintError(
+                f"gguf: llama.cpp treats a model named {name!r} as Phi-3 and fails to load it unless the "
+                f"vocabulary holds {', '.join(_PHI3_TOKENS)}; this one lacks {', '.join(lacking)}: "
+                "give the model a name without 'phi3' (its directory or provenance model_name)"
+            )
 
 
 def _weights_source(qm: QuantizedModel, v: Variant) -> tuple[str, list[str]]:
@@ -285,25 +296,30 @@ def _add_provenance(w: GGUFWriter, qm: QuantizedModel, shapes: _Shapes, v: Varia
         w.add_string("awqconv.dense_dtypes", json.dumps(dtypes, sort_keys=True))
         assets = {k: base64.b64encode(b).decode("ascii") for k, b in qm.assets.items()}
         w.add_string("awqconv.assets", json.dumps(assets, sort_keys=True))
+        # llama.cpp gets w + 1 for (1 + w) norms, which does not round-trip exactly: keep the gains themselves
+        offset = {k: base64.b64encode(qm.dense[k].contiguous().view(torch.uint8).numpy().tobytes()).decode("ascii")
+                  for k in shapes.dense if is_offset_norm(k, qm.architecture)}
+        if offset:
+            w.add_string("awqconv.offset_norms", json.dumps(offset, sort_keys=True))
 
 
 def _jobs(qm: QuantizedModel, shapes: _Shapes, v: Variant, permute: bool, result: GGUFWriteResult) -> list[_Job]:
     """One job per GGUF tensor, in llama.cpp's usual order; nothing is computed yet."""
-    cfg = qm.hf_config
+    cfg, arch = qm.hf_config, qm.architecture
     n_head = int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    heads = (lambda key: rope_heads(key, n_head, n_kv) if permute else None)
+    tied = tied_embeddings(cfg)
+    heads = (lambda key: rope_heads(key, n_head, n_kv, arch) if permute else None)
 
     dense_keys = [k for k in shapes.dense if not _SKIP_KEYS.search(k)]
     if tied:
         dense_keys = [k for k in dense_keys if k != "lm_head.weight"]
-    unknown = [k for k in dense_keys if gguf_name(k) is None]
-    unknown += [n for n in shapes.linears if gguf_name(f"{n}.weight") is None]
+    unknown = [k for k in dense_keys if gguf_name(k, arch) is None]
+    unknown += [n for n in shapes.linears if gguf_name(f"{n}.weight", arch) is None]
     if unknown:
         raise FormatConstraintError(
             f"gguf: no llama.cpp tensor name for {unknown[:3]}{' ...' if len(unknown) > 3 else ''}; "
-            "this model has modules the Llama-family GGUF layout does not hold"
+            f"this model has modules llama.cpp's {arch} layout does not hold"
         )
 
     jobs: list[_Job] = []
@@ -313,10 +329,12 @@ def _jobs(qm: QuantizedModel, shapes: _Shapes, v: Variant, permute: bool, result
     freqs = llama3_rope_freqs(cfg)
     if freqs is not None:
         jobs.append(_Job("rope_freqs.weight", freqs.shape, T.F32, lambda f=freqs: f))
-    for name, (out, n_in, _, has_bias) in shapes.linears.items():
-        jobs.append(_linear_job(qm, name, (out, n_in), v, heads(name), result))
+    for gname, (names, stacked) in _linear_groups(shapes, arch).items():
+        out, n_in, _, has_bias = shapes.linears[names[0]]
+        shape = (len(names), out, n_in) if stacked else (out, n_in)
+        jobs.append(_linear_job(qm, gname, names, shape, v, heads(names[0]), result))
         if has_bias:
-            jobs.append(_bias_job(qm, name, out, heads(name)))
+            jobs.append(_bias_job(qm, names[0], out, heads(names[0])))
     order = {"token_embd": 0, "rope_freqs": 1, "blk": 2, "output_norm": 3, "output": 4}
 
     def sort_key(j: _Job) -> tuple:
@@ -328,13 +346,40 @@ def _jobs(qm: QuantizedModel, shapes: _Shapes, v: Variant, permute: bool, result
     return sorted(jobs, key=sort_key)
 
 
+def _linear_groups(shapes: _Shapes, arch: str) -> dict[str, tuple[list[str], bool]]:
+    """GGUF weight name -> (the HF linears it holds, stacked): one, or every expert of a layer in order."""
+    slots: dict[str, dict[int | None, str]] = {}
+    for name in shapes.linears:
+        gname, expert = gguf_slot(f"{name}.weight", arch)
+        if expert in slots.setdefault(gname, {}):
+            raise FormatConstraintError(f"gguf: {name} and {slots[gname][expert]} both map to {gname}")
+        slots[gname][expert] = name
+    groups = {}
+    for gname, by_expert in slots.items():
+        if None in by_expert:
+            groups[gname] = ([by_expert[None]], False)
+            continue
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise FormatConstraintError(f"gguf: {gname} stacks experts {sorted(by_expert)}; llama.cpp needs 0..n-1")
+        names = [by_expert[e] for e in range(len(by_expert))]
+        if len({shapes.linears[n] for n in names}) != 1:
+            raise FormatConstraintError(f"gguf: the experts stacked into {gname} differ in shape, group or bias")
+        if shapes.linears[names[0]][3]:
+            raise FormatConstraintError(f"gguf: llama.cpp's stacked expert tensors hold no biases ({gname})")
+        groups[gname] = (names, True)
+    return groups
+
+
 def _dense_job(qm, key: str, shape, dtype: torch.dtype, v: Variant, n_rot: int | None, result) -> _Job:
-    name = gguf_name(key)
+    name = gguf_name(key, qm.architecture)
+    offset = is_offset_norm(key, qm.architecture)
     src_type = _TORCH_TO_GGML.get(dtype, T.F32)
     if len(shape) == 1:
         t = T.F32
     elif v.transplant:
         t = src_type  # embeddings/lm_head exactly as the canonical model holds them
+    elif name.startswith("blk.") and ".ffn_gate_inp." in name:
+        t = T.F32  # MoE routers pick the experts: kept exact, as llama.cpp's converter and quantizer do
     elif v.kquant:
         t = T.F32 if v.linear_type == T.F32 else T.F16
     elif v.linear_type in (T.F32, T.F16, T.BF16):
@@ -348,6 +393,8 @@ def _dense_job(qm, key: str, shape, dtype: torch.dtype, v: Variant, n_rot: int |
 
     def produce() -> np.ndarray:
         x = qm.dense[key]
+        if offset:  # HF's (1 + w) gain as the plain gain llama.cpp multiplies by
+            x = x.to(torch.float32) + 1.0
         if n_rot:
             x = permute_rows(x, n_rot)
         return encode(x, t)
@@ -355,14 +402,21 @@ def _dense_job(qm, key: str, shape, dtype: torch.dtype, v: Variant, n_rot: int |
     return _Job(name, shape, t, produce)
 
 
-def _linear_job(qm, name: str, shape, v: Variant, n_rot: int | None, result) -> _Job:
-    gname = gguf_name(f"{name}.weight")
+def _linear_job(qm, gname: str, names: list[str], shape, v: Variant, n_rot: int | None, result) -> _Job:
+    """One GGUF weight from ``names`` (several: experts, stacked along the first axis in this order)."""
+
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     if v.transplant:
         def produce_q41() -> np.ndarray:
-            p = qm.linears[name]
-            if n_rot:
-                p = _permute_packed(p, n_rot)
-            return to_q4_1(p, name)
+            blocks = []
+            for name in names:  # expert by expert: one expert's codes in memory at a time
+                p = qm.linears[name]
+                if n_rot:
+                    p = _permute_packed(p, n_rot)
+                blocks.append(to_q4_1(p, name))
+            return joined(blocks)
 
         return _Job(gname, shape, T.Q4_1, produce_q41)
     want = v.linear_type
@@ -373,13 +427,16 @@ def _linear_job(qm, name: str, shape, v: Variant, n_rot: int | None, result) -> 
         )
 
     def produce() -> np.ndarray:
-        if result.weights_source == "prescaled":
-            w = qm.prescaled[name]
-        else:
-            w = qm.linears[name].dequantize(torch.float32)
-        if n_rot:
-            w = permute_rows(w, n_rot)
-        return encode(w, t)
+        parts = []
+        for name in names:
+            if result.weights_source == "prescaled":
+                w = qm.prescaled[name]
+            else:
+                w = qm.linears[name].dequantize(torch.float32)
+            if n_rot:
+                w = permute_rows(w, n_rot)
+            parts.append(encode(w, t))
+        return joined(parts)
 
     return _Job(gname, shape, t, produce)
 
@@ -391,7 +448,7 @@ def _bias_job(qm, name: str, out: int, n_rot: int | None) -> _Job:
             b = permute_rows(b, n_rot)
         return encode(b, T.F32)
 
-    return _Job(gguf_name(f"{name}.bias"), (out,), T.F32, produce)
+    return _Job(gguf_name(f"{name}.bias", qm.architecture), (out,), T.F32, produce)
 
 
 def _permute_packed(p: PackedLinear, n_head: int) -> PackedLinear:

@@ -77,7 +77,8 @@ def write_kquant(path: Path, v: Variant, write_float: Callable[[Path], Any]) -> 
         tt = T(t.tensor_type)
         counts[tt.name] = counts.get(tt.name, 0) + 1
         ne0 = int(t.shape[0])
-        if len(t.shape) == 2 and ne0 % block_size(want) and t.name not in ("token_embd.weight", "output.weight"):
+        kept = t.name in ("token_embd.weight", "output.weight") or ".ffn_gate_inp." in t.name  # never K-quants
+        if len(t.shape) >= 2 and ne0 % block_size(want) and not kept:
             fallbacks.append(f"{t.name}: K-quant -> {tt.name} (row of {ne0} is not whole 256-blocks)")
     result.tensor_types = counts
     result.fallbacks = fallbacks

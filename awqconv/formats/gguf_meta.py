@@ -1,10 +1,7 @@
-"""GGUF metadata for Llama-family models: architecture hyper-parameters, rope, tokenizer, provenance.
+"""GGUF tokenizer metadata (the architecture's is in ``gguf_arch.py``).
 
-Everything comes from the HF ``config.json`` (``hf_config``) and the tokenizer files kept verbatim
-in ``QuantizedModel.assets``; keys follow llama.cpp's ``{arch}.*`` / ``tokenizer.ggml.*`` names and
-types. Which architectures get a GGUF, under which llama.cpp name and graph constraints, is the
-GGUF column of the architecture registry (``awqconv/archs.py``). ``arch_problems`` is pure and
-feeds ``plan()``; the ``add_*`` functions write into a ``gguf.GGUFWriter``. Tokenizers: byte-level
+Built from the tokenizer files kept verbatim in ``QuantizedModel.assets`` and the HF ``config.json``;
+keys follow llama.cpp's ``tokenizer.ggml.*`` names and types. Tokenizers: byte-level
 BPE (``gpt2``, pre-tokenizer recognised from tokenizer.json's structure) and SentencePiece
 (``llama``, scores from tokenizer.model when present, else from the tokenizer.json vocabulary).
 """
@@ -12,16 +9,13 @@ BPE (``gpt2``, pre-tokenizer recognised from tokenizer.json's structure) and Sen
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from gguf import GGUFWriter, RopeScalingType, TokenType
+from gguf import GGUFWriter, TokenType
 
-from .. import archs
-from ..errors import FormatConstraintError, UnsupportedArchitecture
+from ..errors import FormatConstraintError
 
 # pre-tokenizer fingerprints (see _pre_fingerprint) -> llama.cpp tokenizer.ggml.pre names
 _GPT2_RE = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
@@ -42,111 +36,6 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
 }
 _SPECIAL_LOOKING = re.compile(r"^<\|.*\|>$|^<pad>$|^<unused\d+>$|^<(s|/s|unk)>$")
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-
-
-# ---------------------------------------------------------------------------------------------
-# architecture
-
-def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``rope_scaling`` / ``rope_parameters`` merged with top-level ``rope_theta`` (transformers 4 and 5)."""
-    p = dict(cfg.get("rope_parameters") or {})
-    p.update(cfg.get("rope_scaling") or {})
-    p.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
-    return p
-
-
-def head_dim(cfg: dict[str, Any]) -> int:
-    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-
-
-def arch_problems(cfg: dict[str, Any]) -> list[str]:
-    """Why this HF config cannot become a GGUF llama.cpp runs (empty list: it can)."""
-    arch = (cfg.get("architectures") or ["?"])[0]
-    row = archs.lookup(arch)
-    if row is None or row.gguf is None:
-        supported = ", ".join(archs.gguf_supported())
-        return [f"gguf: architecture {arch} has no GGUF writer in awqconv; supported: {supported}"]
-    spec = row.gguf
-    problems = []
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size", "vocab_size") if k not in cfg]
-    if missing:
-        problems.append(f"gguf: config.json lacks {', '.join(missing)}")
-        return problems
-    act = cfg.get(row.runtime.act_key, "silu")
-    if act != spec.act:
-        problems.append(f"gguf: {row.runtime.act_key}={act!r}; llama.cpp's {arch} graph uses {spec.act} (a gated MLP)")
-    rp = rope_params(cfg)
-    if rp["rope_type"] not in ("default", "linear", "yarn", "llama3"):
-        problems.append(
-            f"gguf: rope type {rp['rope_type']!r} is not written by awqconv; "
-            "supported: default, linear, yarn, llama3"
-        )
-    hd = head_dim(cfg)
-    if spec.heads_span_hidden and hd * cfg["num_attention_heads"] != cfg["hidden_size"]:
-        problems.append(f"gguf: llama.cpp's {spec.arch} graph needs num_attention_heads * head_dim == hidden_size")
-    if hd % 2:
-        problems.append(f"gguf: head_dim={hd} is odd; rotary embeddings need an even head size")
-    return problems
-
-
-def check_arch(cfg: dict[str, Any]) -> tuple[str, bool]:
-    """(llama.cpp architecture, whether q/k rows take the rotary permutation), or UnsupportedArchitecture."""
-    problems = arch_problems(cfg)
-    if problems:
-        raise UnsupportedArchitecture(problems[0])
-    spec = archs.REGISTRY[cfg["architectures"][0]].gguf
-    return spec.arch, spec.rope_permute is not None
-
-
-def add_model_metadata(w: GGUFWriter, cfg: dict[str, Any], n_vocab: int) -> None:
-    """llama.cpp's ``{arch}.*`` hyper-parameters (context, widths, heads, rope, norm eps)."""
-    n_head = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    hd = head_dim(cfg)
-    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(int(cfg["hidden_size"]))
-    w.add_block_count(int(cfg["num_hidden_layers"]))
-    w.add_feed_forward_length(int(cfg["intermediate_size"]))
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    w.add_vocab_size(n_vocab)
-    rp = rope_params(cfg)
-    w.add_rope_freq_base(float(rp["rope_theta"]))
-    if rp["rope_type"] == "linear":
-        w.add_rope_scaling_type(RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rp["factor"]))
-    elif rp["rope_type"] == "yarn":
-        w.add_rope_scaling_type(RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rp["factor"]))
-        if "original_max_position_embeddings" in rp:
-            w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
-
-
-def llama3_rope_freqs(cfg: dict[str, Any]) -> np.ndarray | None:
-    """The ``rope_freqs.weight`` divisors llama.cpp applies for Llama-3.1-style rope scaling."""
-    rp = rope_params(cfg)
-    if rp["rope_type"] != "llama3":
-        return None
-    hd, base = head_dim(cfg), float(rp["rope_theta"])
-    factor, lo, hi = float(rp["factor"]), float(rp["low_freq_factor"]), float(rp["high_freq_factor"])
-    old_ctx = float(rp["original_max_position_embeddings"])
-    out = []
-    for i in range(0, hd, 2):
-        wavelen = 2 * math.pi * base ** (i / hd)
-        if wavelen < old_ctx / hi:
-            out.append(1.0)
-        elif wavelen > old_ctx / lo:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - lo) / (hi - lo)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

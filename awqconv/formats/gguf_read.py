@@ -1,8 +1,10 @@
 """Reading GGUF files back: the exact ``q4_1-awq`` transplant to canonical, and file detection.
 
 Only the transplant carries the canonical integers (Q4_1 blocks with ``d = s``, ``m = -z*s``);
-``read`` recovers ``z = round(-m / d)``, undoes the Q/K row permutation and restores every dense
-tensor's dtype, the HF config, the quant config and the tokenizer assets stored by ``write``.
+``read`` recovers ``z = round(-m / d)``, undoes the Q/K row permutation, takes each MoE expert's
+rows out of its stacked tensor and restores every dense tensor's dtype (Gemma's ``(1 + w)`` gains
+from metadata: the tensors llama.cpp reads hold ``w + 1``), the HF config, the quant config and the
+tokenizer assets stored by ``write``.
 Other GGUF files are refused with a FormatConstraintError saying why they are not exact.
 """
 
@@ -24,11 +26,12 @@ from ..config import QuantConfig
 from ..errors import CorruptFileError, FormatConstraintError, InputError
 from ..model import QuantizedModel
 from ..packed import PackedLinear
-from .gguf_meta import check_arch
+from .gguf_arch import check_arch, tied_embeddings
 from .gguf_tensors import (
     TRANSPLANT,
     from_q4_1_packed,
     gguf_name,
+    gguf_slot,
     rope_heads,
     unpermute_rows,
 )
@@ -188,20 +191,27 @@ def read(path: Path) -> QuantizedModel:
     assets = {k: base64.b64decode(s) for k, s in json.loads(_field(reader, "awqconv.assets", "{}")).items()}
     provenance = json.loads(_field(reader, "awqconv.provenance", "{}"))
     _, permute = check_arch(hf_config)
+    arch = (hf_config.get("architectures") or ["?"])[0]
     n_head = int(hf_config["num_attention_heads"])
     n_kv = int(hf_config.get("num_key_value_heads") or n_head)
+    offset_norms = json.loads(_field(reader, "awqconv.offset_norms", "{}"))
+    tied = tied_embeddings(hf_config)
 
     tensors = reader.tensors
     linears: dict[str, PackedLinear] = {}
     dense: dict[str, torch.Tensor] = {}
     for name, g in groups.items():
-        t = tensors.get(gguf_name(f"{name}.weight"))
-        if t is None or t.ggml_type != T.Q4_1:
+        tname, expert = gguf_slot(f"{name}.weight", arch) or ("", None)
+        t = tensors.get(tname)
+        if t is None or t.ggml_type != T.Q4_1 or (expert is not None and (len(t.shape) != 3 or expert >= t.shape[0])):
             raise CorruptFileError(f"{file.name}: {name} is missing or not Q4_1; re-export gguf:{TRANSPLANT}")
-        qweight, z, s = from_q4_1_packed(reader.data(t.name), g, name)
-        n_rot = rope_heads(name, n_head, n_kv) if permute else None
+        data = reader.data(t.name)
+        if expert is not None:  # one expert's rows of the stacked [expert, out, in] tensor
+            data = data[expert * t.shape[1] : (expert + 1) * t.shape[1]]
+        qweight, z, s = from_q4_1_packed(data, g, name)
+        n_rot = rope_heads(name, n_head, n_kv, arch) if permute else None
         bias = None
-        tb = tensors.get(gguf_name(f"{name}.bias"))
+        tb = tensors.get(gguf_name(f"{name}.bias", arch))
         if tb is not None:
             bias = torch.from_numpy(np.array(reader.array(tb.name), dtype=np.float32))
         if n_rot:
@@ -213,24 +223,28 @@ def read(path: Path) -> QuantizedModel:
         p.validate(name)
         linears[name] = p
     for key, dt in dense_dtypes.items():
-        t = tensors.get(gguf_name(key) or "")
+        t = tensors.get(gguf_name(key, arch) or "")
         if t is None:
-            if key == "lm_head.weight" and hf_config.get("tie_word_embeddings"):
+            if key == "lm_head.weight" and tied:
                 continue
             if _SKIP_KEYS.search(key):
                 continue
             raise CorruptFileError(f"{file.name}: tensor for {key} is missing; re-export gguf:{TRANSPLANT}")
         if t.ggml_type not in (T.F32, T.F16, T.BF16):
             raise CorruptFileError(f"{file.name}: {t.name} is {t.ggml_type.name}, not a float type")
+        if key in offset_norms:  # the file holds w + 1 for llama.cpp; the exact gains are in the metadata
+            raw = bytearray(base64.b64decode(offset_norms[key]))
+            dense[key] = torch.frombuffer(raw, dtype=getattr(torch, dt)).reshape(t.shape).clone()
+            continue
         x = torch.from_numpy(np.array(reader.array(t.name)))
         if t.ggml_type == T.BF16:
             x = x.view(torch.bfloat16)
-        n_rot = rope_heads(key, n_head, n_kv) if permute else None
+        n_rot = rope_heads(key, n_head, n_kv, arch) if permute else None
         if n_rot:
             x = unpermute_rows(x, n_rot)
         dense[key] = x.to(getattr(torch, dt))
-    if hf_config.get("tie_word_embeddings") and "lm_head.weight" in dense_dtypes:
-        dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+    if tied and "lm_head.weight" in dense_dtypes:
+        dense["lm_head.weight"] = dense["model.embed_tokens.weight"].to(getattr(torch, dense_dtypes["lm_head.weight"]))
     provenance = {**provenance, "read_from": str(file)}
     return QuantizedModel(
         hf_config=hf_config, quant_config=quant_config, linears=linears, dense=dense,

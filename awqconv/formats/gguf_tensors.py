@@ -2,7 +2,8 @@
 
 HF keys map to llama.cpp names through the GGUF columns of the architecture registry
 (``awqconv/archs.py``: ``blk.{bid}.attn_q`` etc.); shapes stay HF
-``[out, in]`` (gguf-py reverses them, so blocks run along ``in``). ``permute_rows`` turns HF's
+``[out, in]`` (gguf-py reverses them, so blocks run along ``in``); the experts of one MoE layer
+stack into one ``[expert, out, in]`` tensor (``gguf_slot`` names the expert). ``permute_rows`` turns HF's
 half-split rotary layout into llama.cpp's adjacent-pair layout; it moves output rows only, so it
 commutes with every per-row block quantizer. The ``q4_1-awq`` transplant re-blocks canonical groups
 into Q4_1 blocks of 32 with ``d = s`` and ``m = -z * s`` (fp16), carrying the integer codes as-is.
@@ -10,6 +11,7 @@ into Q4_1 blocks of 32 with ``d = s`` and ``m = -z * s`` (fp16), carrying the in
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -25,11 +27,11 @@ from ..errors import FormatConstraintError, ShapeError, UnsupportedArchitecture
 from ..packed import PackedLinear
 
 T = GGMLQuantizationType
-_DEFAULT = GgufSpec("llama")  # the tensor names and q/k permutation of every GGUF row today
+_DEFAULT = GgufSpec("llama")  # the Llama-family names, for callers that name no architecture
 
 
 def gguf_spec(arch: str | None = None) -> GgufSpec:
-    """The GGUF columns of registry row ``arch``; None: the Llama-family layout every GGUF row shares today."""
+    """The GGUF columns of registry row ``arch``; None: the plain Llama layout."""
     if arch is None:
         return _DEFAULT
     row = archs.lookup(arch)
@@ -45,10 +47,21 @@ def _layers_path(arch: str | None) -> str:
     return row.awq.layers_path if row is not None else "model.layers"
 
 
-def gguf_name(hf_key: str, arch: str | None = None) -> str | None:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; None if unknown.
+@functools.lru_cache(maxsize=None)
+def _layer_patterns(spec: GgufSpec) -> tuple[tuple[re.Pattern[str], str, bool], ...]:
+    """(regex over a layer-relative module path, llama.cpp stem, stacks experts) per row of ``spec``."""
+    out = []
+    for hf, gg in spec.layer_tensors:
+        rx = re.escape(hf).replace(r"\*", r"(\d+)")
+        out.append((re.compile(f"^{rx}$"), gg, "*" in hf))
+    return tuple(out)
 
-    ``arch``: the HF class whose registry row names the tensors (default: the Llama-family names).
+
+def gguf_slot(hf_key: str, arch: str | None = None) -> tuple[str, int | None] | None:
+    """``(llama.cpp tensor name, expert index or None)`` of an HF key; None if llama.cpp has no place for it.
+
+    Experts share one 3-D tensor: ``model.layers.1.mlp.experts.3.up_proj.weight`` is expert 3 of
+    ``blk.1.ffn_up_exps.weight``.
     """
     spec = gguf_spec(arch)
     stem, _, suffix = hf_key.rpartition(".")
@@ -56,18 +69,31 @@ def gguf_name(hf_key: str, arch: str | None = None) -> str | None:
         return None
     glob = dict(spec.global_tensors)
     if stem in glob:
-        return f"{glob[stem]}.{suffix}"
+        return f"{glob[stem]}.{suffix}", None
     prefix = _layers_path(arch) + "."
-    if stem.startswith(prefix):
-        bid, _, path = stem[len(prefix):].partition(".")
-        layer = dict(spec.layer_tensors)
-        if bid.isdigit() and path in layer:
-            return f"blk.{bid}.{layer[path]}.{suffix}"
+    if not stem.startswith(prefix):
+        return None
+    bid, _, path = stem[len(prefix):].partition(".")
+    if not bid.isdigit():
+        return None
+    for rx, gg, stacked in _layer_patterns(spec):
+        m = rx.match(path)
+        if m:
+            return f"blk.{bid}.{gg}.{suffix}", int(m.group(1)) if stacked else None
     return None
 
 
+def gguf_name(hf_key: str, arch: str | None = None) -> str | None:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; None if unknown.
+
+    ``arch``: the HF class whose registry row names the tensors (default: the Llama-family names).
+    """
+    slot = gguf_slot(hf_key, arch)
+    return None if slot is None else slot[0]
+
+
 def hf_key(name: str, arch: str | None = None) -> str | None:
-    """Inverse of :func:`gguf_name`."""
+    """Inverse of :func:`gguf_name` (a stacked expert tensor gives the ``experts.*`` pattern)."""
     spec = gguf_spec(arch)
     stem, _, suffix = name.rpartition(".")
     for hf, gg in spec.global_tensors:
@@ -79,6 +105,11 @@ def hf_key(name: str, arch: str | None = None) -> str | None:
             if gg == m.group(2):
                 return f"{_layers_path(arch)}.{m.group(1)}.{hf}.{suffix}"
     return None
+
+
+def is_offset_norm(hf_key: str, arch: str | None = None) -> bool:
+    """Whether llama.cpp wants this tensor as ``w + 1`` (a Gemma ``(1 + w)`` norm gain)."""
+    return gguf_spec(arch).norm_plus_one and hf_key.endswith("norm.weight")
 
 
 def rope_heads(hf_key_or_module: str, n_head: int, n_head_kv: int, arch: str | None = None) -> int | None:

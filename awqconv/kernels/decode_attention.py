@@ -41,10 +41,21 @@ def _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs, fresh=None):
 
 
 @triton.jit
-def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc):
-    """One block of the online softmax: scores, running max/sum and the fp32 accumulator."""
+def softcap(x, cap):
+    """cap * tanh(x / cap) in fp32 (Gemma's soft-capping), tanh as 1 - 2 / (exp(2t) + 1): +-1 where
+    exp overflows or vanishes, no NaN."""
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
+
+
+@triton.jit
+def _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc, cap, SOFTCAP: tl.constexpr):
+    """One block of the online softmax: scores (soft-capped by ``cap`` with ``SOFTCAP``, before
+    the mask, as transformers does), running max/sum and the fp32 accumulator."""
     bias = tl.load(bias_row + rs, mask=rs < hi, other=float("-inf")).to(tl.float32)
-    sc = tl.sum(k.to(tl.float32) * q[None, :], axis=1) + bias
+    sc = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+    if SOFTCAP:
+        sc = softcap(sc, cap)
+    sc = sc + bias
     m_new = tl.maximum(m_i, tl.max(sc, axis=0))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked block adds nothing
     p = tl.exp(sc - m_ref)
@@ -62,11 +73,12 @@ def _store_out(ptrs, o, mask, X16: tl.constexpr):
 
 @triton.jit
 def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_ptr, cnt_ptr,
-                            S, CHUNK, N_SPLIT, H, GROUP, scale,
+                            S, CHUNK, N_SPLIT, H, GROUP, scale, cap,
                             stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bias,
                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                             SPLIT_P2: tl.constexpr, EARLY: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-                            X16: tl.constexpr = False, LIMIT: tl.constexpr = False):
+                            X16: tl.constexpr = False, LIMIT: tl.constexpr = False,
+                            SOFTCAP: tl.constexpr = False):
     """X16: the output (bf16 values) is stored as fp16 o / 16 for the o projection's GEMV (x16.py).
     EARLY: the first K/V block is loaded before waiting for the previous kernel (the cache rows of
     earlier steps do not change within a step), and only the row at this step's slot (``slot_ptr``),
@@ -102,11 +114,11 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, ws_p
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
     q = tl.load(q_ptr + bh * D + rd, mask=md, other=0.0).to(tl.float32) * scale
     m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, tl.full((), float("-inf"), tl.float32),
-                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32))
+                            tl.zeros((), tl.float32), tl.zeros((BLOCK_D,), tl.float32), cap, SOFTCAP)
     for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
         rs = s0 + tl.arange(0, BLOCK_S)
         k, v = _kv_block(kb, vb, rs, hi, rd, md, stride_ks, stride_vs)
-        m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc)
+        m_i, l_i, acc = _attend(k, v, q, bias_row, rs, hi, m_i, l_i, acc, cap, SOFTCAP)
     _finish(acc, m_i, l_i, o_ptr + bh * D, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOCK_D, SPLIT_P2, X16)
 
 
@@ -141,8 +153,10 @@ def _finish(acc, m_i, l_i, o_row, ws_ptr, cnt_ptr, bh, sp, N_SPLIT, rd, md, BLOC
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int | None = None,
                      slot: Tensor | None = None, early: bool | None = None, x16: bool = False,
-                     pdl: bool = True) -> Tensor | X16:
-    """softmax(q k^T / sqrt(D) + bias) v for one query token (``x16``: as an ``X16``, for bf16 q).
+                     pdl: bool = True, scale: float | None = None, cap: float | None = None) -> Tensor | X16:
+    """softmax(q k^T * scale + bias) v for one query token (``x16``: as an ``X16``, for bf16 q);
+    ``scale`` defaults to 1 / sqrt(D); ``cap``: the scores soft-capped to cap * tanh(s / cap)
+    before the mask (Gemma 2).
 
     ``q [B, H, 1, D]``; ``k, v [B, HKV, S, D]`` (views into the cache; any strides with a contiguous
     last dim); ``bias [B, 1, 1, S]`` additive, last dim contiguous. Returns ``[B, H, 1, D]``.
@@ -180,8 +194,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, n_split: int
         raise TypeError(f"X16 output needs bf16 attention, got {q.dtype}")
     out = torch.empty_like(q, dtype=torch.float16 if x16 else q.dtype)
     decode_attention_kernel[(B * H, n_split)](
-        q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV, D ** -0.5,
+        q, k, v, bias, bias if slot is None else slot, out, ws, cnt, S, chunk, n_split, H, H // HKV,
+        D ** -0.5 if scale is None else scale, cap or 1.0,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), bias.stride(0),
         D=D, BLOCK_D=block_d, BLOCK_S=block_s, SPLIT_P2=split_p2, EARLY=early, X16=x16,
-        LIMIT=slot is not None, num_warps=4 if block_s * block_d <= 8192 else 8, **pdl_launch(q.device, pdl))
+        LIMIT=slot is not None, SOFTCAP=cap is not None, num_warps=4 if block_s * block_d <= 8192 else 8,
+        **pdl_launch(q.device, pdl))
     return X16(out) if x16 else out

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_w4 import _round_to
+
 BLOCK_S = 512  # mask slots per program
 BLOCK_ROW = 512  # embedding values per program (the programs split the row: one load round trip)
 
@@ -28,11 +30,13 @@ def _copy_row(src, dst, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def decode_prologue_kernel(tok_ptr, pos_ptr, slot_ptr, embed_ptr, x_ptr, cos_tab, sin_tab, cos_ptr, sin_ptr,
-                           valid_ptr, bias_ptr, S, HIDDEN, HD, WINDOW, stride_embed, stride_tab, stride_valid,
-                           stride_bias,
-                           BLOCK_S: tl.constexpr, BLOCK_ROW: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                           valid_ptr, bias_ptr, S, HIDDEN, HD, WINDOW, embed_scale, stride_embed, stride_tab,
+                           stride_valid, stride_bias,
+                           BLOCK_S: tl.constexpr, BLOCK_ROW: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                           SCALED: tl.constexpr = False):
     """Program (b, i): mask slots [i * BLOCK_S, (i + 1) * BLOCK_S) and embedding values
-    [i * BLOCK_ROW, (i + 1) * BLOCK_ROW) of row b (where they exist); program (b, 0) also marks the
+    [i * BLOCK_ROW, (i + 1) * BLOCK_ROW) of row b (where they exist; ``SCALED``: times
+    ``embed_scale``, rounded once as torch rounds the product); program (b, 0) also marks the
     slot valid and copies the cos/sin rows."""
     b = tl.program_id(0)
     pid = tl.program_id(1)
@@ -48,7 +52,10 @@ def decode_prologue_kernel(tok_ptr, pos_ptr, slot_ptr, embed_ptr, x_ptr, cos_tab
     re = pid * BLOCK_ROW + tl.arange(0, BLOCK_ROW)
     me = re < HIDDEN
     tok = tl.load(tok_ptr + b)
-    tl.store(x_ptr + b * HIDDEN + re, tl.load(embed_ptr + tok * stride_embed + re, mask=me), mask=me)
+    e = tl.load(embed_ptr + tok * stride_embed + re, mask=me)
+    if SCALED:
+        e = _round_to(e.to(tl.float32) * embed_scale, x_ptr.dtype.element_ty)
+    tl.store(x_ptr + b * HIDDEN + re, e, mask=me)
     if pid == 0:
         tl.store(valid_ptr + b * stride_valid + slot, tl.full((), 1, tl.uint8))
         pos = tl.load(pos_ptr + b)
@@ -57,9 +64,11 @@ def decode_prologue_kernel(tok_ptr, pos_ptr, slot_ptr, embed_ptr, x_ptr, cos_tab
 
 
 def decode_prologue(tokens: Tensor, positions: Tensor, slot: Tensor, embed: Tensor, rope_table: tuple[Tensor, Tensor],
-                    key_valid: Tensor, kv_len: int, window: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    key_valid: Tensor, kv_len: int, window: int | None = None,
+                    embed_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For ``tokens, positions [B, 1]`` at cache ``slot`` (0-d long): marks ``key_valid[:, slot]``
-    (bool ``[B, max_len]``, in place) and returns the embeddings ``[B, 1, hidden]``, cos and sin
+    (bool ``[B, max_len]``, in place) and returns the embeddings ``[B, 1, hidden]`` (times
+    ``embed_scale``, a value of the embedding's dtype, where given: Gemma), cos and sin
     ``[B, 1, 1, head_dim]`` and the additive mask ``[B, 1, 1, kv_len]`` (embedding dtype) over cache
     slots ``< kv_len``: 0 where valid, ``<= slot`` and, with ``window``, ``slot - s < window``."""
     B, T = tokens.shape
@@ -76,9 +85,10 @@ def decode_prologue(tokens: Tensor, positions: Tensor, slot: Tensor, embed: Tens
     bias = torch.empty(B, 1, 1, kv_len, dtype=dt, device=dev)
     decode_prologue_kernel[(B, max(triton.cdiv(kv_len, BLOCK_S), triton.cdiv(hidden, BLOCK_ROW)))](
         tokens.reshape(B), positions.reshape(B), slot, embed, x, cos_tab, sin_tab, cos, sin,
-        key_valid.view(torch.uint8), bias, kv_len, hidden, hd, window or 0, embed.stride(0), cos_tab.stride(0),
-        key_valid.stride(0), bias.stride(0),
-        BLOCK_S=BLOCK_S, BLOCK_ROW=BLOCK_ROW, HAS_WINDOW=window is not None, num_warps=4)
+        key_valid.view(torch.uint8), bias, kv_len, hidden, hd, window or 0, embed_scale or 1.0, embed.stride(0),
+        cos_tab.stride(0), key_valid.stride(0), bias.stride(0),
+        BLOCK_S=BLOCK_S, BLOCK_ROW=BLOCK_ROW, HAS_WINDOW=window is not None, SCALED=embed_scale is not None,
+        num_warps=4)
     return x, cos, sin, bias
 
 

@@ -30,8 +30,10 @@ from .config import PTX, default_config
 from .gemv_f16x2 import x16_from_f32
 from .launch import pdl_launch, pdl_start, pdl_wait
 from .layout import KernelWeight
+from .norm_act import ACT_CODES, activation
 from .ops import plan_matmul
 from .pending_norm import PendingNorm
+from .rope_kv import head_norm_part, head_rms
 from .triton_w4 import _round_to, sum_parked
 from .x16 import X16
 
@@ -89,12 +91,14 @@ def residual_merge_kernel(ws_ptr, b_ptr, res_ptr, w_ptr, s_ptr, xw_ptr, sq_ptr, 
 
 @triton.jit
 def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
-                      slot_ptr, N, SPLIT, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs,
+                      slot_ptr, N, SPLIT, H, HKV, stride_kh, stride_ks, stride_vh, stride_vs, qn_ptr, kn_ptr, qk_eps,
                       HEAD_D: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ADT: tl.constexpr, SQ_P2: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+                      ADT: tl.constexpr, SQ_P2: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+                      QK_NORM: tl.constexpr = False):
     """One head per program: merge its columns (d, d + D/2) (scaled by a pending RMSNorm's r, from
-    ``N_SQ`` block sums at ``sq_ptr``, when ``SQ_P2`` > 0), rotate q and k heads, store q or the
-    cache rows at this step's slot (v heads unrotated)."""
+    ``N_SQ`` block sums at ``sq_ptr``, when ``SQ_P2`` > 0), normalise q and k heads (``QK_NORM``:
+    weights ``qn_ptr``/``kn_ptr``, as rope_kv.py), rotate them, store q or the cache rows at this
+    step's slot (v heads unrotated)."""
     pdl_start(USE_PDL)
     pdl_wait(USE_PDL)  # the partials are the GEMV's; q and the caches are read by the next kernels
     HALF: tl.constexpr = HEAD_D // 2
@@ -108,6 +112,11 @@ def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr
     x1 = _finished(t1, r, b_ptr, col1, m, HAS_BIAS, ADT)
     x2 = _finished(t2, r, b_ptr, col2, m, HAS_BIAS, ADT)
     if head < H + HKV:
+        if QK_NORM:
+            w_ptr = qn_ptr if head < H else kn_ptr
+            rr = head_rms(x1, x2, tl.zeros((1,), tl.float32), HEAD_D, qk_eps)
+            x1 = head_norm_part(x1, w_ptr, i, m, rr, ADT)
+            x2 = head_norm_part(x2, w_ptr, HALF + i, m, rr, ADT)
         c1 = tl.load(cos_ptr + i, mask=m, other=0.0).to(tl.float32)
         c2 = tl.load(cos_ptr + HALF + i, mask=m, other=0.0).to(tl.float32)
         s1 = tl.load(sin_ptr + i, mask=m, other=0.0).to(tl.float32)
@@ -131,9 +140,10 @@ def rope_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, cos_ptr
 @triton.jit
 def silu_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, act_ptr, N, SPLIT, I, BLOCK: tl.constexpr,
                       SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, ADT: tl.constexpr, SQ_P2: tl.constexpr = 0,
-                      X16: tl.constexpr = False, USE_PDL: tl.constexpr = False):
-    """act[j] = silu(gate[j]) * up[j] from the merged [gate; up] columns (scaled by a pending
-    RMSNorm's r as in ``rope_merge_kernel``; ``X16``: stored as fp16 act / 16)."""
+                      X16: tl.constexpr = False, USE_PDL: tl.constexpr = False, ACT: tl.constexpr = 0):
+    """act[j] = silu(gate[j]) * up[j] (``ACT``: another of norm_act.ACT_CODES) from the merged
+    [gate; up] columns (scaled by a pending RMSNorm's r as in ``rope_merge_kernel``; ``X16``:
+    stored as fp16 act / 16)."""
     pdl_start(USE_PDL)
     pdl_wait(USE_PDL)
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -143,7 +153,7 @@ def silu_merge_kernel(ws_ptr, b_ptr, sq_ptr, N_SQ, H_NORM, eps, unscale, act_ptr
     r = _pending_scale(sq_ptr, N_SQ, H_NORM, eps, unscale, SQ_P2)
     g = _finished(tg, r, b_ptr, j, m, HAS_BIAS, ADT)
     u = _finished(tu, r, b_ptr, I + j, m, HAS_BIAS, ADT)
-    a = (g / (1.0 + tl.exp(-g))).to(ADT).to(tl.float32)
+    a = activation(g, ACT).to(ADT).to(tl.float32)
     if X16:  # the down projection's input, already as fp16 x / 16
         tl.store(act_ptr + j, x16_from_f32(a * u), mask=m)
     else:
@@ -189,11 +199,13 @@ def _parked(x: Tensor | X16 | PendingNorm, kw: KernelWeight, pdl: bool) -> tuple
 
 
 def qkv_rope(x: Tensor | X16 | PendingNorm, kw: KernelWeight, cos: Tensor, sin: Tensor, k_cache: Tensor,
-             v_cache: Tensor, slot: Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = True) -> Tensor:
+             v_cache: Tensor, slot: Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = True,
+             qk_norm: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     """``x [1, K]`` through the fused QKV weight, then RoPE and the cache write: returns rotated q as
     ``[1, n_heads, 1, head_dim]`` and stores rotated k and v at ``slot`` (int64 [1], on the device) of
     ``k_cache, v_cache [1, n_kv, S, head_dim]``. ``cos, sin``: this token's ``[head_dim]`` (any view
-    with a contiguous last dim). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``
+    with a contiguous last dim); ``qk_norm``: (q weight, k weight, eps) of the per-head RMSNorm
+    before RoPE (Qwen3). Same values as ``w4_matmul`` followed by ``rope_kv.rope_kv_write``
     (an ``X16`` row: those of its bf16 row, q in bf16); a ``PendingNorm`` row is normalised here.
     ``pdl``: programmatic dependent launch where supported (launch.py)."""
     if not rope_shape_ok(kw.out_features, n_heads, n_kv, head_dim):
@@ -206,28 +218,30 @@ def qkv_rope(x: Tensor | X16 | PendingNorm, kw: KernelWeight, cos: Tensor, sin: 
     rope_merge_kernel[(n_heads + 2 * n_kv,)](
         ws, kw.bias if kw.bias is not None else ws, *norm, cos, sin, q, k_cache, v_cache, slot, kw.out_features,
         split, n_heads, n_kv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        *(qk_norm if qk_norm is not None else (ws, ws, 0.0)),
         HEAD_D=head_dim, BLOCK=triton.next_power_of_2(head_dim // 2), num_warps=1 if head_dim <= 128 else 2,
-        **meta)
+        QK_NORM=qk_norm is not None, **meta)
     return q
 
 
-def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight, pdl: bool = True) -> Tensor | X16:
-    """``x [1, K]`` through the fused [gate; up] weight, then silu(gate) * up: ``[1, I]``. Same values
-    as ``w4_matmul`` followed by ``norm_act.silu_mul``; for an ``X16`` row, an ``X16`` of them; a
-    ``PendingNorm`` row is normalised here."""
+def gate_up_silu(x: Tensor | X16 | PendingNorm, kw: KernelWeight, pdl: bool = True, act: str = "silu") -> Tensor | X16:
+    """``x [1, K]`` through the fused [gate; up] weight, then silu(gate) * up (``act``: another of
+    ``norm_act.ACT_CODES``): ``[1, I]``. Same values as ``w4_matmul`` followed by
+    ``norm_act.silu_mul``; for an ``X16`` row, an ``X16`` of them; a ``PendingNorm`` row is
+    normalised here."""
     inter = kw.out_features // 2
     if not glu_shape_ok((inter, kw.out_features - inter)):
         raise ValueError(f"gate_up_silu: {kw.out_features} outputs are not two equal halves")
     xr = x.xw if isinstance(x, PendingNorm) else x
     x16 = isinstance(xr, X16)
     t = xr.t if x16 else xr
-    act = torch.empty(1, inter, dtype=torch.float16 if x16 else t.dtype, device=t.device)
+    out = torch.empty(1, inter, dtype=torch.float16 if x16 else t.dtype, device=t.device)
     ws, split, norm, meta = _parked(x, kw, pdl)
     block = SILU_BLOCK
-    silu_merge_kernel[(triton.cdiv(inter, block),)](ws, kw.bias if kw.bias is not None else ws, *norm, act,
+    silu_merge_kernel[(triton.cdiv(inter, block),)](ws, kw.bias if kw.bias is not None else ws, *norm, out,
                                                     kw.out_features, split, inter, BLOCK=block, X16=x16,
-                                                    num_warps=2, **meta)
-    return X16(act) if x16 else act
+                                                    ACT=ACT_CODES[act], num_warps=2, **meta)
+    return X16(out) if x16 else out
 
 
 def residual_pending_norm(a: Tensor | X16, kw: KernelWeight, residual: Tensor, w: Tensor, eps: float,

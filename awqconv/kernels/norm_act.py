@@ -1,10 +1,11 @@
-"""The decoder's small elementwise steps as Triton kernels: (residual add +) RMSNorm, and SiLU(gate) * up.
+"""The decoder's small elementwise steps as Triton kernels: (residual add +) RMSNorm, and act(gate) * up
+(SiLU, GeLU-tanh or exact GeLU: ``ACT_CODES``).
 
 On the GPU runtime they sit between the INT4 GEMVs; being Triton kernels they take part in the
 programmatic-dependent-launch chain (launch.py), so each one's launch overlaps the kernel before.
 Rounding follows the torch reference in runtime/layer_ops.py step for step: the residual sum is rounded
 to the activation dtype, the normalised row is rounded before the weight multiply, SiLU is rounded
-before the multiply by ``up``. With ``x16`` the normalised row (bf16) is written as an ``X16``
+before the multiply by ``up`` (GeLU likewise). With ``x16`` the normalised row (bf16) is written as an ``X16``
 (x16.py) for the one-row GEMV that reads it.
 """
 
@@ -18,6 +19,23 @@ from torch import Tensor
 from .gemv_f16x2 import x16_from_f32
 from .launch import pdl_launch, pdl_start, pdl_wait
 from .x16 import X16
+
+# config ``hidden_act`` names -> the kernels' ACT code: 0 SiLU, 1 GeLU with the tanh approximation
+# (Gemma's "gelu_pytorch_tanh"; "gelu_new" is the same formula), 2 exact (erf) GeLU
+ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+
+
+@triton.jit
+def activation(g, ACT: tl.constexpr):
+    """act(g) in fp32 for an ``ACT_CODES`` code, torch's formulas; GeLU-tanh's 0.5 (1 + tanh t) is
+    computed as sigmoid(2t), which neither overflows nor cancels."""
+    if ACT == 0:
+        return g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        t = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi)
+        return g / (1.0 + tl.exp(-2.0 * t))
+    else:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
 
 
 @triton.jit
@@ -48,8 +66,9 @@ def rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, y_ptr, H, eps,
 
 @triton.jit
 def silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u,
-                    BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """y[row] = silu(g[row]) * u[row]; g and u may be column slices of one fused output."""
+                    BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False, ACT: tl.constexpr = 0):
+    """y[row] = act(g[row]) * u[row] (``ACT``: SiLU by default); g and u may be column slices of one
+    fused output."""
     pdl_start(USE_PDL)
     pdl_wait(USE_PDL)
     row = tl.program_id(1)
@@ -58,7 +77,7 @@ def silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u,
     dt = y_ptr.dtype.element_ty
     g = tl.load(g_ptr + row * stride_g + c, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + c, mask=m, other=0.0).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    a = activation(g, ACT).to(dt).to(tl.float32)
     tl.store(y_ptr + row * N + c, (a * u).to(dt), mask=m)
 
 
@@ -101,8 +120,9 @@ def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False,
     return s.view(x.shape), (X16(y.view(x.shape)) if x16 else y.view(x.shape))
 
 
-def silu_mul(g: Tensor, u: Tensor, pdl: bool = True) -> Tensor:
-    """``silu(g) * u`` for ``g, u [..., N]`` whose rows may be strided (slices of one fused output)."""
+def silu_mul(g: Tensor, u: Tensor, pdl: bool = True, act: str = "silu") -> Tensor:
+    """``act(g) * u`` (SiLU unless ``act`` names another of ``ACT_CODES``) for ``g, u [..., N]`` whose
+    rows may be strided (slices of one fused output)."""
     lead, N = g.shape[:-1], g.shape[-1]
     g2, u2 = g.reshape(-1, N), u.reshape(-1, N)
     if g2.stride(1) != 1 or u2.stride(1) != 1:
@@ -110,5 +130,5 @@ def silu_mul(g: Tensor, u: Tensor, pdl: bool = True) -> Tensor:
     y = torch.empty(g2.shape, dtype=g.dtype, device=g.device)
     block = 1024
     silu_mul_kernel[(triton.cdiv(N, block), g2.shape[0])](g2, u2, y, N, g2.stride(0), u2.stride(0), BLOCK=block,
-                                                         num_warps=4, **pdl_launch(g.device, pdl))
+                                                         ACT=ACT_CODES[act], num_warps=4, **pdl_launch(g.device, pdl))
     return y.view(*lead, N)

@@ -1,4 +1,5 @@
-"""The built-in runtime: a Llama-family decoder over INT4 linears (model.py; its one-token GPU step in
+"""The built-in runtime: a decoder over INT4 linears for every registry family (model.py, built by
+build.py, configured by spec.py from archs.RuntimeSpec; MoE blocks in moe.py; its one-token GPU step in
 decode_chain.py, its switches in options.py), batched generation with streaming and CUDA graphs
 (generate.py), artifact loading (lm.py), and the verify / bench / chat back-ends the CLI calls."""
 

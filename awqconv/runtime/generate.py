@@ -157,16 +157,17 @@ class Generator:
 
     def prefill_slots(self, T: int, new_tokens: int) -> int:
         """Cache slots a prefill of ``T``-token prompts takes: T rounded up to PREFILL_STEP where it runs
-        from a CUDA graph (GPU, T <= PREFILL_GRAPH_MAX, and the padding still leaves room for
-        ``new_tokens``), else T."""
+        from a CUDA graph (GPU, a model whose prefill graphs (``Decoder.graph_prefill``: no MoE),
+        T <= PREFILL_GRAPH_MAX, and the padding still leaves room for ``new_tokens``), else T."""
         padded = padded_prefill_len(T)
-        if self.use_graph and padded <= PREFILL_GRAPH_MAX and padded + new_tokens <= self.max_len:
+        if (self.use_graph and self.model.graph_prefill and padded <= PREFILL_GRAPH_MAX
+                and padded + new_tokens <= self.max_len):
             return padded
         return T
 
     def _graphed(self, slots: int) -> bool:
         """Whether a prefill into ``slots`` cache slots replays a graph (a ``prefill_slots`` length)."""
-        return self.use_graph and slots <= PREFILL_GRAPH_MAX and slots % PREFILL_STEP == 0
+        return self.use_graph and self.model.graph_prefill and slots <= PREFILL_GRAPH_MAX and slots % PREFILL_STEP == 0
 
     def _prefill_graph_for(self, B: int, T: int):
         """The graph of a [B, T] prefill (tokens, positions and validity in static buffers)."""

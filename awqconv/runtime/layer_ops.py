@@ -33,7 +33,11 @@ def add_rms_norm(x: Tensor, r: Tensor, w: Tensor, eps: float, x16: bool = False)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    h = x.shape[-1] // 2
+    """RoPE (half-split pairs) on the first ``cos.shape[-1]`` dims; the rest pass through (partial rotary)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((rotate(x[..., :rot], cos, sin), x[..., rot:]), -1)
+    h = rot // 2
     x1, x2 = x[..., :h], x[..., h:]
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
@@ -46,41 +50,84 @@ def silu_mul(g: Tensor, u: Tensor) -> Tensor:
     return F.silu(g) * u
 
 
+# config activation names (archs.RuntimeSpec.act_key) -> torch; kernels/norm_act.ACT_CODES has the same names
+ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def act_mul(g: Tensor, u: Tensor, act: str = "silu") -> Tensor:
+    """act(g) * u, each step rounded to the activations' dtype (as transformers' gated MLPs)."""
+    return silu_mul(g, u) if act == "silu" else ACTS[act](g) * u
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """cap * tanh(x / cap), in x's dtype step by step (transformers' Gemma 2 soft-capping)."""
+    return torch.tanh(x / cap) * cap
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, cap: float | None) -> Tensor:
+    """transformers' eager attention: scores * scale, soft-capped, masked, softmax in fp32 cast back,
+    times v; KV heads repeated over their query heads. A query that sees no slot (left padding) gets
+    zero weights, as SDPA gives it, not NaN (whose V rows would poison every later layer's cache)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    sc = (q @ k.transpose(-1, -2)) * scale
+    if cap is not None:
+        sc = softcap(sc, cap)
+    p = (sc + bias).softmax(-1, dtype=torch.float32)
+    p = p.masked_fill((bias == float("-inf")).all(-1, keepdim=True), 0.0)
+    return p.to(q.dtype) @ v
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, gqa: bool, x16: bool = False,
-              slot: Tensor | None = None, pdl: bool = True) -> Tensor | X16:
+              slot: Tensor | None = None, pdl: bool = True, scale: float | None = None,
+              cap: float | None = None) -> Tensor | X16:
     """Single-token decode: the split-KV Triton kernel on a GPU (kernels/decode_attention.py), the
     plain math on the CPU (SDPA's CPU flash kernel costs milliseconds per call there), grouping query
     heads per KV head instead of repeating K/V. Several tokens (prefill): SDPA. ``bias`` is the
     additive mask (0 or -inf), built once per step: a boolean mask made SDPA convert it in three
     small kernels per layer. ``x16``: the one-token output as an ``X16``. ``slot``: the one cache slot
-    this step wrote (the GPU kernel may then read the others before the previous kernel ends)."""
+    this step wrote (the GPU kernel may then read the others before the previous kernel ends).
+    ``scale``: of the scores (default 1 / sqrt(D)); ``cap``: scores soft-capped before the mask
+    (Gemma 2; SDPA has no such step, so several tokens then take transformers' eager math)."""
     if q.shape[2] == 1 and q.is_cuda:
         from ..kernels.decode_attention import decode_attention  # Triton import only where a GPU path runs
 
-        return decode_attention(q, k, v, bias, slot=slot, x16=x16, pdl=pdl)
+        return decode_attention(q, k, v, bias, slot=slot, x16=x16, pdl=pdl, scale=scale, cap=cap)
     if x16:
-        return X16.of(attention(q, k, v, bias, gqa))
-    if q.device.type != "cpu" or q.shape[2] != 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
+        return X16.of(attention(q, k, v, bias, gqa, scale=scale, cap=cap))
     B, H, T, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    if cap is not None and (q.device.type != "cpu" or T != 1):
+        return _attention_math(q, k, v, bias, scale, cap)
+    if q.device.type != "cpu" or T != 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa, scale=scale)
     hk = k.shape[1]
     qg = q.reshape(B, hk, H // hk * T, D)
-    sc = (qg @ k.transpose(-1, -2)) * (D ** -0.5)  # [B, hk, H/hk, S]
+    sc = (qg @ k.transpose(-1, -2)) * scale  # [B, hk, H/hk, S]
+    if cap is not None:
+        sc = softcap(sc, cap)
     sc = (sc + bias).softmax(-1)  # bias [B, 1, 1, S] broadcasts
     return (sc @ v).reshape(B, H, T, D)
 
 
 def rope_cache_write(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
-                     slots: Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = True) -> Tensor:
+                     slots: Tensor, n_heads: int, n_kv: int, head_dim: int, pdl: bool = True,
+                     qk_norm: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
     """RoPE on ``q, k [B, T, heads * D]`` (column slices of one fused QKV output), k and v into the
-    caches at ``slots``: returns q as ``[B, H, T, D]``. One Triton kernel on a GPU (kernels/rope_kv.py)."""
+    caches at ``slots``: returns q as ``[B, H, T, D]``. ``qk_norm``: (q weight, k weight, eps) of a
+    per-head RMSNorm before RoPE (Qwen3). One Triton kernel on a GPU (kernels/rope_kv.py)."""
     if q.is_cuda:
         from ..kernels.rope_kv import rope_kv_write  # Triton import only where a GPU path runs
 
-        return rope_kv_write(q, k, v, cos, sin, kc, vc, slots, n_heads, n_kv, head_dim, pdl=pdl)
+        return rope_kv_write(q, k, v, cos, sin, kc, vc, slots, n_heads, n_kv, head_dim, pdl=pdl, qk_norm=qk_norm)
     B, T, _ = q.shape
-    q = q.view(B, T, n_heads, head_dim).transpose(1, 2)
-    k = k.view(B, T, n_kv, head_dim).transpose(1, 2)
+    q = q.view(B, T, n_heads, head_dim)
+    k = k.view(B, T, n_kv, head_dim)
+    if qk_norm is not None:
+        q, k = rms_norm(q, qk_norm[0], qk_norm[2]), rms_norm(k, qk_norm[1], qk_norm[2])
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(B, T, n_kv, head_dim).transpose(1, 2)
     q, k = rope_qk(q, k, cos, sin)
     kc.index_copy_(2, slots, k.to(kc.dtype))
@@ -125,12 +172,14 @@ class StepPaths:
             return norm_act.add_rms_norm(x, r, w, eps, x16=x16, pdl=self.pdl)
         return add_rms_norm(x, r, w, eps, x16)
 
-    def silu_mul(self, g: Tensor, u: Tensor) -> Tensor:
+    def silu_mul(self, g: Tensor, u: Tensor, act: str = "silu") -> Tensor:
+        """act(g) * u (SiLU unless ``act`` names another activation of ``ACTS``)."""
         if self.triton:
             from ..kernels import norm_act
 
-            return norm_act.silu_mul(g, u, pdl=self.pdl)
-        return silu_mul(g, u)
+            if act in norm_act.ACT_CODES:
+                return norm_act.silu_mul(g, u, pdl=self.pdl, act=act)
+        return act_mul(g, u, act)
 
     def linear(self, lin, x: Tensor) -> Tensor:
         """``lin(x)`` (an Int4Linear) with this decoder's launch options."""

@@ -22,7 +22,7 @@ from awqconv.errors import FormatConstraintError, InputError, UnsupportedArchite
 from awqconv.formats import ExportRequest, Target
 from awqconv.formats import gguf as G
 from awqconv.formats.gguf_read import GGUFFile
-from awqconv.model import QuantizedModel
+from awqconv.model import QuantizedModel, fuse_expert_weights
 from awqconv.packed import bitwise_equal
 from awqconv.quant.grid import IntGrid
 
@@ -143,7 +143,7 @@ def _prescaled_hf(qm: QuantizedModel):
         sd[n + ".weight"] = qm.prescaled[n].float()
         if p.bias is not None:
             sd[n + ".bias"] = p.bias.float()
-    return _hf_model(qm.hf_config, sd)
+    return _hf_model(qm.hf_config, fuse_expert_weights(sd))
 
 
 def _canonical_hf(qm: QuantizedModel):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from awqconv import archs
 from awqconv.errors import FormatConstraintError, InputError, ShapeError, UnsupportedArchitecture
 from awqconv.formats.gguf_tensors import (
     fitting_type,
@@ -94,8 +97,11 @@ def test_names_come_from_the_registry_row(arch):
 
 
 def test_architectures_without_gguf_are_refused_by_name():
-    with pytest.raises(UnsupportedArchitecture, match="GemmaForCausalLM has no GGUF writer.*Qwen2ForCausalLM"):
-        gguf_name("model.norm.weight", "GemmaForCausalLM")
+    with pytest.raises(UnsupportedArchitecture, match="FalconForCausalLM has no GGUF writer.*Qwen2ForCausalLM"):
+        gguf_name("model.norm.weight", "FalconForCausalLM")
+    row = replace(archs.lookup("LlamaForCausalLM"), name="NoGgufForCausalLM", gguf=None)
+    with archs.registered(row), pytest.raises(UnsupportedArchitecture, match="NoGgufForCausalLM has no GGUF"):
+        gguf_name("model.norm.weight", "NoGgufForCausalLM")
 
 
 def test_fitting_type_follows_llama_cpp_fallbacks():
