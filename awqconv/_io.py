@@ -18,6 +18,29 @@ from .errors import CorruptFileError, InputError
 SHARD_SIZE = "5GB"
 
 
+def timestamp() -> str:
+    """Now as ISO 8601 UTC, or ``SOURCE_DATE_EPOCH`` when set: the reproducible-builds convention,
+    so that two runs of the same job (an interrupted one resumed, say) write the same bytes."""
+    import os
+    from datetime import datetime, timezone
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
+    return when.isoformat(timespec="seconds")
+
+
+def parse_size(text: str) -> int:
+    """``"4GB"``, ``"512MiB"``, ``"2e9"`` -> bytes (SI units powers of 1000, IEC units of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size; write e.g. 4GB, 512MiB or 2e9")
+    unit = (m.group(2) or "").lower()
+    base = 1024 if unit.endswith("i") else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(unit[:1] or " "))
+
+
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

@@ -10,9 +10,9 @@ The library never prints or exits; the CLI does.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,6 +23,7 @@ from .config import QuantConfig
 from .devices import resolve_device
 from .errors import CorruptFileError, FormatConstraintError, InputError, ShapeError, UsageError
 from .formats import ExportRequest, Target, detect_format, get_format, needs_prescaled, parse_targets, read_artifact
+from ._io import timestamp
 from .formats.integrity import record
 from .hfconfig import context_length
 from .model import QuantizedModel
@@ -249,6 +250,8 @@ def convert(
     progress: bool = True,
     search_grid: str | None = None,
     keep_prescaled: bool = False,
+    resume: bool = False,
+    activation_memory: int | None = None,
     **overrides: Any,
 ) -> ConvertResult:
     """Quantize ``model`` once and write every format in ``to`` under ``out_dir``.
@@ -267,6 +270,12 @@ def convert(
     ``export --to gguf:q4_0`` (or a K-quant) re-quantizes them. Without it they are kept in memory
     only when a target of this run re-quantizes them, and a later export uses the dequantized
     canonical integers.
+
+    Decoder layers are read from safetensors shards one at a time (``streaming.py``) and every
+    finished layer is checkpointed beside the output (``quant/resume.py``): ``resume=True``
+    continues a killed run of the same job from its last finished layer, with the same result.
+    ``activation_memory`` bounds the calibration activations held in RAM (bytes; default half the
+    available memory); the rest spill to disk.
     """
     cfg = build_config(config, **overrides)
     if isinstance(calib_data, str):
@@ -275,23 +284,60 @@ def convert(
     p = plan(model, to, out_dir, cfg, overwrite=overwrite, trust_remote_code=trust_remote_code, revision=revision,
              device=device, calib_data=calib_data, keep_prescaled=keep_prescaled)
     with reserved(p.out_dir) as lock:  # one writer per output, from here to the final swap
-        return _convert(p, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock)
+        return _convert(p, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock,
+                        resume, activation_memory)
 
 
-def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock) -> ConvertResult:
+def _fingerprint(p: Plan, cfg: QuantConfig, calib_hash, search_grid, keep_prescaled: bool) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one for its checkpoints to be reused."""
+    files = sorted(f for f in p.path.iterdir() if f.suffix in (".safetensors", ".bin", ".json") and f.is_file())
+    return {"awqconv": __version__, "torch": torch.__version__, "source": str(p.path),
+            "source_files": {f.name: f.stat().st_size for f in files}, "config": cfg.to_dict(),
+            "calibration": calib_hash, "search_grid": search_grid, "prescaled": keep_prescaled,
+            "device": p.device.type}
+
+
+def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock,
+             resume: bool = False, activation_memory: int | None = None) -> ConvertResult:
+    from .outdir import temp_prefix, work_path
     from .quant.pipeline import quantize_model
+    from .quant.resume import resume_checkpoints
+    from .quant.spill import ActivationBudget, default_budget
     from .sources import collect_assets, load_causal_lm
+    from .streaming import open_streamed
 
     t0 = time.time()
     report: dict[str, Any] = {}
     blocks, calib_hash = (None, None) if p.calib_blocks is None else p.calib_blocks
     if blocks is not None:
         report["calibration_blocks"] = int(blocks.shape[0])
-    hf_model, _ = load_causal_lm(p.path, trust_remote_code=trust_remote_code)
-    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device, progress=progress,
-                          keep_prescaled=p.keep_prescaled or needs_prescaled(p.targets))
-    del hf_model
+    keep = p.keep_prescaled or needs_prescaled(p.targets)
+    checkpoints, start = resume_checkpoints(work_path(p.out_dir), _fingerprint(p, cfg, calib_hash, search_grid, keep),
+                                            resume)
+    if start:
+        log.warning("resuming: %d of %d layers were finished by the interrupted run", start,
+                    p.hf_config.get("num_hidden_layers", 0))
+    budget = ActivationBudget(default_budget() if activation_memory is None else activation_memory,
+                              checkpoints.dir / "spill")
+    src = open_streamed(p.path, p.hf_config, arch_spec(p.hf_config).layers_path, trust_remote_code)
+    hf_model = src.model if src is not None else load_causal_lm(p.path, trust_remote_code=trust_remote_code)[0]
+    report["streamed"] = src is not None
+    try:
+        qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device,
+                              progress=progress, keep_prescaled=keep,
+                              load_layer=None if src is None else src.load_layer, checkpoints=checkpoints,
+                              start_layer=start, budget=budget)
+    except BaseException:
+        done = checkpoints.done()
+        if done:
+            log.warning("%d finished layers are kept in %s: rerun the same command with --resume to continue",
+                        done, checkpoints.dir)
+        else:
+            checkpoints.remove()
+        raise
+    del hf_model, src
     report.update(qout.report)
+    report["resumed_from_layer"] = start
     report["seconds_quantize"] = round(time.time() - t0, 1)
 
     provenance = {
@@ -299,7 +345,7 @@ def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote
         "source_model": p.source,
         "source_path": str(p.path),
         "revision": revision,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": timestamp(),
         "calibration": None if cfg.method == "rtn" else (cfg.calib if isinstance(calib_data, (str, type(None))) else "python-list"),
         "calibration_hash": calib_hash,
         "calibration_blocks": report.get("calibration_blocks"),
@@ -317,8 +363,14 @@ def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote
         assets=collect_assets(p.path),
         prescaled=qout.prescaled,
         keep_prescaled=p.keep_prescaled,
+        importance=qout.importance,
     )
+    if qm.importance is not None:  # llama.cpp's imatrix names the text it was computed on
+        qm.importance.datasets = [str(provenance["calibration"])]
     artifacts = write_artifacts(qm, p.targets, p.out_dir, overwrite=overwrite, inputs=p.inputs, lock=lock)
+    # only now: a failed write resumes straight to writing. The integers are still read from the
+    # checkpoint files (StoredLinears), which leave --resume's way and go with the model object
+    checkpoints.retire(p.out_dir.parent / f"{temp_prefix(p.out_dir)}results-{os.getpid()}", qm)
     report["seconds_total"] = round(time.time() - t0, 1)
     return ConvertResult(p.out_dir, artifacts, qm, report)
 
@@ -371,12 +423,21 @@ def export(
     overwrite: bool = False,
     adapter: str | Path | None = None,
     adapter_mode: str = "separate",
+    revision: str | None = None,
 ) -> dict[str, Path]:
-    """Re-lay an existing artifact out as other formats; never re-quantizes (except an adapter merge)."""
+    """Re-lay an existing artifact out as other formats; never re-quantizes (except an adapter merge).
+
+    ``artifact`` is a directory (or .gguf file), or the Hub id of an AWQ checkpoint (any tool's
+    AutoAWQ GEMM layout, downloaded with the safetensors and tokenizer files at ``revision``)."""
     targets = parse_targets(to)
-    inputs = [Path(artifact)] + ([Path(adapter)] if adapter is not None else [])
-    check_output(out_dir, overwrite=overwrite, inputs=inputs)  # before reading anything big
-    qm, _ = read_artifact(artifact)
+    extra = [Path(adapter)] if adapter is not None else []
+    check_output(out_dir, overwrite=overwrite, inputs=[Path(artifact)] + extra)  # before reading anything big
+    src = _artifact_source(artifact, revision)
+    inputs = _model_inputs(src) + extra
+    qm, _ = read_artifact(src)
+    qm.provenance.setdefault("source_model", str(artifact))
+    if revision is not None:
+        qm.provenance.setdefault("revision", revision)
     for t in targets:
         req = ExportRequest(
             t,
@@ -404,6 +465,19 @@ def export(
     # runtimes that apply LoRA themselves get the adapter beside each export (inside it, checksummed)
     beside = (lambda d: copy_adapter(Path(adapter), d)) if adapter_mode == "separate" else None
     return write_artifacts(qm, targets, out_dir, overwrite=overwrite, inputs=inputs, also=beside)
+
+
+def _artifact_source(artifact: str | Path, revision: str | None) -> Path:
+    """A local artifact path as given (read_artifact names what is wrong with it), or the snapshot of
+    a Hub id that is no local path."""
+    from .sources import looks_like_hub_id, resolve_model
+
+    text = str(artifact)
+    if os.path.lexists(text) or not looks_like_hub_id(text):
+        if revision is not None:
+            raise UsageError(f"--revision applies to a Hub id; {text} is a local path")
+        return Path(artifact)
+    return resolve_model(text, revision=revision, artifact=True)
 
 
 def evaluate(path: str | Path, text: str, seq_len: int = 512, max_windows: int | None = None, device: str | None = None) -> float:

@@ -127,7 +127,7 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("model", required=False, default="builtin:smollm2-135m")
 @click.option("--to", "to", default="canonical,hf-awq", show_default=True,
-              help="Comma-separated formats: canonical, hf-awq, gguf[:type], exllamav2, peft.")
+              help="Comma-separated formats: canonical, hf-awq, gguf[:type], exllamav2, peft, mlx, compressed-tensors.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory; each format goes to a sub-directory.")
 @click.option("--method", type=click.Choice(["awq", "rtn"]), default=None, help=f"[default: {_DEFAULTS.method}]")
@@ -161,13 +161,20 @@ def main(verbose: int) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run of the same command from its last finished layer (its checkpoints "
+                   "are kept beside -o); the result is the same as an uninterrupted run's. Without checkpoints it "
+                   "starts from the beginning.")
+@click.option("--activation-memory", default=None, metavar="SIZE",
+              help="Host memory for calibration activations, e.g. 4GB; the rest spill to disk beside -o "
+                   "[default: half the available memory].")
 @click.option("--dry-run", is_flag=True, help="Resolve mappings, check every constraint and free disk, print the plan; no calibration.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
 def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero_point, duo_scaling, search_scales, apply_clip,
              smooth_gqa_vo, n_grid, calib, calib_samples, calib_seq_len, text_column, split, search_tokens,
-             scale_dtype, search_grid, skip, keep_prescaled, device, trust_remote_code, revision, overwrite, dry_run,
-             quiet) -> None:
+             scale_dtype, search_grid, skip, keep_prescaled, device, trust_remote_code, revision, overwrite, resume,
+             activation_memory, dry_run, quiet) -> None:
     """Quantize MODEL (a local directory, a hub id, or builtin:smollm2-135m) and write formats."""
     from . import api
 
@@ -188,9 +195,18 @@ def quantize(model: str, to: str, out_dir: Path, method, w_bit, group_size, zero
         click.echo(p.describe())
         click.echo("dry run: all checks passed; nothing was calibrated or written")
         return
+    budget = None
+    if activation_memory is not None:
+        from ._io import parse_size
+
+        try:
+            budget = parse_size(activation_memory)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--activation-memory") from None
     res = api.convert(model, to, out_dir, cfg, overwrite=overwrite, device=device,
                       trust_remote_code=trust_remote_code, revision=revision, progress=not quiet,
-                      search_grid=search_grid, keep_prescaled=keep_prescaled)
+                      search_grid=search_grid, keep_prescaled=keep_prescaled, resume=resume,
+                      activation_memory=budget)
     ratio = _mean_loss_ratio(res.model)
     click.echo(f"quantized {len(res.model.linears)} linears in {res.report.get('seconds_quantize')} s"
                + (f"; search kept {ratio:.1%} of the round-to-nearest loss" if ratio is not None else ""))
@@ -214,12 +230,15 @@ def _mean_loss_ratio(qm) -> float | None:
 @click.option("--adapter-mode", type=click.Choice(["separate", "merge"]), default="separate", show_default=True,
               help="Keep the adapter beside each export, or merge it and re-quantize on the same grid (lossy).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when ARTIFACT is a Hub id.")
 @_fail_cleanly
-def export(artifact: Path, to: str, out_dir: Path, adapter, adapter_mode: str, overwrite: bool) -> None:
-    """Re-export ARTIFACT (canonical, hf-awq, peft, ...) as other formats without re-quantizing."""
+def export(artifact: Path, to: str, out_dir: Path, adapter, adapter_mode: str, overwrite: bool, revision) -> None:
+    """Re-export ARTIFACT (canonical, hf-awq, peft, ..., or any AutoAWQ GEMM checkpoint, local or a
+    Hub id) as other formats without re-quantizing."""
     from . import api
 
-    written = api.export(artifact, to, out_dir, overwrite=overwrite, adapter=adapter, adapter_mode=adapter_mode)
+    written = api.export(artifact, to, out_dir, overwrite=overwrite, adapter=adapter, adapter_mode=adapter_mode,
+                         revision=revision)
     for label, path in written.items():
         click.echo(f"  {label:<12} {path}")
 

@@ -40,6 +40,21 @@ class SearchResults:
 
 
 @dataclass
+class ImportanceMatrix:
+    """llama.cpp's importance matrix, per quantized linear (HF name): the sum over calibration
+    tokens of ``x_j ** 2`` per input channel, and how many tokens were summed (an expert counts only
+    the tokens routed to it). ``x`` is the input that meets the AWQ-prescaled weight, i.e. the float
+    model's activation divided by the AWQ scale of that channel. K-quant GGUF writers weight each
+    weight's rounding error by ``sums / count``, as llama-quantize does with ``--imatrix``."""
+
+    sums: dict[str, Tensor]  # linear name -> fp32 [in_features]
+    counts: dict[str, int]
+    chunk_size: int = 0  # tokens per calibration block
+    chunk_count: int = 0  # calibration blocks
+    datasets: list[str] = field(default_factory=list)  # what the calibration text was
+
+
+@dataclass
 class QuantizedModel:
     hf_config: dict[str, Any]  # source config.json, without any quantization_config
     quant_config: QuantConfig
@@ -56,6 +71,9 @@ class QuantizedModel:
     # store ``prescaled`` in the canonical artifact (prescaled*.safetensors, ~2 bytes per quantized
     # parameter) so a later GGUF export can re-quantize them; off by default (--keep-prescaled)
     keep_prescaled: bool = False
+    # calibration statistics of the prescaled weights' inputs (AWQ runs in this process only);
+    # K-quant GGUF variants quantize with it and save it beside the .gguf
+    importance: ImportanceMatrix | None = None
 
     @property
     def architecture(self) -> str:

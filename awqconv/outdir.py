@@ -59,6 +59,11 @@ def old_prefix(out: Path) -> str:
     return f"{SIBLING_PREFIX}{_key(out)}.old-"
 
 
+def work_path(out: Path) -> Path:
+    """Where a quantize run keeps its per-layer checkpoints (quant/resume.py) until it finishes."""
+    return out.parent / f"{SIBLING_PREFIX}{_key(out)}.work"
+
+
 def lock_path(out: Path) -> Path:
     return out.parent / f"{SIBLING_PREFIX}{_key(out)}.lock"
 
@@ -376,10 +381,11 @@ def swap_into_place(tmp: Path, out: Path) -> None:
 
 def write_marker(tmp: Path, extra: dict | None = None) -> None:
     from . import __version__
+    from ._io import timestamp
 
     entries = sorted(p.name for p in tmp.iterdir() if p.name != OUTPUT_MARKER)
     body = {"format": OUTPUT_FORMAT, "awqconv_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "entries": entries, **(extra or {})}
+            "created": timestamp(), "entries": entries, **(extra or {})}
     (tmp / OUTPUT_MARKER).write_text(json.dumps(body, indent=2) + "\n")
 
 

@@ -66,8 +66,11 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "awqconv"
 
 
-def resolve_model(src: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local model directory for ``src``: a directory, ``builtin:<name>``, or a Hub repo id."""
+def resolve_model(src: str | os.PathLike, revision: str | None = None, *, artifact: bool = False) -> Path:
+    """A local model directory for ``src``: a directory, ``builtin:<name>``, or a Hub repo id.
+
+    ``artifact=True`` fetches a quantized checkpoint to read as it is (``export``): never pickles,
+    and every file an awqconv manifest in the repo lists, so its checksums can be checked."""
     text = os.fspath(src)
     if text.startswith(BUILTIN_PREFIX):
         return materialize_builtin(text[len(BUILTIN_PREFIX) :])
@@ -78,7 +81,7 @@ def resolve_model(src: str | os.PathLike, revision: str | None = None) -> Path:
         raise InputError(f"{text} is a file; pass the model directory (with config.json and weights)")
     if _looks_like_path(text) or not _HUB_ID.match(text):
         raise InputError(f"model directory {text} does not exist; check the path")
-    return _download(text, revision)
+    return _download(text, revision, artifact)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -86,14 +89,21 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` or ``name``: what resolve_model would look up on the Hub."""
+    return not text.startswith(BUILTIN_PREFIX) and not _looks_like_path(text) and bool(_HUB_ID.match(text))
+
+
+def _download(repo_id: str, revision: str | None, artifact: bool = False) -> Path:
     """``snapshot_download`` of the config, tokenizer and safetensors (pickles only as a fallback)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     def fetch(patterns: list[str]) -> Path:
         try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+            # HF_ENDPOINT read now, as publish does (huggingface_hub reads it once, at import)
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          endpoint=os.environ.get("HF_ENDPOINT") or None))
         except GatedRepoError:
             raise InputError(
                 f"{repo_id} is a gated repository; accept its license on the Hub and log in "
@@ -113,10 +123,30 @@ def _download(repo_id: str, revision: str | None) -> Path:
             ) from None
 
     path = fetch(HUB_ALLOW_PATTERNS)
+    listed = _manifest_files(path) if artifact else []
+    if any(not (path / f).exists() for f in listed):
+        path = fetch(HUB_ALLOW_PATTERNS + listed)  # the model card and other listed files
     if not any(path.glob("*.safetensors")):
+        if artifact:
+            raise InputError(
+                f"{repo_id} has no *.safetensors weights on the Hub; export reads checkpoints from safetensors and "
+                "never downloads or unpickles pickled ones (*.bin): convert those to safetensors where you trust "
+                "them and pass that directory"
+            )
         log.warning("%s has no safetensors weights; fetching pickled *.bin (loaded with weights_only)", repo_id)
         path = fetch(HUB_ALLOW_PATTERNS + HUB_PICKLE_PATTERNS)
     return path
+
+
+def _manifest_files(path: Path) -> list[str]:
+    """The files an awqconv checksum manifest in ``path`` lists ([] without one, or unreadable)."""
+    from .formats.integrity import MANIFEST
+
+    try:
+        files = json.loads((path / MANIFEST).read_text()).get("files") or []
+        return [f["path"] for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)]
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def quantized(model_dir: Path, cfg, blocks, search_grid=None):
     out = quantize_model(model, hf_config, cfg, blocks, search_grid=search_grid, progress=True)
     secs = round(time.time() - t, 1)
     qm = QuantizedModel(hf_config, cfg, out.linears, out.dense, out.search,
-                        {"model_name": model_dir.name}, collect_assets(model_dir), out.prescaled)
+                        {"model_name": model_dir.name}, collect_assets(model_dir), out.prescaled,
+                        importance=out.importance)
     return qm, secs
 
 

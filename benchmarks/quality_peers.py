@@ -192,14 +192,15 @@ def autoawq_model(path: Path, docs: list[str], tok, device: str, layers: int | N
     import awq.quantize.quantizer as qz
     from awq.models.llama import LlamaAWQForCausalLM
 
-    src = textwrap.dedent(inspect.getsource(qz.AwqQuantizer._compute_best_scale))
     fixed = "org_sd = {k: v.cpu().clone() for k, v in module2inspect.state_dict().items()}"
-    if "v.cpu().clone()" not in src:
+    if not getattr(qz.AwqQuantizer, "_snapshot_cloned", False):  # once per process
+        src = textwrap.dedent(inspect.getsource(qz.AwqQuantizer._compute_best_scale))
         assert "org_sd = {k: v.cpu() for k, v in module2inspect.state_dict().items()}" in src
         src = src.replace("org_sd = {k: v.cpu() for k, v in module2inspect.state_dict().items()}", fixed)
         ns: dict = {}
         exec(compile(src, qz.__file__, "exec"), qz.__dict__, ns)  # noqa: S102 - the peer's own code, one line changed
         qz.AwqQuantizer._compute_best_scale = ns["_compute_best_scale"]
+        qz.AwqQuantizer._snapshot_cloned = True
 
     class Shim:  # the parts of AutoAWQ's model wrapper its quantizer calls
         model_type = "llama"

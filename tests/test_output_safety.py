@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from awqconv.cli import main
-from awqconv.outdir import OUTPUT_MARKER, OutputLock, fmt_bytes, lock_path, old_prefix, temp_prefix
+from awqconv.outdir import OUTPUT_MARKER, OutputLock, fmt_bytes, lock_path, old_prefix, temp_prefix, work_path
 from tests.tiny_models import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +262,8 @@ def test_an_empty_architectures_list_uses_the_model_type(tiny: Path, tmp_path: P
 # -- what fails late still fails cleanly ---------------------------------------------------------------
 
 
-def test_disk_full_while_writing_gives_one_line_and_leaves_nothing(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+def test_disk_full_while_writing_gives_one_line_and_leaves_nothing_finished(tiny: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
     from awqconv import api
 
     small = tmp_path / "small"
@@ -272,7 +273,10 @@ def test_disk_full_while_writing_gives_one_line_and_leaves_nothing(tiny: Path, t
         r = _run("quantize", str(tiny), "-o", str(small / "out"), *FAST, "--to", "canonical,hf-awq")
         assert r.exit_code == 1
         assert "disk is full" in _one_error_line(r)
-        assert list(small.iterdir()) == []
+        # no output, no staging directory: only the finished layers' checkpoints, for --resume once
+        # there is room (they hold no output marker, so nothing looks finished)
+        assert [p.name for p in small.iterdir()] == [work_path(small / "out").name]
+        assert not any(p.name == OUTPUT_MARKER for p in small.rglob("*"))
         r = _run("export", str(tiny), "--to", "hf-awq", "-o", str(small / "out"))  # not an artifact
         assert r.exit_code == 1
     finally:

@@ -37,6 +37,8 @@ FORMATS: dict[str, str] = {
     "gguf": ".gguf",
     "exllamav2": ".exllamav2",
     "peft": ".peft",
+    "compressed-tensors": ".compressed_tensors",
+    "mlx": ".mlx",
 }
 
 

@@ -101,16 +101,18 @@ def write_hf_dir(
     card: str,
     manifests: dict[str, Any] | None = None,
     side_tensors: dict[str, tuple[dict[str, Tensor], dict[str, str]]] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> list[str]:
     """Write one HF-style checkpoint directory into the existing empty ``out_dir``.
 
     ``tensors`` become ``model*.safetensors`` (sharded, with an index when large);
     ``side_tensors`` maps a relative path to ``(tensors, metadata)`` for extra safetensors files
     loaders do not pick up; ``manifests`` maps a file name to a JSON object; ``own_files`` are
-    names this format writes itself, so assets of those names are not copied. Returns the shards.
+    names this format writes itself, so assets of those names are not copied; ``metadata`` goes into
+    every shard's header (``{"format": "pt"}`` unless it says otherwise). Returns the shards.
     """
     out_dir = Path(out_dir)
-    shards = save_sharded(unshare_storage(tensors), out_dir, prefix="model")
+    shards = save_sharded(unshare_storage(tensors), out_dir, metadata=metadata, prefix="model")
     if side_tensors:
         from safetensors.torch import save_file
 

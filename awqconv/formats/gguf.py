@@ -6,6 +6,8 @@ variant re-quantizes the AWQ-prescaled float weights (``qm.prescaled``: in memor
 quantizer ran in this process, or stored by ``quantize --keep-prescaled``; the dequantized
 canonical weights otherwise, logged) with gguf-py (q4_0 ... q8_0, f16, bf16, f32) or llama.cpp's own
 quantizer (K-quants, gguf_kquant.py). Tensors are produced and written one at a time.
+K-quants use the importance matrix the quantizer collected (``qm.importance``) when there is one,
+and save it beside the .gguf as ``<model>.imatrix`` (llama.cpp's imatrix file, gguf_imatrix.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import FormatConstraintError, InputError
 from ..model import QuantizedModel
 from ..packed import PackedLinear
 from .base import ExportRequest
+from .gguf_imatrix import save_for_kquant
 from .gguf_kquant import report_fallbacks, write_kquant
 from .gguf_read import detect, read, tensor_types
 from .gguf_arch import add_model_metadata, arch_problems, check_arch, llama3_rope_freqs, tied_embeddings
@@ -69,6 +72,7 @@ class GGUFWriteResult:
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type name -> tensor count
     fallbacks: list[str] = field(default_factory=list)  # "blk.0.attn_q.weight: q4_k -> q5_0 (576 % 256)"
     warnings: list[str] = field(default_factory=list)
+    imatrix: Path | None = None  # the importance matrix a K-quant was made with, saved beside it
 
 
 @dataclass
@@ -161,7 +165,15 @@ def write(qm: QuantizedModel, out_dir: Path, variant: str | None = None) -> GGUF
     path = output_path(qm, out_dir, variant)
     if v.kquant:
         inter = VARIANTS["bf16" if shapes.scale_dtype == torch.bfloat16 else "f16"]
-        result = write_kquant(path, v, lambda p: _write_file(qm, shapes, p, inter, arch, permute, tok))
+        imx = save_for_kquant(qm, out_dir, model_name(qm))  # None without calibration statistics
+        try:
+            result = write_kquant(path, v, lambda p: _write_file(qm, shapes, p, inter, arch, permute, tok),
+                                  imx.weights if imx else None, imx.kv if imx else None)
+        except BaseException:
+            if imx:
+                imx.path.unlink(missing_ok=True)
+            raise
+        result.imatrix = imx.path if imx else None
         report_fallbacks(v.name, result.fallbacks)
         return result
     return _write_file(qm, shapes, path, v, arch, permute, tok)

@@ -5,6 +5,11 @@ gguf-py has no K-quant encoder, so the AWQ-prescaled weights are first written a
 requested type with llama.cpp's usual per-tensor mixture. Embeddings and output stay at Q8_0.
 Rows that are not whole 256-blocks fall back inside llama.cpp (Q4_K -> Q5_0, Q6_K -> Q8_0 ...);
 the fallbacks are read back from the result (the caller reports them with ``report_fallbacks``).
+With an importance matrix (``weights``: llama.cpp weight name -> per-column weights, what
+llama-quantize derives from an imatrix file) the call is what ``llama-quantize --imatrix`` makes:
+``llama_model_quantize_params.imatrix`` is a C array of ``{name, data, size}`` ended by a null name
+(llama.cpp since the C API replaced the C++ map pointer; llama-cpp-python 0.3.36 binds it), and the
+imatrix provenance keys go into the file through ``kv_overrides``, as llama-quantize writes them.
 This module imports nothing of ``gguf.py``, which imports it.
 """
 
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
 
 from ..errors import FormatConstraintError
@@ -31,8 +37,12 @@ _MAIN_TYPE = {
 }
 
 
-def llama_quantize(src: Path, dst: Path, file_type: int, n_threads: int = 0) -> None:
-    """Run llama.cpp's quantizer on ``src`` (a float GGUF) into ``dst``; raise on failure."""
+def llama_quantize(src: Path, dst: Path, file_type: int, n_threads: int = 0,
+                   weights: dict[str, np.ndarray] | None = None, kv: dict[str, str | int] | None = None) -> None:
+    """Run llama.cpp's quantizer on ``src`` (a float GGUF) into ``dst``; raise on failure.
+
+    ``weights``: importance weights per llama.cpp tensor name (flattened ``[n_mat * n_in]``);
+    ``kv``: metadata written into ``dst`` (str or int values)."""
     try:
         import llama_cpp
     except ImportError:
@@ -45,6 +55,13 @@ def llama_quantize(src: Path, dst: Path, file_type: int, n_threads: int = 0) -> 
     params.nthread = n_threads
     params.token_embedding_type = int(T.Q8_0)
     params.output_tensor_type = int(T.Q8_0)
+    keep = []  # the C arrays must outlive the call
+    if weights:
+        keep.append(_imatrix_array(llama_cpp, weights))
+        params.imatrix = keep[-1][0]
+    if kv:
+        keep.append(_kv_array(llama_cpp, kv))
+        params.kv_overrides = keep[-1]
     # llama.cpp reports through llama-cpp-python's logger; keep its per-tensor chatter off stderr
     lc_log = logging.getLogger("llama-cpp-python")
     level = lc_log.level
@@ -58,15 +75,17 @@ def llama_quantize(src: Path, dst: Path, file_type: int, n_threads: int = 0) -> 
         raise FormatConstraintError(f"llama.cpp failed to quantize {src.name} (code {rc})")
 
 
-def write_kquant(path: Path, v: Variant, write_float: Callable[[Path], Any]) -> Any:
-    """``write_float`` (a float GGUF of the prescaled weights) -> llama.cpp quantizer -> ``path``.
+def write_kquant(path: Path, v: Variant, write_float: Callable[[Path], Any],
+                 weights: dict[str, np.ndarray] | None = None, kv: dict[str, str | int] | None = None) -> Any:
+    """``write_float`` (a float GGUF of the prescaled weights) -> llama.cpp quantizer -> ``path``,
+    with importance ``weights`` when given (see :func:`llama_quantize`).
 
     Returns the float writer's GGUFWriteResult with the final path, types and fallbacks.
     """
     tmp = path.with_name(f".{path.name}.float.tmp")
     try:
         result = write_float(tmp)
-        llama_quantize(tmp, path, int(v.file_type))
+        llama_quantize(tmp, path, int(v.file_type), weights=weights, kv=kv)
     finally:
         tmp.unlink(missing_ok=True)
     result.path, result.variant = path, v.name
@@ -93,3 +112,30 @@ def report_fallbacks(variant: str, fallbacks: list[str]) -> None:
                 "blocks (e.g. %s); see GGUFWriteResult.fallbacks", variant, len(fallbacks), fallbacks[0])
     for f in fallbacks:
         log.debug("gguf:%s fallback: %s", variant, f)
+
+
+def _imatrix_array(llama_cpp: Any, weights: dict[str, np.ndarray]) -> tuple:
+    """``llama_model_imatrix_data[n + 1]`` (null-name terminated) and the buffers it points into."""
+    arr = (llama_cpp.llama_model_imatrix_data * (len(weights) + 1))()
+    bufs = []
+    for i, (name, w) in enumerate(weights.items()):
+        buf = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+        bufs.append(buf)
+        arr[i].name = name.encode()
+        arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = buf.size
+    return arr, bufs
+
+
+def _kv_array(llama_cpp: Any, kv: dict[str, str | int]) -> Any:
+    """``llama_model_kv_override[n + 1]`` (empty-key terminated); strings cut to llama.cpp's 127 bytes."""
+    arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+    for i, (key, val) in enumerate(kv.items()):
+        arr[i].key = key.encode()[:127]
+        if isinstance(val, int):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = val
+        else:
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            arr[i].value.val_str = str(val).encode()[:127]
+    return arr

@@ -21,8 +21,10 @@ from ..config import QuantConfig
 from ..errors import CorruptFileError, FormatConstraintError, InputError, ShapeError
 from ..model import QuantizedModel
 from ..packed import PackedLinear, bitwise_equal
-from ._hfdir import check_linears, collect_tensors, exact_fp16, quant_method, quant_method_of, read_assets, write_hf_dir
+from ._hfdir import check_linears, collect_tensors, exact_fp16, quant_method, read_assets, write_hf_dir
 from .awq_layout import from_gemm, to_gemm
+from .awq_thirdparty import (awq_quant_config, check_against_model, check_architecture, dense_linears,
+                             refuse_pickles, rename_legacy, settings)
 from .base import ExportRequest
 from .modelcard import fp16_scales_note, render_model_card
 
@@ -196,56 +198,75 @@ or `awq`). compressed-tensors' `AutoAWQConverter` converts it losslessly to `pac
 
 
 def detect(path: Path) -> bool:
-    return quant_method(path) == "awq"
+    if quant_method(path) == "awq":
+        return True
+    # AutoAWQ < 0.2 kept its settings in quant_config.json only
+    return (Path(path) / "config.json").is_file() and _legacy_settings(Path(path)) is not None
+
+
+def _legacy_settings(path: Path):
+    try:
+        config = read_json(path / "config.json")
+    except (InputError, CorruptFileError):
+        return None
+    return awq_quant_config(path, config)
 
 
 def read(path: Path) -> QuantizedModel:
-    """Read an hf-awq directory (ours, or any AutoAWQ GEMM checkpoint) back to canonical integers."""
+    """Read an hf-awq directory (ours, or any AutoAWQ GEMM checkpoint) back to canonical integers.
+
+    Checkpoints of other tools are judged by awq_thirdparty.py: other layouts, bits, act-order,
+    unknown architectures, pickled weights and missing or surplus tensors are refused with the reason.
+    """
     path = Path(path)
     config = read_json(path / "config.json")
-    qcfg = config.get("quantization_config") if isinstance(config, dict) else None
-    if quant_method_of(config) != "awq":
-        raise InputError(f"{path}/config.json has no AWQ quantization_config (quant_method 'awq')")
-    layout = str(qcfg.get("version") or qcfg.get("format") or "gemm").lower()
-    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
-    group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
-    zero_point = bool(qcfg.get("zero_point", True))
-    if layout != "gemm":
-        raise FormatConstraintError(
-            f"{path} holds AWQ version {layout!r}; awqconv reads the GEMM layout only "
-            "(re-export with version gemm)"
-        )
-    if bits != 4:
-        raise FormatConstraintError(f"{path} declares {bits}-bit AWQ weights; the GEMM layout is 4-bit")
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{path}/config.json does not hold a JSON object; re-create it")
+    st = settings(path, config)
+    hf_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    arch = check_architecture(hf_config, path)
     if not safetensors_files(path, "model"):
-        raise InputError(
-            f"{path} has no model*.safetensors (.bin checkpoints are not read); re-save as safetensors"
-        )
+        refuse_pickles(path)
 
-    tensors = load_checkpoint(path, "model")
+    tensors, moved = rename_legacy(load_checkpoint(path, "model"), arch.name)
+    act_order = sorted(k for k in tensors if k.endswith(".g_idx"))
+    if act_order:
+        raise FormatConstraintError(
+            f"{path}: {act_order[0]} is an act-order permutation (g_idx), which the AWQ GEMM layout cannot "
+            "express; use a checkpoint without act-order"
+        )
     linears: dict[str, PackedLinear] = {}
     for key in sorted(k for k in tensors if k.endswith(".qweight")):
         name = key.removesuffix(".qweight")
-        linears[name] = _read_linear(path, tensors, name, group_size, zero_point)
+        linears[name] = _read_linear(path, tensors, name, st.group_size, st.zero_point)
     if not linears:
         raise CorruptFileError(f"{path} declares AWQ quantization but holds no *.qweight tensors")
+    stray = sorted(k for k in tensors if k.endswith((".qzeros", ".scales")))
+    if stray:
+        raise CorruptFileError(f"{path}: {stray[0]} has no matching .qweight; the checkpoint is incomplete")
+    check_against_model(path, hf_config, linears, tensors)  # drops a tied lm_head, old rotary buffers
     scale_dtypes = {p.scales.dtype for p in linears.values()}
-    skipped = tuple(qcfg.get("modules_to_not_convert") or ())
+    # zero_point false with stored zeros other than 8: the GEMM kernels use the stored ones
+    zero_point = st.zero_point or any(bool((p.zeros != 8).any()) for p in linears.values())
+    # linears a loader keeps dense: the declared names, plus float ones the declaration misses
+    skipped = list(st.modules_to_not_convert)
+    skipped += [n for n in dense_linears(tensors, arch.awq.layers_path) if not any(m in n for m in skipped)]
     quant_config = QuantConfig(
         w_bit=4,
-        group_size=group_size,
+        group_size=st.group_size,
         zero_point=zero_point,
         scale_dtype="bfloat16" if scale_dtypes == {torch.bfloat16} else "float16",
-        modules_to_not_convert=skipped,
+        modules_to_not_convert=tuple(skipped),
     )
-    hf_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    provenance = {"source_format": NAME, "source_path": str(path), "modules_not_converted": skipped}
+    if st.source != "config.json" or moved:
+        provenance["source_layout"] = {"settings": st.source, "renamed_modules": len(moved)}
     return QuantizedModel(
         hf_config=hf_config,
         quant_config=quant_config,
         linears=linears,
         dense=tensors,  # what remains: embeddings, norms, lm_head, skipped linears
-        provenance={"source_format": NAME, "source_path": str(path),
-                    "modules_not_converted": list(skipped)},
+        provenance=provenance,
         assets=_read_assets(path),
     )
 

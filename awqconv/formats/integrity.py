@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ def _files(root: Path) -> list[Path]:
 def record(root: Path, artifact_format: str, provenance: dict[str, Any], quant_config: dict[str, Any]) -> dict[str, Any]:
     """Hash every file under ``root`` and write the manifest; returns it."""
     from .. import __version__
+    from .._io import timestamp
 
     files = [
         {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
@@ -60,7 +60,7 @@ def record(root: Path, artifact_format: str, provenance: dict[str, Any], quant_c
         "manifest_version": MANIFEST_VERSION,
         "artifact_format": artifact_format,
         "awqconv_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
         "source": {"model": provenance.get("source_model"), "revision": provenance.get("revision")},
         "quantization": quant_config,
         "files": files,

@@ -35,7 +35,8 @@ def _calibration_line(qm: QuantizedModel) -> str:
     return f"{qc.calib}, {qc.calib_samples} samples x {qc.calib_seq_len} tokens"
 
 
-def render_model_card(qm: QuantizedModel, format_label: str, usage: str, notes: list[str] = ()) -> str:
+def render_model_card(qm: QuantizedModel, format_label: str, usage: str, notes: list[str] = (),
+                      library_name: str = "transformers") -> str:
     """The README.md of one artifact. ``usage`` is a ready markdown block on loading it."""
     qc = qm.quant_config
     prov: dict[str, Any] = qm.provenance
@@ -49,7 +50,7 @@ def render_model_card(qm: QuantizedModel, format_label: str, usage: str, notes: 
         "rtn": "round-to-nearest (no search)",
     }.get(qc.method, qc.method)
     skipped = prov.get("modules_not_converted") or list(qc.modules_to_not_convert)
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+    front = ["---", f"library_name: {library_name}", "pipeline_tag: text-generation",
              "tags: [awq, 4-bit, awqconv]"]
     if source != "unknown":
         front += [f"base_model: {source}", "base_model_relation: quantized"]

@@ -55,7 +55,8 @@ def moe_route_kernel(logits_ptr, ids_ptr, w_ptr, E, stride_l, TOP_K: tl.constexp
     idxs = tl.zeros((K_P2,), tl.int32)
     for k in tl.static_range(TOP_K):
         best = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == best, e, BLOCK_E), axis=0)
+        # NaN logits match no lane (idx would be BLOCK_E): keep the id in range, the NaN flows on
+        idx = tl.minimum(tl.min(tl.where(p == best, e, BLOCK_E), axis=0), E - 1)
         vals = tl.where(kk == k, best, vals)
         idxs = tl.where(kk == k, idx, idxs)
         p = tl.where(e == idx, -2.0, p)

@@ -1,8 +1,8 @@
 """A STAND-IN FOR THE HUGGING FACE HUB, for tests only: a local HTTP server (stdlib http.server in a
 thread) speaking the part of the Hub API that ``huggingface_hub``'s client uses when awqconv
-publishes: whoami, repo creation, refs, branches, tree listing, preupload, the commit API (NDJSON),
-the git-LFS batch API with basic PUT transfers and verify, file downloads (resolve), YAML
-validation and collections. It is not the Hub: no Xet storage (tests set HF_HUB_DISABLE_XET), no
+publishes (and ``export`` downloads): whoami, repo creation, refs, branches, tree listing (by branch
+or commit), preupload, the commit API (NDJSON), the git-LFS batch API with basic PUT transfers and
+verify, file downloads (resolve), YAML validation and collections. It is not the Hub: no Xet storage (tests set HF_HUB_DISABLE_XET), no
 pagination, no pull requests, one in-memory store per server.
 
 It records what it receives (LFS PUTs per object, commits, every request) so tests can check that a
@@ -30,6 +30,11 @@ LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.gguf filter=lfs diff=lfs merge=lfs -text\n"
 DATE = "2026-12-07T00:00:00.000Z"
 LICENSES = {"apache-2.0", "mit", "other", "llama3.1", "gemma", "cc-by-4.0", "bsd-3-clause"}  # a few of the Hub's
+
+
+def _commit_of(repo: "Repo", rev: str) -> str | None:
+    """A branch's head, or a commit id of the repo (snapshot downloads list and fetch by commit)."""
+    return repo.branches.get(rev) or (rev if rev in repo.trees else None)
 
 
 def git_sha1(data: bytes) -> str:
@@ -262,10 +267,11 @@ class Handler(BaseHTTPRequestHandler):
         if r is None:
             return
         rev, _, sub = rest.partition("/")
-        if rev not in r.branches:
+        commit = _commit_of(r, rev)
+        if commit is None:
             return self._err(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         out = []
-        for p, e in sorted(r.trees[r.branches[rev]].items()):
+        for p, e in sorted(r.trees[commit].items()):
             if sub and not p.startswith(sub.rstrip("/") + "/"):
                 continue
             item: dict[str, Any] = {"type": "file", "oid": e.blob_id, "size": e.size, "path": p}
@@ -380,13 +386,14 @@ class Handler(BaseHTTPRequestHandler):
         r = self._repo(repo_id)
         if r is None:
             return
-        if rev not in r.branches:
+        commit = _commit_of(r, rev)
+        if commit is None:
             return self._err(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-        e = r.trees[r.branches[rev]].get(fpath)
+        e = r.trees[commit].get(fpath)
         if e is None:
             return self._err(404, f"Entry {fpath} not found", "EntryNotFound")
         data = e.data if e.data is not None else self.state.lfs[e.lfs_oid]  # type: ignore[index]
-        h = {"X-Repo-Commit": r.branches[rev], "ETag": f'"{e.blob_id}"'}
+        h = {"X-Repo-Commit": commit, "ETag": f'"{e.blob_id}"'}
         if e.lfs_oid:
             h.update({"X-Linked-Etag": f'"{e.lfs_oid}"', "X-Linked-Size": str(e.size)})
         self._send(200, data, h, head=head)
