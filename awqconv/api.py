@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .config import QuantConfig
 from .devices import resolve_device
-from .errors import CorruptFileError, FormatConstraintError, InputError, ShapeError, UsageError
+from .errors import AwqconvError, FormatConstraintError, InputError, ShapeError, UsageError
 from .formats import ExportRequest, Target, detect_format, get_format, needs_prescaled, parse_targets, read_artifact
 from ._io import timestamp
 from .formats.integrity import record
@@ -299,12 +299,9 @@ def _fingerprint(p: Plan, cfg: QuantConfig, calib_hash, search_grid, keep_presca
 
 def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote_code, progress, overwrite, lock,
              resume: bool = False, activation_memory: int | None = None) -> ConvertResult:
-    from .outdir import temp_prefix, work_path
-    from .quant.pipeline import quantize_model
+    from .outdir import work_path
     from .quant.resume import resume_checkpoints
     from .quant.spill import ActivationBudget, default_budget
-    from .sources import collect_assets, load_causal_lm
-    from .streaming import open_streamed
 
     t0 = time.time()
     report: dict[str, Any] = {}
@@ -319,15 +316,13 @@ def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote
                     p.hf_config.get("num_hidden_layers", 0))
     budget = ActivationBudget(default_budget() if activation_memory is None else activation_memory,
                               checkpoints.dir / "spill")
-    src = open_streamed(p.path, p.hf_config, arch_spec(p.hf_config).layers_path, trust_remote_code)
-    hf_model = src.model if src is not None else load_causal_lm(p.path, trust_remote_code=trust_remote_code)[0]
-    report["streamed"] = src is not None
     try:
-        qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device,
-                              progress=progress, keep_prescaled=keep,
-                              load_layer=None if src is None else src.load_layer, checkpoints=checkpoints,
-                              start_layer=start, budget=budget)
-    except BaseException:
+        return _quantize_and_write(p, cfg, calib_data, grid, search_grid, revision, progress, overwrite, lock,
+                                   report, t0, trust_remote_code, checkpoints, start, keep, budget)
+    except AwqconvError:  # a problem of the input or a format: --resume could not get past it
+        checkpoints.remove()
+        raise
+    except BaseException:  # killed, out of memory or disk, a device error: the finished layers stay
         done = checkpoints.done()
         if done:
             log.warning("%d finished layers are kept in %s: rerun the same command with --resume to continue",
@@ -335,6 +330,23 @@ def _convert(p: Plan, cfg, calib_data, grid, search_grid, revision, trust_remote
         else:
             checkpoints.remove()
         raise
+
+
+def _quantize_and_write(p: Plan, cfg, calib_data, grid, search_grid, revision, progress, overwrite, lock, report,
+                        t0, trust_remote_code, checkpoints, start, keep, budget) -> ConvertResult:
+    from .outdir import temp_prefix
+    from .quant.pipeline import quantize_model
+    from .sources import collect_assets, load_causal_lm
+    from .streaming import open_streamed
+
+    src = open_streamed(p.path, p.hf_config, arch_spec(p.hf_config).layers_path, trust_remote_code)
+    hf_model = src.model if src is not None else load_causal_lm(p.path, trust_remote_code=trust_remote_code)[0]
+    report["streamed"] = src is not None
+    blocks, calib_hash = (None, None) if p.calib_blocks is None else p.calib_blocks
+    qout = quantize_model(hf_model, p.hf_config, cfg, blocks, search_grid=grid, device=p.device,
+                          progress=progress, keep_prescaled=keep,
+                          load_layer=None if src is None else src.load_layer, checkpoints=checkpoints,
+                          start_layer=start, budget=budget)
     del hf_model, src
     report.update(qout.report)
     report["resumed_from_layer"] = start

@@ -1,7 +1,7 @@
 """llama.cpp perplexity of K-quant GGUFs with and without an importance matrix (imatrix).
 
     python benchmarks/gguf_imatrix_ppl.py [--model builtin:smollm2-135m] [--variant q4_k_m] [--group-size 64]
-        [--calib-samples 128] [--windows 0] [--llama-bin DIR] [--out /tmp/gguf_imatrix_ppl]
+        [--calib-samples 128] [--windows 0] [--llama-bin DIR] [--tool-chunks N] [--out /tmp/gguf_imatrix_ppl]
 
 Rows, all scored by llama.cpp (llama-cpp-python) on awqconv/data/eval_heldout.txt with gguf_ppl.py's
 protocol (non-overlapping 512-token windows, tokens 2..512 scored); calibration on awqconv's builtin
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bin", type=Path, default=None,
                     help="directory holding llama-imatrix and llama-quantize built from llama-cpp-python's vendor/llama.cpp")
+    ap.add_argument("--tool-chunks", type=int, default=0,
+                    help="512-token chunks llama-imatrix reads (0 = --calib-samples, the tokens awqconv calibrates on)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/gguf_imatrix_ppl"))
     ap.add_argument("--note", default="", help="free text saved with the results (e.g. how the tools were built)")
     args = ap.parse_args()
@@ -169,7 +171,9 @@ def main() -> None:
             imx = d[key] / "llama.imatrix"
             d[key].mkdir(exist_ok=True)
             if not imx.exists():
-                save(f"seconds_{key}_tool", llama_imatrix(args.llama_bin, f16, calib_txt, imx, base.calib_samples,
+                chunks = args.tool_chunks or base.calib_samples
+                save("llama_imatrix_chunks", chunks)
+                save(f"seconds_{key}_tool", llama_imatrix(args.llama_bin, f16, calib_txt, imx, chunks,
                                                           base.calib_seq_len, args.threads))
             if not f[key].exists():
                 llama_quantize_tool(args.llama_bin, f16, imx, f[key], v, args.threads)

@@ -185,3 +185,28 @@ def manifest_format(path: Path, manifest: str) -> str | None:
         return json.loads(f.read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def side_manifest(path: Path, name: str, format_id: str) -> dict[str, Any]:
+    """The writer's side file ``name`` (what the format cannot hold) when it is ours, else ``{}``."""
+    from .._io import read_json
+
+    f = path / name
+    if not f.is_file():
+        return {}
+    m = read_json(f)
+    return m if isinstance(m, dict) and m.get("format") == format_id else {}
+
+
+def source_config(config: dict[str, Any], overrides: dict[str, Any] | None,
+                  quant_keys: Iterable[str] = ("quantization_config",)) -> dict[str, Any]:
+    """config.json minus what the writer added (its ``config_overrides``: keys it added, values it
+    changed); a foreign file just loses its quantization keys."""
+    drop = set(quant_keys)
+    cfg = {k: v for k, v in config.items() if k not in drop}
+    if not isinstance(overrides, dict):
+        return cfg
+    for k in overrides.get("absent", []):
+        cfg.pop(k, None)
+    cfg.update({k: v for k, v in overrides.get("values", {}).items() if k not in drop})
+    return cfg

@@ -29,7 +29,9 @@ from ..config import QuantConfig
 from ..errors import CorruptFileError, FormatConstraintError, InputError, ShapeError
 from ..model import QuantizedModel
 from ..packed import PackedLinear, bitwise_equal
-from ._hfdir import check_linears, collect_tensors, quant_method, quant_method_of, read_assets, write_hf_dir
+from ._hfdir import (
+    check_linears, collect_tensors, quant_method, quant_method_of, read_assets, side_manifest, source_config, write_hf_dir,
+)
 from .base import ExportRequest
 from .ct_config import QUANT_METHOD, WeightScheme, check_quantization_config, quantization_config
 from .ct_layout import from_ct, is_symmetric, to_ct
@@ -257,7 +259,7 @@ def read(path: Path) -> QuantizedModel:
     schemes = check_quantization_config(config["quantization_config"], str(path))
     if not safetensors_files(path, "model"):
         raise InputError(f"{path} has no model*.safetensors (.bin checkpoints are not read); re-save as safetensors")
-    manifest = _manifest(path)
+    manifest = side_manifest(path, MANIFEST, FORMAT_ID)
     tensors = load_checkpoint(path, "model")
     symmetric_only = all(s.symmetric for s in schemes)
     asymmetric_only = not any(s.symmetric for s in schemes)
@@ -295,7 +297,7 @@ def read(path: Path) -> QuantizedModel:
     provenance = manifest.get("provenance") or {"source_format": NAME, "source_path": str(path),
                                                 "modules_not_converted": skipped}
     return QuantizedModel(
-        hf_config=_source_config(config, manifest.get("config_overrides")),
+        hf_config=source_config(config, manifest.get("config_overrides")),
         quant_config=quant_config,
         linears=linears,
         dense=dense,
@@ -348,20 +350,3 @@ def _check_group_sizes(path: Path, linears: dict[str, PackedLinear], schemes: li
             )
 
 
-def _manifest(path: Path) -> dict[str, Any]:
-    f = path / MANIFEST
-    if not f.is_file():
-        return {}
-    m = read_json(f)
-    return m if isinstance(m, dict) and m.get("format") == FORMAT_ID else {}
-
-
-def _source_config(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """config.json minus what the writer added; a foreign file just loses its quantization_config."""
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    if not isinstance(overrides, dict):
-        return cfg
-    for k in overrides.get("absent", []):
-        cfg.pop(k, None)
-    cfg.update({k: v for k, v in overrides.get("values", {}).items() if k != "quantization_config"})
-    return cfg

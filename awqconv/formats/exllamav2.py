@@ -23,7 +23,9 @@ from ..config import QuantConfig
 from ..errors import CorruptFileError, FormatConstraintError, InputError, ShapeError
 from ..model import QuantizedModel
 from ..packed import PackedLinear
-from ._hfdir import check_linears, collect_tensors, exact_fp16, quant_method, quant_method_of, read_assets, write_hf_dir
+from ._hfdir import (
+    check_linears, collect_tensors, exact_fp16, quant_method, quant_method_of, read_assets, side_manifest, source_config, write_hf_dir,
+)
 from .base import ExportRequest
 from .gptq_layout import V1_OFFSET, from_gptq, to_gptq
 from .modelcard import awqconv_version, fp16_scales_note, render_model_card
@@ -216,7 +218,7 @@ def read(path: Path) -> QuantizedModel:
     if fmt not in ("gptq", "gptq_v2"):
         raise FormatConstraintError(f"{path}: checkpoint_format {fmt!r} is not GPTQ v1/v2; awqconv cannot read it")
     offset = V1_OFFSET if fmt == "gptq" else 0
-    manifest = _manifest(path)
+    manifest = side_manifest(path, MANIFEST, FORMAT_ID)
     if not safetensors_files(path, "model"):
         raise InputError(f"{path} has no model*.safetensors (.bin checkpoints are not read); re-save as safetensors")
 
@@ -240,21 +242,13 @@ def read(path: Path) -> QuantizedModel:
             scale_dtype="bfloat16" if next(iter(linears.values())).scales.dtype == torch.bfloat16 else "float16",
         )
     return QuantizedModel(
-        hf_config=_source_config(config, manifest.get("config_overrides")),
+        hf_config=source_config(config, manifest.get("config_overrides")),
         quant_config=quant_config,
         linears=linears,
         dense=tensors,  # what remains: embeddings, norms, lm_head
         provenance=manifest.get("provenance") or {"source_format": NAME, "source_path": str(path)},
         assets=_read_assets(path),
     )
-
-
-def _manifest(path: Path) -> dict[str, Any]:
-    f = path / MANIFEST
-    if not f.is_file():
-        return {}
-    m = read_json(f)
-    return m if isinstance(m, dict) and m.get("format") == FORMAT_ID else {}
 
 
 def _read_linear(
@@ -278,17 +272,6 @@ def _read_linear(
         return from_gptq(qweight, parts["qzeros"], scales, parts["g_idx"], bias, offset, name=name)
     except ShapeError as e:
         raise CorruptFileError(f"{path}: {e}") from None
-
-
-def _source_config(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """config.json minus what the writer added; a foreign file just loses its quantization_config."""
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    if not isinstance(overrides, dict):
-        return cfg
-    for k in overrides.get("absent", []):
-        cfg.pop(k, None)
-    cfg.update({k: v for k, v in overrides.get("values", {}).items() if k != "quantization_config"})
-    return cfg
 
 
 def _read_assets(path: Path) -> dict[str, bytes]:

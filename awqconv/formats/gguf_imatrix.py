@@ -84,7 +84,8 @@ def write_imatrix(path: Path, entries: dict[str, ImatrixEntry], datasets: list[s
     """Write ``entries`` as llama.cpp's GGUF imatrix file at ``path``."""
     w = _NoArchWriter(str(path), arch="")
     w.add_type("imatrix")
-    w.add_array(Keys.IMatrix.DATASETS, list(datasets))
+    # llama-quantize refuses a file without this key, and gguf-py writes no empty array
+    w.add_array(Keys.IMatrix.DATASETS, list(datasets) or ["unrecorded"])
     w.add_uint32(Keys.IMatrix.CHUNK_COUNT, int(chunk_count))
     w.add_uint32(Keys.IMatrix.CHUNK_SIZE, int(chunk_size))
     for name in sorted(entries):

@@ -30,7 +30,7 @@ from ..errors import CorruptFileError, FormatConstraintError, InputError
 from ..model import QuantizedModel
 from ..packed import PackedLinear, bitwise_equal
 from . import mlx_families as fams
-from ._hfdir import check_linears, read_assets, refuse, write_hf_dir
+from ._hfdir import check_linears, read_assets, refuse, side_manifest, source_config, write_hf_dir
 from .base import ExportRequest
 from .modelcard import awqconv_version, render_model_card
 
@@ -252,7 +252,7 @@ def read(path: Path) -> QuantizedModel:
                                     "awqconv reads affine checkpoints only")
     if not safetensors_files(path, "model"):
         raise InputError(f"{path} has no model*.safetensors; it is not an mlx-lm checkpoint")
-    manifest = _manifest(path)
+    manifest = side_manifest(path, MANIFEST, FORMAT_ID)
     naming = manifest.get("expert_naming", "hf")
     tensors = load_checkpoint(path, "model")
     linears: dict[str, PackedLinear] = {}
@@ -282,7 +282,7 @@ def read(path: Path) -> QuantizedModel:
         quant_config = QuantConfig(w_bit=first.bits, group_size=first.group_size, zero_point=True,
                                    scale_dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
     return QuantizedModel(
-        hf_config=_source_config(config, manifest.get("config_overrides")),
+        hf_config=source_config(config, manifest.get("config_overrides"), _QUANT_KEYS),
         quant_config=quant_config,
         linears=linears,
         dense=dense,
@@ -331,20 +331,3 @@ def from_mlx(parts: dict[str, Tensor | None], bits: int, where: str) -> PackedLi
     return p
 
 
-def _manifest(path: Path) -> dict[str, Any]:
-    f = path / MANIFEST
-    if not f.is_file():
-        return {}
-    m = read_json(f)
-    return m if isinstance(m, dict) and m.get("format") == FORMAT_ID else {}
-
-
-def _source_config(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """config.json minus what the writer added; a foreign file just loses its quantization keys."""
-    cfg = {k: v for k, v in config.items() if k not in _QUANT_KEYS}
-    if not isinstance(overrides, dict):
-        return cfg
-    for k in overrides.get("absent", []):
-        cfg.pop(k, None)
-    cfg.update(overrides.get("values", {}))
-    return cfg

@@ -148,7 +148,8 @@ def quantize_model(
 
         out = QuantizeOutput({}, {}, SearchResults(), {} if keep_prescaled else None)
         if awq:
-            out.importance = ImportanceMatrix({}, {}, chunk_size=int(blocks.shape[1]), chunk_count=int(blocks.shape[0]))
+            out.importance = ImportanceMatrix({}, {}, chunk_size=int(blocks.shape[1]), chunk_count=int(blocks.shape[0]),
+                                              datasets=[str(cfg.calib)])
         # with checkpoints, finished layers' integers (and prescaled weights) stay in their files: name -> layer
         stored: dict[str, dict[str, int]] | None = None if checkpoints is None else {"q": {}, "p": {}}
         t0 = time.time()

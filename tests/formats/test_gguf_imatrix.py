@@ -172,7 +172,7 @@ def test_fused_and_expert_layouts_are_accepted_by_llama_cpp(arch, tmp_path):
     out = quantize_model(model, hf, cfg, None, progress=False)
     gen = torch.Generator().manual_seed(0)
     imp = ImportanceMatrix({n: torch.rand(p.in_features, generator=gen) + 0.1 for n, p in out.linears.items()},
-                           {n: 100 for n in out.linears}, chunk_size=64, chunk_count=2, datasets=["synthetic"])
+                           {n: 100 for n in out.linears}, chunk_size=64, chunk_count=2)  # no datasets recorded
     qm = QuantizedModel(hf, cfg, out.linears, out.dense, out.search, {"model_name": "tiny"}, collect_assets(path),
                         out.prescaled, importance=imp)
     res = _write(qm, tmp_path / "k", "q4_k_m")
@@ -181,6 +181,7 @@ def test_fused_and_expert_layouts_are_accepted_by_llama_cpp(arch, tmp_path):
     entries, _ = read_imatrix(res.imatrix)
     assert set(entries) == quantized
     assert _kv(_reader(res.path), "quantize.imatrix.entries_count") == len(quantized)
+    assert "imatrix.datasets" in _reader(res.imatrix).fields  # without it llama-quantize refuses the file
 
 
 def test_unrouted_expert_is_weighted_evenly():

@@ -124,8 +124,6 @@ def test_a_killed_run_resumes_to_the_same_bytes(model_dir, reference_run, tmp_pa
     state = json.loads((work / "state.json").read_text())
     assert state["layers_done"] == (k + 1 if where == "after-commit" else k)
 
-    again = _run(["quantize", str(model_dir), "-o", str(out), *ARGS], env)  # forgot --resume
-    assert again.returncode != 0 and "--resume" in again.stderr
 
     r = _run(["quantize", str(model_dir), "-o", str(out), *ARGS, "--resume"], env)
     assert r.returncode == 0, r.stderr[-2000:]
