@@ -24,10 +24,14 @@ TITLES = {
     "gguf": "GGUF (llama.cpp, Ollama, LM Studio)",
     "exllamav2": "GPTQ v1 layout (ExLlamaV2)",
     "peft": "INT4-grid checkpoint for LoRA fine-tuning (PEFT)",
+    "compressed-tensors": "compressed-tensors pack-quantized W4A16 (vLLM, transformers)",
+    "mlx": "MLX-LM 4-bit (Apple silicon)",
     "canonical": "awqconv canonical integers",
 }
-LIBRARY = {"hf-awq": "transformers", "gguf": "gguf", "exllamav2": "transformers", "peft": "transformers"}
-TAGS = {"hf-awq": ["autoawq"], "gguf": ["gguf", "llama-cpp"], "exllamav2": ["gptq", "exllamav2"], "peft": ["peft"]}
+LIBRARY = {"hf-awq": "transformers", "gguf": "gguf", "exllamav2": "transformers", "peft": "transformers",
+           "compressed-tensors": "transformers", "mlx": "mlx"}
+TAGS = {"hf-awq": ["autoawq"], "gguf": ["gguf", "llama-cpp"], "exllamav2": ["gptq", "exllamav2"], "peft": ["peft"],
+        "compressed-tensors": ["compressed-tensors", "w4a16"], "mlx": ["mlx"]}
 
 
 def _meta(plan: Plan, fmt: str | None) -> dict[str, Any]:
@@ -160,6 +164,14 @@ def _usage(plan: Plan, t: Target) -> list[str]:
                 'task_type="CAUSAL_LM"))', "# train, then model.save_pretrained(\"adapter/\"); never merge into the base",
                 "```", "", f"Back to 4-bit, exactly: `{dl}` then `awqconv export {local} --to hf-awq,gguf "
                 "--adapter adapter/ -o out/`."]
+    if a.fmt == "compressed-tensors":
+        return ["```bash", f"vllm serve {repo}{rev_cli}", "```", "", "```python",
+                "from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # pip install compressed-tensors",
+                "", "# asymmetric checkpoints load dequantized in transformers 5.25 (see the notes below)",
+                f'model = AutoModelForCausalLM.from_pretrained("{repo}"{rev_py}, '
+                "quantization_config=CompressedTensorsConfig(dequantize=True))", "```"]
+    if a.fmt == "mlx":
+        return ["```bash", "pip install mlx-lm", f'mlx_lm.generate --model {repo} --prompt "Hello"', "```"]
     if a.fmt == "canonical":
         return ["```bash", dl, f"awqconv export {local} --to hf-awq,gguf,exllamav2 -o out/   # any format, no re-quantization",
                 f"awqconv chat {local}", "```"]

@@ -31,6 +31,8 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "gguf:*": "{name}-{VARIANT}-GGUF",  # gguf-my-repo's {model}-{Q}-GGUF for a chosen block type
     "exllamav2": "{name}-GPTQ",  # GPTQ v1 layout (ExLlamaV2, transformers and vLLM read it as gptq)
     "peft": "{name}-AWQ-PEFT",
+    "compressed-tensors": "{name}-W4A16",  # llm-compressor's naming for its pack-quantized W4A16 repos
+    "mlx": "{name}-4bit-MLX",
     "canonical": "{name}-AWQ-canonical",
     "*": "{name}-AWQ-{label}",  # formats added later
 }
