@@ -371,7 +371,7 @@ def test_reads_a_checkpoint_made_by_llm_compressor_awq(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
-    from conftest import tiny_llama_qm
+    from tests.conftest import tiny_llama_qm
 
     return _write(tiny_llama_qm(), tmp_path_factory.mktemp("ct-refusals"))
 
