@@ -158,7 +158,7 @@ def quantize_model(
         for i in bar:
             prefix = f"{arch.layers_path}.{i}."
             if i < start_layer:
-                _keep(checkpoints.load(i), i, out, stored)
+                _keep(checkpoints.load(i), i, out, stored)  # resuming implies checkpoints, so `stored`
                 layers[i].to("meta")
                 continue
             if load_layer is not None:

@@ -39,9 +39,9 @@ FORMAT = "awqconv-layer-checkpoints/1"
 class LayerResult:
     """What one finished layer adds to the run's output."""
 
-    linears: dict[str, PackedLinear]
+    linears: dict[str, PackedLinear | None]  # None: left in the checkpoint file (load)
     dense: dict[str, Tensor]
-    prescaled: dict[str, Tensor] | None
+    prescaled: dict[str, Tensor | None] | None
     scales: list[ScaleRecord]
     clips: dict[str, Tensor]
     importance: dict[str, tuple[Tensor, int]] | None = None  # linear -> (sum of x^2 per channel, tokens)
@@ -157,24 +157,22 @@ class LayerCheckpoints:
         shutil.rmtree(self.dir / f"inputs-{i:05d}", ignore_errors=True)
 
     def load(self, i: int) -> LayerResult:
+        """Layer ``i``'s results, its packed linears and prescaled weights left in the file (their
+        names map to None): ``StoredLinears`` reads them when a format needs them."""
         from safetensors import safe_open
 
-        path = self.dir / f"layer-{i:05d}.safetensors"
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(self.dir / f"layer-{i:05d}.safetensors"), framework="pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        linears = {}
-        for name, (n_in, g, bits) in json.loads(meta["linears"]).items():
-            linears[name] = PackedLinear(t[f"q/{name}/qweight"], t[f"q/{name}/scales"], t[f"q/{name}/zeros"], n_in, g,
-                                         bits, t.get(f"q/{name}/bias"))
-        dense = {k: t[f"d/{k}"] for k in json.loads(meta["dense"])}
-        pre_names = json.loads(meta["prescaled"])
-        pre = None if pre_names is None else {k: t[f"p/{k}"] for k in pre_names}
-        clips = {k: t[f"c/{k}"] for k in json.loads(meta["clips"])}
-        scales = [ScaleRecord(prev, tuple(layers), t[f"s/{j}"], alpha, lb, la)
-                  for j, (prev, layers, alpha, lb, la) in enumerate(json.loads(meta["scales"]))]
-        imp = json.loads(meta.get("importance", "null"))
-        importance = None if imp is None else {k: (t[f"i/{k}"], c) for k, c in imp.items()}
+            specs = json.loads(meta["linears"])
+            pre_names = json.loads(meta["prescaled"])
+            linears = dict.fromkeys(specs)
+            pre = None if pre_names is None else dict.fromkeys(pre_names)
+            dense = {k: f.get_tensor(f"d/{k}") for k in json.loads(meta["dense"])}
+            clips = {k: f.get_tensor(f"c/{k}") for k in json.loads(meta["clips"])}
+            scales = [ScaleRecord(prev, tuple(layers), f.get_tensor(f"s/{j}"), alpha, lb, la)
+                      for j, (prev, layers, alpha, lb, la) in enumerate(json.loads(meta["scales"]))]
+            imp = json.loads(meta.get("importance", "null"))
+            importance = None if imp is None else {k: (f.get_tensor(f"i/{k}"), c) for k, c in imp.items()}
         return LayerResult(linears, dense, pre, scales, clips, importance)
 
     def inputs(self, i: int) -> list[Path]:
@@ -183,6 +181,14 @@ class LayerCheckpoints:
         if not files:
             raise UsageError(f"--resume: {self.dir} lacks the inputs of layer {i}; delete it to start over")
         return files
+
+
+def _packed(f: Any, name: str, spec: list[int]) -> PackedLinear:
+    """Linear ``name`` from an open layer file (``spec``: in_features, group size, bits)."""
+    n_in, g, bits = spec
+    bias = f.get_tensor(f"q/{name}/bias") if f"q/{name}/bias" in f.keys() else None
+    return PackedLinear(f.get_tensor(f"q/{name}/qweight"), f.get_tensor(f"q/{name}/scales"),
+                        f.get_tensor(f"q/{name}/zeros"), n_in, g, bits, bias)
 
 
 class StoredLinears(Mapping[str, PackedLinear]):
@@ -201,10 +207,7 @@ class StoredLinears(Mapping[str, PackedLinear]):
         with safe_open(str(self.ck.dir / f"layer-{i:05d}.safetensors"), framework="pt") as f:
             if self.part == "p":
                 return f.get_tensor(f"p/{name}")
-            n_in, g, bits = json.loads(f.metadata()["linears"])[name]
-            bias = f.get_tensor(f"q/{name}/bias") if f"q/{name}/bias" in f.keys() else None
-            return PackedLinear(f.get_tensor(f"q/{name}/qweight"), f.get_tensor(f"q/{name}/scales"),
-                                f.get_tensor(f"q/{name}/zeros"), n_in, g, bits, bias)
+            return _packed(f, name, json.loads(f.metadata()["linears"])[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
